@@ -1,0 +1,85 @@
+//! Grouped-query attention with RoPE (Mixtral, Qwen3-MoE), mlx-lm's op order.
+use std::any::Any;
+
+use anyhow::Result;
+use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::Array;
+
+use crate::cache::KvCache;
+use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
+use crate::slots::AttentionSlot;
+
+pub struct GqaAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: Option<(RmsNorm, RmsNorm)>,
+    pub rope: Rope,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    pub scale: f32,
+}
+
+pub struct GqaShape {
+    pub hidden: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    pub bias: bool,
+    pub qk_norm_eps: Option<f32>,
+    pub rope: Rope,
+}
+
+impl GqaAttention {
+    pub fn load(ctx: &mut LoadCtx, path: &str, s: &GqaShape) -> Result<GqaAttention> {
+        let (q_out, kv_out) = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
+        let qk_norm = match s.qk_norm_eps {
+            Some(eps) => Some((
+                RmsNorm::load(ctx, &format!("{path}.q_norm"), s.head_dim, eps)?,
+                RmsNorm::load(ctx, &format!("{path}.k_norm"), s.head_dim, eps)?,
+            )),
+            None => None,
+        };
+        Ok(GqaAttention {
+            q_proj: Linear::load(ctx, &format!("{path}.q_proj"), s.hidden, q_out, s.bias)?,
+            k_proj: Linear::load(ctx, &format!("{path}.k_proj"), s.hidden, kv_out, s.bias)?,
+            v_proj: Linear::load(ctx, &format!("{path}.v_proj"), s.hidden, kv_out, s.bias)?,
+            o_proj: Linear::load(ctx, &format!("{path}.o_proj"), q_out, s.hidden, false)?,
+            qk_norm,
+            rope: s.rope,
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            head_dim: s.head_dim,
+            scale: (s.head_dim as f32).powf(-0.5),
+        })
+    }
+}
+
+impl AttentionSlot for GqaAttention {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let (b, l) = (x.dim(0), x.dim(1));
+        let heads = |a: Array, h: i32| a.reshape(&[b, l, h, -1]);
+        let mut q = heads(self.q_proj.forward(x)?, self.n_heads)?;
+        let mut k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?.transpose_axes(&[0, 2, 1, 3])?;
+        if let Some((qn, kn)) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = self.rope.forward(&q.transpose_axes(&[0, 2, 1, 3])?, cache.offset)?;
+        let k = self.rope.forward(&k.transpose_axes(&[0, 2, 1, 3])?, cache.offset)?;
+        let (k, v) = cache.update_and_fetch(&k, &v)?;
+        // mlx-lm: the string mask "causal" for L > 1, none for a single token.
+        let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
+        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
+        let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        self.o_proj.forward(&o)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,124 @@
+//! Process-wide MLX set-up: error reporting for raw mlx-c calls, the libmlx version check,
+//! and which backend (CPU / CUDA / Metal) the loaded libmlx runs on.
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::Once;
+
+use anyhow::{bail, Result};
+use mlx_rs::error::Exception;
+use mlx_rs::{Array, Stream};
+
+thread_local!(static LAST_ERR: RefCell<Option<String>> = const { RefCell::new(None) });
+
+unsafe extern "C" fn record_error(msg: *const c_char, _data: *mut c_void) {
+    let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+    LAST_ERR.with(|e| *e.borrow_mut() = Some(text));
+}
+
+static INIT: Once = Once::new();
+
+/// Installs our error handler (mlx-c's default one calls `exit`). mlx-rs installs its own lazily
+/// on first use, so we first trigger that and then install ours on top; ours only records the
+/// message, and both mlx-rs's wrappers and ours turn a non-zero status into an `Err`.
+fn install_error_handler() {
+    INIT.call_once(|| {
+        let _ = mlx_rs::memory::active_memory();
+        unsafe { mlx_sys::mlx_set_error_handler(Some(record_error), std::ptr::null_mut(), None) };
+    });
+}
+
+/// Runs a raw mlx-c function that produces one array, on the current stream.
+pub fn raw_array(
+    f: impl FnOnce(*mut mlx_sys::mlx_array, mlx_sys::mlx_stream) -> c_int,
+) -> std::result::Result<Array, Exception> {
+    install_error_handler();
+    let stream = Stream::thread_local_or_default();
+    let mut res = unsafe { mlx_sys::mlx_array_new() };
+    if f(&mut res, stream.as_ptr()) != 0 {
+        unsafe { mlx_sys::mlx_array_free(res) };
+        let msg = LAST_ERR.with(|e| e.borrow_mut().take());
+        return Err(Exception::custom(msg.unwrap_or_else(|| "mlx-c call failed".into())));
+    }
+    Ok(unsafe { Array::from_ptr(res) })
+}
+
+/// The version string of the libmlx actually loaded at run time.
+pub fn runtime_mlx_version() -> String {
+    install_error_handler();
+    unsafe {
+        let mut s = mlx_sys::mlx_string_new();
+        mlx_sys::mlx_version(&mut s);
+        let v = CStr::from_ptr(mlx_sys::mlx_string_data(s)).to_string_lossy().into_owned();
+        mlx_sys::mlx_string_free(s);
+        v
+    }
+}
+
+/// MLX version zmlx was compiled against (mlx-c's pin).
+pub const BUILD_MLX_VERSION: &str = mlx_sys::MLX_BUILD_VERSION;
+/// mlx-rs version, for ledgers and reports.
+pub const MLX_RS_VERSION: &str = "0.33.0";
+
+/// Refuses a libmlx whose version differs from the one mlx-c was written for.
+pub fn check_version() -> Result<()> {
+    let found = runtime_mlx_version();
+    let base = found.split(".dev").next().unwrap_or(&found);
+    if base != BUILD_MLX_VERSION {
+        bail!(
+            "the loaded libmlx is MLX {found}, but zmlx was built for MLX {BUILD_MLX_VERSION} \
+             (mlx-c 0.7.0 pins it exactly).\nFix: unset LD_LIBRARY_PATH or point it at an MLX \
+             {BUILD_MLX_VERSION} libmlx (pip package mlx-cpu=={BUILD_MLX_VERSION} or \
+             mlx-cuda-13=={BUILD_MLX_VERSION}), or rebuild after `bash scripts/setup.sh`."
+        );
+    }
+    Ok(())
+}
+
+/// The backend the default device runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl Backend {
+    pub fn detect() -> Backend {
+        install_error_handler();
+        let (mut cuda, mut metal) = (false, false);
+        unsafe {
+            mlx_sys::mlx_cuda_is_available(&mut cuda);
+            mlx_sys::mlx_metal_is_available(&mut metal);
+        }
+        match (cuda, metal) {
+            (true, _) => Backend::Cuda,
+            (_, true) => Backend::Metal,
+            _ => Backend::Cpu,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Metal => "metal",
+        }
+    }
+}
+
+/// One-time process set-up; call before any model work.
+pub fn init() -> Result<Backend> {
+    install_error_handler();
+    check_version()?;
+    Ok(Backend::detect())
+}
+
+/// Memory statistics in MLX's definitions (bytes).
+pub fn peak_memory() -> usize {
+    mlx_rs::memory::peak_memory().unwrap_or(0)
+}
+
+pub fn reset_peak_memory() {
+    let _ = mlx_rs::memory::reset_peak_memory();
+}

@@ -1,0 +1,186 @@
+//! A loaded MoE language model: embedding → decoder layers (attention + MoE/dense MLP, each a
+//! patchable slot) → final norm → output head. Family files decide how slots are composed.
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use mlx_rs::{transforms::eval, Array, Dtype};
+
+use crate::cache::KvCache;
+use crate::config::{Family, ModelConfig};
+use crate::mlx_env::Backend;
+use crate::moe::MoeBlock;
+use crate::models;
+use crate::nn::{Embedding, LoadCtx, Linear, RmsNorm};
+use crate::slots::{AttentionSlot, MlpSlot, Slot};
+use crate::weights::WeightStore;
+
+pub enum LayerMlp {
+    Moe(MoeBlock),
+    Dense(Slot<dyn MlpSlot>),
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    pub attention: Slot<dyn AttentionSlot>,
+    pub mlp: LayerMlp,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let h = x.add(self.attention.get().forward(&self.input_layernorm.forward(x)?, cache)?)?;
+        let n = self.post_attention_layernorm.forward(&h)?;
+        let m = match &self.mlp {
+            LayerMlp::Moe(block) => block.forward(&n)?,
+            LayerMlp::Dense(mlp) => mlp.get().forward(&n)?,
+        };
+        Ok(h.add(m)?)
+    }
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the output head is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    pub dtype: Dtype,
+}
+
+/// Requested compute dtype; `Auto` is f32 on the CPU backend (its gather_mm is f32-only and its
+/// quantized kernels are ~10x slower in bf16) and the checkpoint's dtype on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeChoice {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeChoice {
+    pub fn resolve(self, backend: Backend, stored: Dtype) -> Dtype {
+        match self {
+            DtypeChoice::F32 => Dtype::Float32,
+            DtypeChoice::F16 => Dtype::Float16,
+            DtypeChoice::Bf16 => Dtype::Bfloat16,
+            DtypeChoice::Auto if backend == Backend::Cpu => Dtype::Float32,
+            DtypeChoice::Auto => stored,
+        }
+    }
+}
+
+pub fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::Float32 => "float32",
+        Dtype::Float16 => "float16",
+        Dtype::Bfloat16 => "bfloat16",
+        _ => "non-float",
+    }
+}
+
+/// What `Model::load` did, for reports.
+pub struct LoadInfo {
+    pub seconds: f64,
+    pub stored_dtype: Dtype,
+    pub quantized: bool,
+}
+
+impl Model {
+    /// Loads a checkpoint directory (HF or mlx-community layout, float or MLX-quantized).
+    pub fn load(dir: &Path, dtype: DtypeChoice, backend: Backend) -> Result<(Model, LoadInfo)> {
+        let start = Instant::now();
+        let dir = crate::config::checkpoint_dir(dir)?;
+        let config = ModelConfig::load(&dir)?;
+        let mut store = WeightStore::open(&dir)?;
+        let stored = stored_float_dtype(&store);
+        let quantized = store.names().any(|n| n.ends_with(".scales"));
+        models::sanitize(&config, &mut store)?;
+        let dtype = dtype.resolve(backend, stored);
+        let model = Model::build(config, &mut store, dtype)
+            .with_context(|| format!("loading the checkpoint in {}", dir.display()))?;
+        store.finish()?;
+        Ok((model, LoadInfo { seconds: start.elapsed().as_secs_f64(), stored_dtype: stored, quantized }))
+    }
+
+    /// Assembles the model from (sanitized) tensors, evaluating layer by layer behind a progress bar.
+    pub fn build(config: ModelConfig, store: &mut WeightStore, dtype: Dtype) -> Result<Model> {
+        let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64 + 2).with_style(
+            indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let mut ctx = LoadCtx { store, config: &config, dtype, pending: vec![] };
+        let flush = |ctx: &mut LoadCtx| -> Result<()> {
+            eval(ctx.pending.iter())?;
+            ctx.pending.clear();
+            bar.inc(1);
+            Ok(())
+        };
+        let embed_tokens = Embedding::load(&mut ctx, "model.embed_tokens", config.vocab_size, config.hidden_size)?;
+        flush(&mut ctx)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
+        for i in 0..config.num_hidden_layers {
+            layers.push(models::load_layer(&mut ctx, i)?);
+            flush(&mut ctx)?;
+        }
+        let norm = RmsNorm::load(&mut ctx, "model.norm", config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(&mut ctx, "lm_head", config.hidden_size, config.vocab_size, false)?)
+        };
+        flush(&mut ctx)?;
+        bar.finish_and_clear();
+        Ok(Model { config, embed_tokens, layers, norm, lm_head, dtype })
+    }
+
+    pub fn family(&self) -> Family {
+        self.config.family
+    }
+
+    pub fn new_cache(&self) -> Vec<KvCache> {
+        (0..self.layers.len()).map(|_| KvCache::default()).collect()
+    }
+
+    /// Hidden states after the final norm for `tokens` `[B, L]`.
+    pub fn hidden(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        let mut h = self.embed_tokens.forward(tokens)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = layer.forward(&h, cache)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits `[B, L, V]` for `tokens` `[B, L]`.
+    pub fn forward(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        let h = self.hidden(tokens, caches)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed_tokens.as_linear(&h),
+        }
+    }
+
+    /// Every slot of the model, for patterns and reports.
+    pub fn moe_blocks_mut(&mut self) -> impl Iterator<Item = (usize, &mut MoeBlock)> {
+        self.layers.iter_mut().enumerate().filter_map(|(i, l)| match &mut l.mlp {
+            LayerMlp::Moe(b) => Some((i, b)),
+            LayerMlp::Dense(_) => None,
+        })
+    }
+}
+
+/// The float dtype the checkpoint stores (of its first float tensor, e.g. embeddings or scales).
+fn stored_float_dtype(store: &WeightStore) -> Dtype {
+    store
+        .names()
+        .filter(|n| n.starts_with("model.embed_tokens") || n.ends_with(".scales") || n.ends_with("norm.weight"))
+        .find_map(|n| store.peek_dtype(n).filter(|d| matches!(d, Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16)))
+        .unwrap_or(Dtype::Float32)
+}
+
+/// Shorthand used by family files.
+pub fn slot<T: ?Sized>(imp: Rc<T>) -> Slot<T> {
+    Slot::new(imp)
+}

@@ -1,0 +1,66 @@
+//! Qwen3-MoE (`qwen3_moe`): GQA attention with per-head q/k RMSNorm, MoE layers by
+//! decoder_sparse_step / mlp_only_layers (else a dense SwiGLU MLP), router = softmax over all
+//! experts then top-k with optional renormalisation, combine cast back to the activation dtype.
+use std::rc::Rc;
+
+use anyhow::Result;
+
+use crate::attention::{GqaAttention, GqaShape};
+use crate::config::ModelConfig;
+use crate::model::{slot, DecoderLayer, LayerMlp};
+use crate::moe::{DenseMlp, MoeBlock, SoftmaxThenTopKRouter, SwitchGlu, WeightedSumCombine};
+use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
+use crate::weights::WeightStore;
+
+/// HF checkpoints hold `mlp.experts.{e}.{up,down,gate}_proj.weight`; mlx-lm stacks only `.weight`.
+pub fn sanitize(c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
+    for l in 0..c.num_hidden_layers {
+        let prefix = format!("model.layers.{l}.mlp");
+        for n in ["up_proj", "down_proj", "gate_proj"] {
+            if store.contains(&format!("{prefix}.experts.0.{n}.weight")) {
+                let into = format!("{prefix}.switch_mlp.{n}.weight");
+                super::stack_experts(store, &format!("{prefix}.experts"), &format!("{n}.weight"), c.num_experts, &into)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
+    let c = ctx.config.clone();
+    let p = format!("model.layers.{i}");
+    let shape = GqaShape {
+        hidden: c.hidden_size,
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        bias: false,
+        qk_norm_eps: Some(c.rms_norm_eps),
+        rope: Rope { dims: c.head_dim, traditional: false, base: c.rope_theta, scale: 1.0 },
+    };
+    let attention = slot(Rc::new(GqaAttention::load(ctx, &format!("{p}.self_attn"), &shape)?) as Rc<_>);
+    let mlp_path = format!("{p}.mlp");
+    let mlp = if c.is_moe_layer(i) {
+        let router = SoftmaxThenTopKRouter {
+            gate: Linear::load(ctx, &format!("{mlp_path}.gate"), c.hidden_size, c.num_experts, false)?,
+            k: c.num_experts_per_tok,
+            norm_topk_prob: c.norm_topk_prob,
+        };
+        let experts =
+            SwitchGlu::load(ctx, &format!("{mlp_path}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
+        LayerMlp::Moe(MoeBlock {
+            router: slot(Rc::new(router)),
+            experts: slot(Rc::new(experts)),
+            combine: slot(Rc::new(WeightedSumCombine { cast_back: true })),
+            shared: None,
+        })
+    } else {
+        LayerMlp::Dense(slot(Rc::new(DenseMlp::load(ctx, &mlp_path, c.hidden_size, c.intermediate_size)?)))
+    };
+    Ok(DecoderLayer {
+        input_layernorm: RmsNorm::load(ctx, &format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+        post_attention_layernorm: RmsNorm::load(ctx, &format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+        attention,
+        mlp,
+    })
+}

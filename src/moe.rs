@@ -1,0 +1,186 @@
+//! Stock MoE slot implementations, each the exact mlx-lm op sequence of its family.
+use std::any::Any;
+use std::rc::Rc;
+
+use anyhow::Result;
+use mlx_rs::ops::indexing::{Ellipsis, NewAxis, TryIndexOp};
+use mlx_rs::{ops, stop_gradient, Array};
+
+use crate::nn::{LoadCtx, Linear, SwitchLinear};
+use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MlpSlot, RouterSlot, Routing, Slot};
+
+/// Mixtral: top-k of the raw gate logits (descending), softmax over the k selected logits.
+pub struct TopKThenSoftmaxRouter {
+    pub gate: Linear,
+    pub k: i32,
+}
+
+impl RouterSlot for TopKThenSoftmaxRouter {
+    fn route(&self, x: &Array) -> Result<Routing> {
+        let gates = self.gate.forward(x)?;
+        let k = self.k;
+        let indices = stop_gradient(&ops::argpartition_axis(gates.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+        let scores = gates.take_along_axis(&indices, -1)?;
+        let weights = ops::softmax_axis(&scores, -1, true)?;
+        Ok(Routing { indices, weights })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Qwen3-MoE: softmax over all experts, top-k (ascending slot order), optional renormalisation.
+pub struct SoftmaxThenTopKRouter {
+    pub gate: Linear,
+    pub k: i32,
+    pub norm_topk_prob: bool,
+}
+
+impl RouterSlot for SoftmaxThenTopKRouter {
+    fn route(&self, x: &Array) -> Result<Routing> {
+        let gates = ops::softmax_axis(self.gate.forward(x)?, -1, true)?;
+        let k = self.k;
+        let indices = stop_gradient(&ops::argpartition_axis(&gates, -k, -1)?.try_index((Ellipsis, -k..))?)?;
+        let mut weights = gates.take_along_axis(&indices, -1)?;
+        if self.norm_topk_prob {
+            weights = weights.divide(ops::sum_axis(&weights, -1, true)?)?;
+        }
+        Ok(Routing { indices, weights })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `silu(gate) * up` with `silu(g) = g * sigmoid(g)`, each product rounded (mlx-lm's swiglu).
+pub struct SwiGlu;
+
+impl ActivationSlot for SwiGlu {
+    fn forward(&self, gate: &Array, up: &Array) -> Result<Array> {
+        Ok(gate.multiply(ops::sigmoid(gate)?)?.multiply(up)?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `(y * w[..., None]).sum(-2)`, optionally cast back to y's dtype (Qwen3's `.astype(y.dtype)`).
+pub struct WeightedSumCombine {
+    pub cast_back: bool,
+}
+
+impl CombineSlot for WeightedSumCombine {
+    fn forward(&self, y: &Array, weights: &Array) -> Result<Array> {
+        let out = ops::sum_axis(y.multiply(weights.try_index((Ellipsis, NewAxis))?)?, -2, false)?;
+        Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// SwitchGLU: gathered gate/up/down projections per selected expert.
+pub struct SwitchGlu {
+    pub gate_proj: SwitchLinear,
+    pub up_proj: SwitchLinear,
+    pub down_proj: SwitchLinear,
+    pub activation: Slot<dyn ActivationSlot>,
+}
+
+/// Token count × k from which mlx-lm sorts tokens by expert before the gathered matmuls.
+pub const SORT_THRESHOLD: usize = 64;
+
+impl SwitchGlu {
+    pub fn load(ctx: &mut LoadCtx, path: &str, experts: i32, hidden: i32, inter: i32) -> Result<SwitchGlu> {
+        Ok(SwitchGlu {
+            gate_proj: SwitchLinear::load(ctx, &format!("{path}.gate_proj"), experts, hidden, inter)?,
+            up_proj: SwitchLinear::load(ctx, &format!("{path}.up_proj"), experts, hidden, inter)?,
+            down_proj: SwitchLinear::load(ctx, &format!("{path}.down_proj"), experts, inter, hidden)?,
+            activation: Slot::new(Rc::new(SwiGlu)),
+        })
+    }
+}
+
+impl ExpertsSlot for SwitchGlu {
+    fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let x = x.expand_dims_axes(&[-2, -3])?;
+        let indices = stop_gradient(indices)?;
+        let do_sort = indices.size() >= SORT_THRESHOLD;
+        let (x, idx, inv_order) = if do_sort {
+            let m = *indices.shape().last().unwrap();
+            let flat = indices.flatten(None, None)?;
+            let order = ops::argsort_axis(&flat, 0)?;
+            let inv = ops::argsort_axis(&order, 0)?;
+            let rows = order.floor_divide(Array::from_int(m).as_dtype(order.dtype())?)?;
+            let x = x.flatten(0, -3)?.take_axis(&rows, 0)?;
+            (x, flat.take_axis(&order, 0)?, Some(inv))
+        } else {
+            (x, indices.clone(), None)
+        };
+        let up = self.up_proj.forward(&x, &idx, do_sort)?;
+        let gate = self.gate_proj.forward(&x, &idx, do_sort)?;
+        let mut y = self.down_proj.forward(&self.activation.get().forward(&gate, &up)?, &idx, do_sort)?;
+        if let Some(inv) = inv_order {
+            y = ops::unflatten(y.take_axis(&inv, 0)?, 0, indices.shape())?;
+        }
+        Ok(y.squeeze_axes(&[-2])?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Dense SwiGLU MLP: `down(act(gate(x)) * up(x))` (Qwen3 dense layers, shared experts).
+pub struct DenseMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub activation: Slot<dyn ActivationSlot>,
+}
+
+impl DenseMlp {
+    pub fn load(ctx: &mut LoadCtx, path: &str, hidden: i32, inter: i32) -> Result<DenseMlp> {
+        Ok(DenseMlp {
+            gate_proj: Linear::load(ctx, &format!("{path}.gate_proj"), hidden, inter, false)?,
+            up_proj: Linear::load(ctx, &format!("{path}.up_proj"), hidden, inter, false)?,
+            down_proj: Linear::load(ctx, &format!("{path}.down_proj"), inter, hidden, false)?,
+            activation: Slot::new(Rc::new(SwiGlu)),
+        })
+    }
+}
+
+impl MlpSlot for DenseMlp {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let h = self.activation.get().forward(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A sparse MoE block: router → experts → combine (+ shared expert).
+pub struct MoeBlock {
+    pub router: Slot<dyn RouterSlot>,
+    pub experts: Slot<dyn ExpertsSlot>,
+    pub combine: Slot<dyn CombineSlot>,
+    pub shared: Option<Slot<dyn MlpSlot>>,
+}
+
+impl MoeBlock {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let r = self.router.get().route(x)?;
+        let y = self.experts.get().forward(x, &r.indices)?;
+        let mut out = self.combine.get().forward(&y, &r.weights)?;
+        if let Some(shared) = &self.shared {
+            out = out.add(shared.get().forward(x)?)?;
+        }
+        Ok(out)
+    }
+}
