@@ -47,3 +47,28 @@ impl KvCache {
         self.keys.iter().chain(self.values.iter()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    /// Growing past the 256-slot step keeps exactly what a plain concatenation would.
+    #[test]
+    fn growth_matches_concatenation() {
+        let mut cache = KvCache::default();
+        let mut all_k: Vec<Array> = vec![];
+        for (i, l) in [3, 1, 300, 1, 200].into_iter().enumerate() {
+            let key = random::key(i as u64).unwrap();
+            let k = random::normal::<f32>(&[1, 2, l, 4][..], None, None, &key).unwrap();
+            let v = k.multiply(Array::from_f32(2.0)).unwrap();
+            let (ck, cv) = cache.update_and_fetch(&k, &v).unwrap();
+            all_k.push(k);
+            let want = ops::concatenate(&all_k, 2).unwrap();
+            assert_eq!(ck.shape(), want.shape());
+            assert!(ck.array_eq(&want, None).unwrap().item::<bool>());
+            assert!(cv.array_eq(want.multiply(Array::from_f32(2.0)).unwrap(), None).unwrap().item::<bool>());
+        }
+        assert_eq!(cache.offset, 505);
+    }
+}

@@ -357,3 +357,61 @@ pub fn checkpoint_dir(p: &Path) -> Result<PathBuf> {
     }
     Ok(p.to_path_buf())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn qwen3() -> Value {
+        json!({"model_type": "qwen3_moe", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true,
+            "decoder_sparse_step": 2, "mlp_only_layers": [3], "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "tie_word_embeddings": false, "max_position_embeddings": 128})
+    }
+
+    #[test]
+    fn qwen3_moe_layer_placement() {
+        let c = ModelConfig::from_value(&qwen3(), Path::new("config.json")).unwrap();
+        let moe: Vec<i32> = (0..4).filter(|&i| c.is_moe_layer(i)).collect();
+        assert_eq!(moe, vec![1], "(i+1) % decoder_sparse_step == 0 and not in mlp_only_layers");
+    }
+
+    #[test]
+    fn mixtral_defaults_and_ignored_head_dim() {
+        let v = json!({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 999});
+        let c = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
+        assert_eq!((c.head_dim, c.num_experts, c.num_experts_per_tok, c.vocab_size), (16, 8, 2, 32000));
+        assert!(!c.rope_traditional && (c.rope_theta - 1e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn quantization_overrides() {
+        let mut v = qwen3();
+        v["quantization"] = json!({"group_size": 64, "bits": 4, "mode": "affine",
+            "model.layers.1.mlp.gate": {"group_size": 64, "bits": 8}, "lm_head": false});
+        let c = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
+        assert_eq!(c.quant_for("model.layers.1.mlp.gate", true), Some(QuantParams { group_size: 64, bits: 8 }));
+        assert_eq!(c.quant_for("lm_head", true), None, "false keeps a module float");
+        assert_eq!(c.quant_for("model.embed_tokens", true), Some(QuantParams { group_size: 64, bits: 4 }));
+        assert_eq!(c.quant_for("model.layers.0.mlp.gate", false), None, "no .scales -> float (old Mixtral routers)");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let mut v = qwen3();
+        v["num_experts_per_tok"] = json!("two");
+        let e = ModelConfig::from_value(&v, Path::new("/m/config.json")).unwrap_err().to_string();
+        assert!(e.contains("/m/config.json") && e.contains("`num_experts_per_tok` must be an integer (found \"two\")"), "{e}");
+        let mut v = qwen3();
+        v["num_key_value_heads"] = json!(3);
+        let e = ModelConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("multiple of num_key_value_heads"), "{e}");
+        let mut v = qwen3();
+        v["quantization"] = json!({"group_size": 64, "bits": 4, "model.layers.0.mlp.gate": 8});
+        let e = ModelConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("quantization.model.layers.0.mlp.gate must be an object"), "{e}");
+    }
+}

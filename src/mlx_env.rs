@@ -61,14 +61,17 @@ pub const MLX_RS_VERSION: &str = "0.33.0";
 
 /// Refuses a libmlx whose version differs from the one mlx-c was written for.
 pub fn check_version() -> Result<()> {
-    let found = runtime_mlx_version();
-    let base = found.split(".dev").next().unwrap_or(&found);
-    if base != BUILD_MLX_VERSION {
+    check_version_of(&runtime_mlx_version(), BUILD_MLX_VERSION)
+}
+
+fn check_version_of(found: &str, built: &str) -> Result<()> {
+    let base = found.split(".dev").next().unwrap_or(found);
+    if base != built {
         bail!(
-            "the loaded libmlx is MLX {found}, but zmlx was built for MLX {BUILD_MLX_VERSION} \
+            "the loaded libmlx is MLX {found}, but zmlx was built for MLX {built} \
              (mlx-c 0.7.0 pins it exactly).\nFix: unset LD_LIBRARY_PATH or point it at an MLX \
-             {BUILD_MLX_VERSION} libmlx (pip package mlx-cpu=={BUILD_MLX_VERSION} or \
-             mlx-cuda-13=={BUILD_MLX_VERSION}), or rebuild after `bash scripts/setup.sh`."
+             {built} libmlx (pip package mlx-cpu=={built} or mlx-cuda-13=={built}), or rebuild \
+             after `bash scripts/setup.sh`."
         );
     }
     Ok(())
@@ -121,4 +124,32 @@ pub fn peak_memory() -> usize {
 
 pub fn reset_peak_memory() {
     let _ = mlx_rs::memory::reset_peak_memory();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_libmlx_is_the_pinned_version() {
+        assert_eq!(runtime_mlx_version(), BUILD_MLX_VERSION);
+        check_version().unwrap();
+    }
+
+    #[test]
+    fn other_versions_are_refused_with_the_fix() {
+        check_version_of("0.32.2", "0.32.2").unwrap();
+        check_version_of("0.32.2.dev20260101+abc", "0.32.2").unwrap();
+        let err = check_version_of("0.32.4", "0.32.2").unwrap_err().to_string();
+        assert!(err.contains("MLX 0.32.4") && err.contains("built for MLX 0.32.2"), "{err}");
+        assert!(err.contains("mlx-cpu==0.32.2"), "the message says how to get the right one: {err}");
+    }
+
+    #[test]
+    fn raw_calls_return_errors_instead_of_exiting() {
+        let a = Array::from_slice(&[1.0f32, 2.0], &[2]);
+        let b = Array::from_slice(&[1.0f32, 2.0, 3.0], &[3]);
+        let err = raw_array(|res, s| unsafe { mlx_sys::mlx_add(res, a.as_ptr(), b.as_ptr(), s) }).unwrap_err();
+        assert!(err.what().contains("broadcast"), "{}", err.what());
+    }
 }
