@@ -8,7 +8,10 @@ pub mod model;
 pub mod models;
 pub mod moe;
 pub mod nn;
+#[path = "../patterns/mod.rs"]
+pub mod patterns;
 pub mod slots;
 pub mod synth;
 pub mod tokenizer;
+pub mod validate;
 pub mod weights;

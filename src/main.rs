@@ -9,7 +9,9 @@ use zmlx::generate::{generate, GenerateOptions, SamplerConfig};
 use zmlx::mlx_env;
 use zmlx::model::{dtype_name, DtypeChoice, Model};
 use zmlx::synth::{synthesize, Layout, Preset, StoreDtype, SynthOptions};
+use zmlx::patterns::{self, SelectionRequest};
 use zmlx::tokenizer::TextTokenizer;
+use zmlx::validate::{render, validate, ValidateOptions, DEFAULT_PROMPT};
 
 #[derive(Parser)]
 #[command(name = "zmlx", version, about = "Run, patch, validate and benchmark MoE LLMs on MLX")]
@@ -24,6 +26,13 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a deterministic random-weight checkpoint that mlx-lm loads unchanged.
     Synth(SynthArgs),
+    /// Prove the patched model emits the same greedy tokens as the unpatched one (exit 0 PASS, 1 FAIL, 2 error).
+    Validate(ValidateArgs),
+    /// List the pattern registry.
+    Patterns {
+        #[arg(long)]
+        json: bool,
+    },
     /// The main job on the built-in default: synthesize the default checkpoint (once) and generate.
     Demo {
         /// Where the default checkpoint is kept.
@@ -61,6 +70,110 @@ struct GenerateArgs {
     json: bool,
 }
 
+#[derive(clap::Args, Clone)]
+struct ValidateArgs {
+    /// Checkpoint directory.
+    model: PathBuf,
+    /// Patterns to apply (`none` for no patches); default: ZMLX_PATTERNS, else the family preset.
+    #[arg(long, num_args = 1..)]
+    patterns: Option<Vec<String>>,
+    #[arg(long, num_args = 1..)]
+    exclude: Vec<String>,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Seconds to sleep between runs.
+    #[arg(long, default_value_t = 0.0)]
+    cooldown: f64,
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: DtypeChoice,
+    #[arg(long)]
+    json: bool,
+    /// Allow patterns of class `unsafe`.
+    #[arg(long)]
+    allow_unsafe: bool,
+    /// Report the max |logit difference| per step up to the first divergence.
+    #[arg(long)]
+    logits: bool,
+    /// At a divergence, ask an all-float32 unpatched model which side it agrees with.
+    #[arg(long, value_parser = ["f32"])]
+    arbiter: Option<String>,
+}
+
+impl ValidateArgs {
+    fn options(&self) -> Result<ValidateOptions> {
+        let config = zmlx::config::ModelConfig::load(&zmlx::config::checkpoint_dir(&self.model)?)?;
+        let env = patterns::relevant_env();
+        let selection = patterns::resolve(&SelectionRequest {
+            patterns: self.patterns.as_deref(),
+            exclude: &self.exclude,
+            family: config.family,
+            allow_unsafe: self.allow_unsafe,
+            env: &env,
+        })?;
+        let (prompt, prompt_source) = match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => (p.clone(), "--prompt".to_string()),
+            (None, Some(f)) => (
+                std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read --prompt-file {}: {e}", f.display()))?,
+                f.display().to_string(),
+            ),
+            (None, None) => (DEFAULT_PROMPT.to_string(), "default".to_string()),
+        };
+        Ok(ValidateOptions {
+            selection,
+            max_tokens: self.max_tokens,
+            runs: self.runs,
+            prompt,
+            prompt_source,
+            cooldown_s: self.cooldown,
+            dtype: self.dtype,
+            logits: self.logits,
+            arbiter_f32: self.arbiter.is_some(),
+        })
+    }
+}
+
+/// Exit status of validate/run: 0 PASS, 1 FAIL (2 is any error, from main).
+fn run_validate(a: &ValidateArgs) -> Result<i32> {
+    let report = validate(&a.model, &a.options()?)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(if report.fidelity.passed() { 0 } else { 1 })
+}
+
+fn run_patterns(json: bool) -> Result<i32> {
+    let infos: Vec<_> = patterns::registry().iter().map(|p| p.info().clone()).collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+        return Ok(0);
+    }
+    println!("{:<20} {:<13} {:<12} {:<7} {:<34} families", "pattern", "slot", "class", "decode", "env");
+    for i in &infos {
+        let mut env = vec![i.switch_var()];
+        env.extend(i.env.iter().map(|s| s.to_string()));
+        let fams: Vec<_> = i.families.iter().map(|f| f.model_type()).collect();
+        println!(
+            "{:<20} {:<13} {:<12} {:<7} {:<34} {}",
+            i.name,
+            format!("{:?}", i.slot).to_lowercase(),
+            format!("{:?}", i.class).to_lowercase(),
+            if i.decode_only { "only" } else { "all" },
+            env.join(" "),
+            fams.join(", ")
+        );
+        println!("    {}", i.description);
+    }
+    Ok(0)
+}
+
 #[derive(clap::Args)]
 struct SynthArgs {
     /// Model family (config.json model_type).
@@ -95,7 +208,7 @@ fn parse_family(s: &str) -> Result<Family, String> {
     })
 }
 
-fn run_generate(a: &GenerateArgs) -> Result<()> {
+fn run_generate(a: &GenerateArgs) -> Result<i32> {
     let backend = mlx_env::init()?;
     let (model, info) = Model::load(&a.model, a.dtype, backend)?;
     let tok = TextTokenizer::load(&a.model, &model.config.eos_token_ids)?;
@@ -146,10 +259,10 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         println!("Generation: {} tokens, {:.3} tokens-per-sec ({})", stats.generation_tokens, stats.generation_tps, stats.finish_reason);
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
     }
-    Ok(())
+    Ok(0)
 }
 
-fn run_synth(a: &SynthArgs) -> Result<()> {
+fn run_synth(a: &SynthArgs) -> Result<i32> {
     mlx_env::init()?;
     let o = SynthOptions {
         family: a.family,
@@ -163,10 +276,10 @@ fn run_synth(a: &SynthArgs) -> Result<()> {
     };
     let files = synthesize(&o, &a.out)?;
     eprintln!("[zmlx] wrote {} ({} safetensors file(s))", a.out.display(), files.len());
-    Ok(())
+    Ok(0)
 }
 
-fn run_demo(dir: &Path, max_tokens: usize) -> Result<()> {
+fn run_demo(dir: &Path, max_tokens: usize) -> Result<i32> {
     mlx_env::init()?;
     if !dir.join("config.json").exists() {
         eprintln!("[zmlx] synthesizing the default checkpoint (qwen3_moe tiny, 4-bit) into {}", dir.display());
@@ -195,10 +308,15 @@ fn main() {
         Command::Generate(a) => run_generate(a),
         Command::Synth(a) => run_synth(a),
         Command::Demo { dir, max_tokens } => run_demo(dir, *max_tokens),
+        Command::Validate(a) => run_validate(a),
+        Command::Patterns { json } => run_patterns(*json),
     };
-    if let Err(e) = result {
-        eprintln!("error: {}", format_error(&e));
-        std::process::exit(2);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {}", format_error(&e));
+            std::process::exit(2);
+        }
     }
 }
 

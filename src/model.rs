@@ -162,7 +162,25 @@ impl Model {
         }
     }
 
-    /// Every slot of the model, for patterns and reports.
+    /// Puts every slot back to the implementation it was loaded with.
+    pub fn restore_all_slots(&mut self) {
+        for layer in &mut self.layers {
+            layer.attention.restore();
+            match &mut layer.mlp {
+                LayerMlp::Moe(b) => {
+                    b.router.restore();
+                    b.experts.restore();
+                    b.combine.restore();
+                    if let Some(s) = &mut b.shared {
+                        s.restore();
+                    }
+                }
+                LayerMlp::Dense(m) => m.restore(),
+            }
+        }
+    }
+
+    /// The MoE blocks with their layer index, for patterns.
     pub fn moe_blocks_mut(&mut self) -> impl Iterator<Item = (usize, &mut MoeBlock)> {
         self.layers.iter_mut().enumerate().filter_map(|(i, l)| match &mut l.mlp {
             LayerMlp::Moe(b) => Some((i, b)),

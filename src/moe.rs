@@ -84,11 +84,14 @@ impl CombineSlot for WeightedSumCombine {
 }
 
 /// SwitchGLU: gathered gate/up/down projections per selected expert.
+#[derive(Clone)]
 pub struct SwitchGlu {
     pub gate_proj: SwitchLinear,
     pub up_proj: SwitchLinear,
     pub down_proj: SwitchLinear,
-    pub activation: Slot<dyn ActivationSlot>,
+    /// A pattern replaces the activation by swapping the whole experts slot for a copy with
+    /// another activation, so restoring that slot restores the activation too.
+    pub activation: Rc<dyn ActivationSlot>,
 }
 
 /// Token count × k from which mlx-lm sorts tokens by expert before the gathered matmuls.
@@ -100,7 +103,7 @@ impl SwitchGlu {
             gate_proj: SwitchLinear::load(ctx, &format!("{path}.gate_proj"), experts, hidden, inter)?,
             up_proj: SwitchLinear::load(ctx, &format!("{path}.up_proj"), experts, hidden, inter)?,
             down_proj: SwitchLinear::load(ctx, &format!("{path}.down_proj"), experts, inter, hidden)?,
-            activation: Slot::new(Rc::new(SwiGlu)),
+            activation: Rc::new(SwiGlu),
         })
     }
 }
@@ -123,7 +126,7 @@ impl ExpertsSlot for SwitchGlu {
         };
         let up = self.up_proj.forward(&x, &idx, do_sort)?;
         let gate = self.gate_proj.forward(&x, &idx, do_sort)?;
-        let mut y = self.down_proj.forward(&self.activation.get().forward(&gate, &up)?, &idx, do_sort)?;
+        let mut y = self.down_proj.forward(&self.activation.forward(&gate, &up)?, &idx, do_sort)?;
         if let Some(inv) = inv_order {
             y = ops::unflatten(y.take_axis(&inv, 0)?, 0, indices.shape())?;
         }
@@ -136,11 +139,12 @@ impl ExpertsSlot for SwitchGlu {
 }
 
 /// Dense SwiGLU MLP: `down(act(gate(x)) * up(x))` (Qwen3 dense layers, shared experts).
+#[derive(Clone)]
 pub struct DenseMlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
-    pub activation: Slot<dyn ActivationSlot>,
+    pub activation: Rc<dyn ActivationSlot>,
 }
 
 impl DenseMlp {
@@ -149,14 +153,14 @@ impl DenseMlp {
             gate_proj: Linear::load(ctx, &format!("{path}.gate_proj"), hidden, inter, false)?,
             up_proj: Linear::load(ctx, &format!("{path}.up_proj"), hidden, inter, false)?,
             down_proj: Linear::load(ctx, &format!("{path}.down_proj"), inter, hidden, false)?,
-            activation: Slot::new(Rc::new(SwiGlu)),
+            activation: Rc::new(SwiGlu),
         })
     }
 }
 
 impl MlpSlot for DenseMlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let h = self.activation.get().forward(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let h = self.activation.forward(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 
@@ -167,6 +171,8 @@ impl MlpSlot for DenseMlp {
 
 /// A sparse MoE block: router → experts → combine (+ shared expert).
 pub struct MoeBlock {
+    /// Module path in the checkpoint (e.g. `model.layers.3.mlp`), for patch reports.
+    pub path: String,
     pub router: Slot<dyn RouterSlot>,
     pub experts: Slot<dyn ExpertsSlot>,
     pub combine: Slot<dyn CombineSlot>,

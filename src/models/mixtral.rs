@@ -53,6 +53,7 @@ pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
         post_attention_layernorm: RmsNorm::load(ctx, &format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
         attention: slot(Rc::new(GqaAttention::load(ctx, &format!("{p}.self_attn"), &shape)?)),
         mlp: LayerMlp::Moe(MoeBlock {
+            path: moe.clone(),
             router: slot(Rc::new(router)),
             experts: slot(Rc::new(experts)),
             combine: slot(Rc::new(WeightedSumCombine { cast_back: false })),

@@ -49,6 +49,7 @@ pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
         let experts =
             SwitchGlu::load(ctx, &format!("{mlp_path}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
         LayerMlp::Moe(MoeBlock {
+            path: mlp_path.clone(),
             router: slot(Rc::new(router)),
             experts: slot(Rc::new(experts)),
             combine: slot(Rc::new(WeightedSumCombine { cast_back: true })),

@@ -1,0 +1,234 @@
+//! The pattern registry: each pattern swaps one slot implementation on a loaded model.
+//! One static, explicit list (no lazy registration); selection precedence, highest first:
+//! `--patterns` (or `none`) > `ZMLX_PATTERNS` > the family preset; then `--exclude`, then
+//! per-pattern `ZMLX_<NAME>=0|1`.
+mod debug_drop_expert;
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::config::Family;
+use crate::model::Model;
+
+/// How far a pattern's fidelity is proven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SafetyClass {
+    /// Token-identical to the stock slot on every family it claims, proven by tests.
+    Safe,
+    /// Runs, not (yet) proven token-identical.
+    Experimental,
+    /// Known to change tokens or otherwise risky; refused without `--allow-unsafe`.
+    Unsafe,
+}
+
+/// Which slot a pattern replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotKind {
+    Attention,
+    Router,
+    Experts,
+    Activation,
+    Combine,
+    SharedExpert,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PatternInfo {
+    pub name: &'static str,
+    pub slot: SlotKind,
+    pub families: &'static [Family],
+    pub class: SafetyClass,
+    /// Applies only to single-token decode steps; prefill falls back to the stock slot.
+    pub decode_only: bool,
+    /// Environment variables this pattern reads (besides `ZMLX_<NAME>`).
+    pub env: &'static [&'static str],
+    pub description: &'static str,
+}
+
+impl PatternInfo {
+    /// `ZMLX_<NAME>`: per-pattern on/off switch.
+    pub fn switch_var(&self) -> String {
+        format!("ZMLX_{}", self.name.to_uppercase())
+    }
+}
+
+/// What applying a pattern did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PatternOutcome {
+    /// Module paths whose slot now runs this pattern.
+    pub patched: Vec<String>,
+    /// Module paths left stock, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+pub trait Pattern {
+    fn info(&self) -> &PatternInfo;
+    /// Swaps the slot on every module of `model` it applies to.
+    fn apply(&self, model: &mut Model) -> Result<PatternOutcome>;
+}
+
+/// The registry, in application order.
+pub fn registry() -> Vec<Box<dyn Pattern>> {
+    vec![Box::new(debug_drop_expert::DebugDropExpert)]
+}
+
+pub fn pattern_names() -> Vec<&'static str> {
+    registry().iter().map(|p| p.info().name).collect()
+}
+
+/// The default pattern set per family: only `safe` patterns, chosen from ledger measurements.
+/// Empty until a fused pattern has been measured faster with identical tokens on that family.
+pub fn family_preset(_family: Family) -> Vec<&'static str> {
+    vec![]
+}
+
+/// A resolved selection: pattern names in registry order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Selection {
+    pub names: Vec<String>,
+    /// Where the list came from: "--patterns", "ZMLX_PATTERNS" or "preset".
+    pub source: String,
+}
+
+impl Selection {
+    pub fn none() -> Selection {
+        Selection { names: vec![], source: "--patterns".into() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Inputs to selection, separated from the process environment so it can be tested.
+pub struct SelectionRequest<'a> {
+    pub patterns: Option<&'a [String]>,
+    pub exclude: &'a [String],
+    pub family: Family,
+    pub allow_unsafe: bool,
+    pub env: &'a BTreeMap<String, String>,
+}
+
+fn unknown(name: &str) -> anyhow::Error {
+    anyhow::anyhow!("unknown pattern `{name}`; valid patterns: {} (or `none`)", pattern_names().join(", "))
+}
+
+fn parse_switch(var: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        other => bail!("{var}={other}: expected 0 or 1 (also true/false, on/off, yes/no)"),
+    }
+}
+
+/// Every environment variable zmlx reads that affects patching, for reports and capsules.
+pub fn relevant_env() -> BTreeMap<String, String> {
+    std::env::vars().filter(|(k, _)| k.starts_with("ZMLX_")).collect()
+}
+
+pub fn resolve(req: &SelectionRequest) -> Result<Selection> {
+    let reg = registry();
+    let (mut names, source): (Vec<String>, &str) = if let Some(p) = req.patterns {
+        let list: Vec<String> = p.iter().flat_map(|s| s.split(',')).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        if list.iter().any(|n| n == "none") {
+            if list.len() > 1 {
+                bail!("--patterns none cannot be combined with other pattern names");
+            }
+            (vec![], "--patterns")
+        } else {
+            (list, "--patterns")
+        }
+    } else if let Some(v) = req.env.get("ZMLX_PATTERNS").filter(|v| !v.trim().is_empty()) {
+        let list: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        if list == ["none"] {
+            (vec![], "ZMLX_PATTERNS")
+        } else {
+            (list, "ZMLX_PATTERNS")
+        }
+    } else {
+        (family_preset(req.family).into_iter().map(str::to_owned).collect(), "preset")
+    };
+    for n in names.iter().chain(req.exclude.iter()) {
+        if !reg.iter().any(|p| p.info().name == n) {
+            return Err(unknown(n));
+        }
+    }
+    names.retain(|n| !req.exclude.contains(n));
+    for p in &reg {
+        let info = p.info();
+        let var = info.switch_var();
+        if let Some(v) = req.env.get(&var) {
+            let on = parse_switch(&var, v)?;
+            let present = names.iter().any(|n| n == info.name);
+            if on && !present {
+                names.push(info.name.to_owned());
+            } else if !on {
+                names.retain(|n| n != info.name);
+            }
+        }
+    }
+    // Registry order, deduplicated.
+    let ordered: Vec<String> =
+        reg.iter().map(|p| p.info().name).filter(|n| names.iter().any(|m| m == n)).map(str::to_owned).collect();
+    for n in &ordered {
+        let info = reg.iter().find(|p| p.info().name == n).unwrap().info();
+        if info.class == SafetyClass::Unsafe && !req.allow_unsafe {
+            bail!("pattern `{n}` is unsafe ({}); pass --allow-unsafe to run it anyway", info.description);
+        }
+    }
+    Ok(Selection { names: ordered, source: source.to_owned() })
+}
+
+/// Per pattern: what was patched and skipped.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PatchReport {
+    pub patterns: BTreeMap<String, PatternOutcome>,
+}
+
+impl PatchReport {
+    pub fn modules_patched(&self) -> usize {
+        self.patterns.values().map(|o| o.patched.len()).sum()
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!("Patched {} modules:", self.modules_patched());
+        for (name, o) in &self.patterns {
+            s.push_str(&format!("\n  {name}: {}", o.patched.len()));
+            for (path, why) in &o.skipped {
+                s.push_str(&format!("\n    skipped {path}: {why}"));
+            }
+        }
+        s
+    }
+}
+
+/// Applies the selected patterns to `model` (stock slots first: patching is not cumulative).
+pub fn patch(model: &mut Model, selection: &Selection) -> Result<PatchReport> {
+    unpatch(model);
+    let mut report = PatchReport::default();
+    for p in registry() {
+        let info = p.info();
+        if !selection.names.iter().any(|n| n == info.name) {
+            continue;
+        }
+        let outcome = if info.families.contains(&model.family()) {
+            p.apply(model)?
+        } else {
+            PatternOutcome {
+                patched: vec![],
+                skipped: vec![("*".into(), format!("{} does not apply to the {} family", info.name, model.family()))],
+            }
+        };
+        report.patterns.insert(info.name.to_owned(), outcome);
+    }
+    Ok(report)
+}
+
+/// Restores every slot's stock implementation.
+pub fn unpatch(model: &mut Model) {
+    model.restore_all_slots();
+}

@@ -1,0 +1,367 @@
+//! `zmlx validate`: the patched model must emit the same greedy tokens as the unpatched one.
+//! Baseline and patched runs are interleaved ABBA on one loaded model (patching swaps slots, so
+//! both configurations see the same weights), peak memory is reset per run, and fidelity is
+//! judged on the token ids of every run.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::{ops, Array};
+use serde::Serialize;
+
+use crate::generate::{generate, GenerateOptions, GenerationStats};
+use crate::mlx_env::{self, Backend};
+use crate::model::{dtype_name, DtypeChoice, Model};
+use crate::patterns::{self, PatchReport, Selection};
+use crate::tokenizer::TextTokenizer;
+
+/// The original's default validation prompt.
+pub const DEFAULT_PROMPT: &str = "Explain the key differences between TCP and UDP protocols, including their use cases, \
+reliability guarantees, and performance characteristics. Be thorough and precise.";
+
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    pub selection: Selection,
+    pub max_tokens: usize,
+    pub runs: usize,
+    pub prompt: String,
+    /// "default", "--prompt" or the prompt file's path.
+    pub prompt_source: String,
+    pub cooldown_s: f64,
+    pub dtype: DtypeChoice,
+    /// Teacher-forced max |logit difference| per step up to the divergence.
+    pub logits: bool,
+    /// Also consult an all-float32 unpatched model at the divergence.
+    pub arbiter_f32: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub token_ids: Vec<u32>,
+    pub prompt_tps: f64,
+    pub decode_tps: f64,
+    pub peak_mem_gb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigResult {
+    pub patterns: Vec<String>,
+    pub modules_patched: usize,
+    pub runs: Vec<RunResult>,
+    pub median_prompt_tps: f64,
+    pub median_decode_tps: f64,
+    /// Max over this configuration's runs (reset before each run).
+    pub peak_mem_gb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Arbiter {
+    pub f32_argmax: u32,
+    pub baseline_logit: f32,
+    pub patched_logit: f32,
+    /// "baseline", "patched" or "tie": whose token the float32 reference prefers.
+    pub closer: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    /// 0-based run index and token index.
+    pub run: usize,
+    pub index: usize,
+    pub baseline_token: Option<u32>,
+    pub patched_token: Option<u32>,
+    pub baseline_text: String,
+    pub patched_text: String,
+    /// A few tokens of context from each side, as a readable diff.
+    pub context_diff: String,
+    pub logit_max_abs_diff: Option<Vec<f32>>,
+    pub arbiter: Option<Arbiter>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fidelity {
+    pub matched: usize,
+    pub total: usize,
+    pub verdict: String,
+    pub runs_compared: usize,
+    pub first_divergence: Option<Divergence>,
+}
+
+impl Fidelity {
+    pub fn passed(&self) -> bool {
+        self.verdict == "PASS"
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationReport {
+    pub model: PathBuf,
+    pub family: String,
+    pub backend: Backend,
+    pub dtype: String,
+    pub prompt_source: String,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    pub runs: usize,
+    pub selection: Selection,
+    pub patch_report: PatchReport,
+    pub baseline: ConfigResult,
+    pub patched: ConfigResult,
+    pub fidelity: Fidelity,
+    pub decode_speedup: f64,
+    pub prefill_change: f64,
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn one_run(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Result<RunResult> {
+    mlx_env::reset_peak_memory();
+    let (ids, stats): (Vec<u32>, GenerationStats) = generate(model, prompt, opts, |_| Ok(()))?;
+    Ok(RunResult { token_ids: ids, prompt_tps: stats.prompt_tps, decode_tps: stats.generation_tps, peak_mem_gb: stats.peak_memory_gb })
+}
+
+fn config_result(patterns: Vec<String>, modules_patched: usize, runs: Vec<RunResult>) -> ConfigResult {
+    let prompt: Vec<f64> = runs.iter().map(|r| r.prompt_tps).collect();
+    let decode: Vec<f64> = runs.iter().map(|r| r.decode_tps).collect();
+    ConfigResult {
+        patterns,
+        modules_patched,
+        median_prompt_tps: median(&prompt),
+        median_decode_tps: median(&decode),
+        peak_mem_gb: runs.iter().map(|r| r.peak_mem_gb).fold(0.0, f64::max),
+        runs,
+    }
+}
+
+/// Compares token ids of every run pair. PASS iff every run is identical (same length, same ids).
+pub fn compare_runs(baseline: &[Vec<u32>], patched: &[Vec<u32>]) -> (usize, usize, Option<(usize, usize)>) {
+    let (mut matched, mut total, mut first) = (0, 0, None);
+    for (r, (b, p)) in baseline.iter().zip(patched).enumerate() {
+        total += b.len().max(p.len());
+        matched += b.iter().zip(p).filter(|(x, y)| x == y).count();
+        if first.is_none() {
+            if let Some(i) = (0..b.len().max(p.len())).find(|&i| b.get(i) != p.get(i)) {
+                first = Some((r, i));
+            }
+        }
+    }
+    (matched, total, first)
+}
+
+/// Token-level diff of a window around `index`, one token per line with its id and text.
+fn context_diff(tok: &TextTokenizer, b: &[u32], p: &[u32], index: usize) -> String {
+    let lo = index.saturating_sub(4);
+    let window = |s: &[u32]| s[lo.min(s.len())..(index + 4).min(s.len())].to_vec();
+    let (bw, pw) = (window(b), window(p));
+    let text = |t: u32| format!("{t:>6} {:?}", tok.decode(&[t]).unwrap_or_default());
+    let mut out = String::new();
+    for op in similar::capture_diff_slices(similar::Algorithm::Myers, &bw, &pw) {
+        for change in op.iter_changes(&bw, &pw) {
+            let sign = match change.tag() {
+                similar::ChangeTag::Equal => ' ',
+                similar::ChangeTag::Delete => '-',
+                similar::ChangeTag::Insert => '+',
+            };
+            out.push_str(&format!("  {sign} {}\n", text(change.value())));
+        }
+    }
+    out
+}
+
+/// Logits `[L, V]` (float32) of a full-sequence forward pass with a fresh cache.
+fn teacher_forced_logits(model: &Model, seq: &[u32]) -> Result<Array> {
+    let mut cache = model.new_cache();
+    let tokens = Array::from_slice(seq, &[1, seq.len() as i32]);
+    let logits = model.forward(&tokens, &mut cache)?.try_index(0)?;
+    Ok(logits.as_dtype(mlx_rs::Dtype::Float32)?)
+}
+
+pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationReport> {
+    if opts.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let backend = mlx_env::init()?;
+    let (mut model, _) = Model::load(model_dir, opts.dtype, backend)?;
+    let tok = TextTokenizer::load(model_dir, &model.config.eos_token_ids)?;
+    let prompt = tok.encode(&opts.prompt)?;
+    let gen = GenerateOptions::greedy(opts.max_tokens, tok.eos_token_ids.clone());
+    let warm = GenerateOptions::greedy(5, tok.eos_token_ids.clone());
+    let hello = tok.encode("Hello")?;
+    let cooldown = || {
+        if opts.cooldown_s > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(opts.cooldown_s));
+        }
+    };
+
+    // Patch once to learn what the selection does; the runs below toggle it.
+    let report = patterns::patch(&mut model, &opts.selection)?;
+    patterns::unpatch(&mut model);
+
+    let set = |model: &mut Model, patched: bool| -> Result<()> {
+        if patched {
+            patterns::patch(model, &opts.selection)?;
+        } else {
+            patterns::unpatch(model);
+        }
+        Ok(())
+    };
+    for patched in [false, true] {
+        set(&mut model, patched)?;
+        for _ in 0..2 {
+            generate(&model, &hello, &warm, |_| Ok(()))?;
+        }
+    }
+    let (mut base_runs, mut patched_runs) = (vec![], vec![]);
+    for r in 0..opts.runs {
+        // ABBA: alternate which configuration goes first, so drift hits both alike.
+        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        for patched in order {
+            set(&mut model, patched)?;
+            let run = one_run(&model, &prompt, &gen)?;
+            if patched { patched_runs.push(run) } else { base_runs.push(run) }
+            cooldown();
+        }
+    }
+    patterns::unpatch(&mut model);
+
+    let b_ids: Vec<Vec<u32>> = base_runs.iter().map(|r| r.token_ids.clone()).collect();
+    let p_ids: Vec<Vec<u32>> = patched_runs.iter().map(|r| r.token_ids.clone()).collect();
+    let (matched, total, first) = compare_runs(&b_ids, &p_ids);
+    let verdict = if total > 0 && first.is_none() { "PASS" } else { "FAIL" };
+    let first_divergence = match first {
+        None => None,
+        Some((run, index)) => {
+            let (b, p) = (&b_ids[run], &p_ids[run]);
+            let text = |t: Option<&u32>| t.map(|t| tok.decode(&[*t]).unwrap_or_default()).unwrap_or_else(|| "<end>".into());
+            let mut d = Divergence {
+                run,
+                index,
+                baseline_token: b.get(index).copied(),
+                patched_token: p.get(index).copied(),
+                baseline_text: text(b.get(index)),
+                patched_text: text(p.get(index)),
+                context_diff: context_diff(&tok, b, p, index),
+                logit_max_abs_diff: None,
+                arbiter: None,
+            };
+            // The shared prefix plus the divergent position, fed identically to both sides.
+            let mut seq = prompt.clone();
+            seq.extend_from_slice(&b[..index.min(b.len())]);
+            if opts.logits {
+                let start = prompt.len() as i32 - 1;
+                let lb = teacher_forced_logits(&model, &seq)?;
+                set(&mut model, true)?;
+                let lp = teacher_forced_logits(&model, &seq)?;
+                patterns::unpatch(&mut model);
+                let diff = ops::abs(lb.subtract(&lp)?)?.max_axis(-1, None)?.try_index(start..)?;
+                d.logit_max_abs_diff = Some(diff.as_slice::<f32>().to_vec());
+            }
+            if opts.arbiter_f32 {
+                d.arbiter = Some(arbiter(model_dir, backend, &seq, d.baseline_token, d.patched_token)?);
+            }
+            Some(d)
+        }
+    };
+    let baseline = config_result(vec![], 0, base_runs);
+    let patched = config_result(opts.selection.names.clone(), report.modules_patched(), patched_runs);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    Ok(ValidationReport {
+        model: model_dir.to_path_buf(),
+        family: model.family().model_type().to_owned(),
+        backend,
+        dtype: dtype_name(model.dtype).to_owned(),
+        prompt_source: opts.prompt_source.clone(),
+        prompt_tokens: prompt.len(),
+        max_tokens: opts.max_tokens,
+        runs: opts.runs,
+        selection: opts.selection.clone(),
+        patch_report: report,
+        decode_speedup: ratio(patched.median_decode_tps, baseline.median_decode_tps),
+        prefill_change: ratio(patched.median_prompt_tps, baseline.median_prompt_tps) - 1.0,
+        baseline,
+        patched,
+        fidelity: Fidelity { matched, total, verdict: verdict.into(), runs_compared: b_ids.len(), first_divergence },
+    })
+}
+
+/// Which side's token an unpatched float32 model prefers at the divergence.
+fn arbiter(dir: &Path, backend: Backend, seq: &[u32], b: Option<u32>, p: Option<u32>) -> Result<Arbiter> {
+    let (reference, _) = Model::load(dir, DtypeChoice::F32, backend)?;
+    let logits = teacher_forced_logits(&reference, seq)?.try_index(-1)?;
+    let f32_argmax = ops::indexing::argmax_axis(&logits, -1, None)?.item_cast::<u32>();
+    let values = logits.as_slice::<f32>();
+    let at = |t: Option<u32>| t.map(|t| values[t as usize]).unwrap_or(f32::NEG_INFINITY);
+    let (bl, pl) = (at(b), at(p));
+    let closer = if bl > pl { "baseline" } else if pl > bl { "patched" } else { "tie" };
+    Ok(Arbiter { f32_argmax, baseline_logit: bl, patched_logit: pl, closer: closer.into() })
+}
+
+/// The human-readable report (the original's layout, plus the divergence detail).
+pub fn render(r: &ValidationReport) -> String {
+    let bar = "=".repeat(60);
+    let pats = if r.selection.names.is_empty() { "[] (no patches)".to_string() } else { format!("{:?}", r.selection.names) };
+    let mut s = format!("{bar}\nVALIDATION REPORT\n{bar}\nModel: {}\nPatterns: {pats}\n", r.model.display());
+    s += &format!("Backend: {}, compute dtype {}\n", r.backend.name(), r.dtype);
+    s += &format!("Tokens: {} greedy (temp=0), {} runs, prompt {} tokens ({})\n\n", r.max_tokens, r.runs, r.prompt_tokens, r.prompt_source);
+    let f = &r.fidelity;
+    s += &format!("FIDELITY: {}/{} tokens identical  [{}]\n", f.matched, f.total, f.verdict);
+    if let Some(d) = &f.first_divergence {
+        s += &format!(
+            "  First divergence at token {} (run {}): baseline {:?} {:?} vs patched {:?} {:?}\n{}",
+            d.index, d.run + 1, d.baseline_token, d.baseline_text, d.patched_token, d.patched_text, d.context_diff
+        );
+        if let Some(l) = &d.logit_max_abs_diff {
+            let shown: Vec<String> = l.iter().map(|x| format!("{x:.3e}")).collect();
+            s += &format!("  max |logit diff| per step up to the divergence: [{}]\n", shown.join(", "));
+        }
+        if let Some(a) = &d.arbiter {
+            s += &format!(
+                "  float32 arbiter: argmax {}, logit of baseline token {:.4}, of patched token {:.4} -> {} side is closer\n",
+                a.f32_argmax, a.baseline_logit, a.patched_logit, a.closer
+            );
+        }
+    }
+    s += &format!("\nPERFORMANCE (median of {} runs):\n", r.runs);
+    s += &format!("  {:<10} | {:>12} | {:>12} | {:>9}\n", "Config", "Prompt tok/s", "Decode tok/s", "Peak Mem");
+    for (name, c) in [("Baseline", &r.baseline), ("Patched", &r.patched)] {
+        s += &format!("  {name:<10} | {:>12.1} | {:>12.1} | {:>6.3} GB\n", c.median_prompt_tps, c.median_decode_tps, c.peak_mem_gb);
+    }
+    s += &format!("  {:<10} | decode {:.3}x, prefill {:+.1}%\n", "Speedup", r.decode_speedup, r.prefill_change * 100.0);
+    s += &format!("{}\n", r.patch_report.summary());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fidelity_uses_every_run_and_lengths() {
+        let same = vec![vec![1, 2, 3], vec![4, 5]];
+        assert_eq!(compare_runs(&same, &same), (5, 5, None));
+        let later = vec![vec![1, 2, 3], vec![4, 6]];
+        assert_eq!(compare_runs(&same, &later), (4, 5, Some((1, 1))), "a divergence in run 2 counts");
+        let shorter = vec![vec![1, 2], vec![4, 5]];
+        assert_eq!(compare_runs(&same, &shorter), (4, 5, Some((0, 2))), "an early stop is a divergence");
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
