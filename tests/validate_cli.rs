@@ -1,0 +1,102 @@
+//! `zmlx validate`: exit 0 on PASS, 1 on FAIL (with the first divergent index), 2 on error.
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use zmlx::config::Family;
+use zmlx::generate::greedy_ids;
+use zmlx::model::DtypeChoice;
+use zmlx::patterns::{self, Selection};
+
+fn zmlx(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).args(args).output().unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(!e.contains("panicked"), "{e}");
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+#[test]
+fn pass_fail_and_error_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let _g = mlx_lock();
+        synth_into(dir.path(), &synth_opts(Family::Mixtral, Some(4), 9));
+    }
+    let model = dir.path().to_str().unwrap();
+    let prompt = "The kernel schedules threads across cores.";
+
+    // The expected first divergence, computed through the library with the pattern applied.
+    let expected = {
+        let _g = mlx_lock();
+        let (mut m, tok) = load(dir.path(), DtypeChoice::F32);
+        let ids = tok.encode(prompt).unwrap();
+        let base = greedy_ids(&m, &ids, 24, false).unwrap();
+        let sel = Selection { names: vec!["debug_drop_expert".into()], source: "test".into() };
+        patterns::patch(&mut m, &sel).unwrap();
+        let patched = greedy_ids(&m, &ids, 24, false).unwrap();
+        first_divergence(&base, &patched).expect("the wrong pattern must change the tokens")
+    };
+
+    let common = ["validate", model, "--max-tokens", "24", "--runs", "2", "--prompt", prompt];
+    let (code, out, _) = zmlx(&[&common[..], &["--patterns", "none"]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("FIDELITY: 48/48 tokens identical  [PASS]"), "{out}");
+
+    let (code, out, _) = zmlx(&[&common[..], &["--patterns", "debug_drop_expert", "--allow-unsafe", "--json"]].concat());
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["fidelity"]["verdict"], "FAIL");
+    assert_eq!(v["fidelity"]["first_divergence"]["index"], expected as u64, "{out}");
+    assert_eq!(v["fidelity"]["first_divergence"]["run"], 0);
+    assert_eq!(v["patch_report"]["patterns"]["debug_drop_expert"]["patched"].as_array().unwrap().len(), 2);
+
+    let (code, _, err) = zmlx(&[&common[..], &["--patterns", "debug_drop_expert"]].concat());
+    assert_eq!(code, 2);
+    assert!(err.contains("unsafe") && err.contains("--allow-unsafe"), "{err}");
+
+    let (code, _, err) = zmlx(&[&common[..], &["--patterns", "no_such_pattern"]].concat());
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown pattern `no_such_pattern`") && err.contains("debug_drop_expert"), "{err}");
+}
+
+#[test]
+fn selection_precedence_and_env_switches() {
+    use std::collections::BTreeMap;
+    use zmlx::patterns::{resolve, SelectionRequest};
+    let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let req = |patterns: Option<&[String]>, env: &BTreeMap<String, String>, allow: bool| {
+        resolve(&SelectionRequest { patterns, exclude: &[], family: Family::Qwen3Moe, allow_unsafe: allow, env })
+    };
+    let none = vec!["none".to_string()];
+    let e = env(&[("ZMLX_PATTERNS", "debug_drop_expert")]);
+    assert!(req(Some(&none), &e, true).unwrap().names.is_empty(), "--patterns beats ZMLX_PATTERNS");
+    assert_eq!(req(None, &e, true).unwrap().names, ["debug_drop_expert"]);
+    assert!(req(None, &env(&[]), true).unwrap().names.is_empty(), "presets are empty until a pattern is proven");
+    let e = env(&[("ZMLX_PATTERNS", "debug_drop_expert"), ("ZMLX_DEBUG_DROP_EXPERT", "0")]);
+    assert!(req(None, &e, true).unwrap().names.is_empty(), "ZMLX_<NAME>=0 switches a pattern off");
+    let e = env(&[("ZMLX_DEBUG_DROP_EXPERT", "maybe")]);
+    let err = req(None, &e, true).unwrap_err().to_string();
+    assert!(err.contains("ZMLX_DEBUG_DROP_EXPERT=maybe") && err.contains("expected 0 or 1"), "{err}");
+    let e = env(&[("ZMLX_PATTERNS", "bogus")]);
+    assert!(req(None, &e, true).unwrap_err().to_string().contains("unknown pattern `bogus`"));
+}
+
+#[test]
+fn unpatch_restores_a_fresh_models_tokens() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 4));
+    let (mut m, _) = load(dir.path(), DtypeChoice::F32);
+    let (fresh, _) = load(dir.path(), DtypeChoice::F32);
+    let ids = [7u32, 100, 200, 300, 42];
+    let want = greedy_ids(&fresh, &ids, 32, true).unwrap();
+    let sel = Selection { names: vec!["debug_drop_expert".into()], source: "test".into() };
+    let report = patterns::patch(&mut m, &sel).unwrap();
+    assert_eq!(report.modules_patched(), 2, "{}", report.summary());
+    assert_ne!(greedy_ids(&m, &ids, 32, true).unwrap(), want);
+    patterns::unpatch(&mut m);
+    assert_eq!(greedy_ids(&m, &ids, 32, true).unwrap(), want);
+}
