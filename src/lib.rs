@@ -3,6 +3,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod generate;
+pub mod kernels;
 pub mod mlx_env;
 pub mod model;
 pub mod models;

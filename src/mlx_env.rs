@@ -42,6 +42,11 @@ pub fn raw_array(
     Ok(unsafe { Array::from_ptr(res) })
 }
 
+/// The message of the last failed raw mlx-c call on this thread.
+pub fn take_last_error() -> String {
+    LAST_ERR.with(|e| e.borrow_mut().take()).unwrap_or_else(|| "unknown MLX error".into())
+}
+
 /// The version string of the libmlx actually loaded at run time.
 pub fn runtime_mlx_version() -> String {
     install_error_handler();

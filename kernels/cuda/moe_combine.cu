@@ -1,0 +1,27 @@
+// moe_combine (CUDA body): out[r, c] = sum_j y[r, j, c] * w[r, j], slot order j = 0..K-1, one
+// thread per output element. MODE 0 (act): product rounded to T, accumulate in T (MLX 0.32.2 CPU
+// stock); MODE 1 (f32): product and sum in float, FMA allowed; MODE 2 (f32_no_fma): product
+// rounded to float, then added (__fmul_rn/__fadd_rn forbid contraction).
+// inputs: y [R, K, D] (T), w [R, K] (T); output: out [R, D] (T); template: T, K, D, MODE.
+long long total = 1;
+for (int d = 0; d < w_ndim; ++d) total *= w_shape[d];
+total = total / K * D;
+long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+if (i >= total) return;
+long long r = i / D;
+int c = (int)(i % D);
+const T* yr = y + r * K * D + c;
+const T* wr = w + r * K;
+if (MODE == 0) {
+  T acc = T(0.0f);
+  for (int j = 0; j < K; ++j) acc = Add{}(acc, Multiply{}(yr[(long long)j * D], wr[j]));
+  out[i] = acc;
+} else if (MODE == 1) {
+  float acc = 0.0f;
+  for (int j = 0; j < K; ++j) acc += (float)yr[(long long)j * D] * (float)wr[j];
+  out[i] = T(acc);
+} else {
+  float acc = 0.0f;
+  for (int j = 0; j < K; ++j) acc = __fadd_rn(acc, __fmul_rn((float)yr[(long long)j * D], (float)wr[j]));
+  out[i] = T(acc);
+}

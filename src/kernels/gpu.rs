@@ -1,0 +1,125 @@
+//! Safe wrapper over MLX's custom GPU kernels (`fast::cuda_kernel` / `fast::metal_kernel`
+//! through mlx-c's raw bindings): a kernel body string plus inputs, template arguments, grid and
+//! output shapes. The same call shape serves both backends; only the mlx-c functions differ.
+use std::ffi::CString;
+
+use anyhow::{anyhow, Result};
+use mlx_rs::{Array, Dtype, Stream};
+
+use crate::mlx_env::Backend;
+
+pub enum TemplateArg {
+    Dtype(Dtype),
+    Int(i32),
+    Bool(bool),
+}
+
+pub struct GpuKernel {
+    pub name: &'static str,
+    pub inputs: &'static [&'static str],
+    pub outputs: &'static [&'static str],
+    pub source: &'static str,
+    pub header: &'static str,
+}
+
+fn strings(names: &[&str]) -> Result<mlx_sys::mlx_vector_string> {
+    let v = unsafe { mlx_sys::mlx_vector_string_new() };
+    for n in names {
+        let c = CString::new(*n)?;
+        unsafe { mlx_sys::mlx_vector_string_append_value(v, c.as_ptr()) };
+    }
+    Ok(v)
+}
+
+impl GpuKernel {
+    /// Runs the kernel on the current stream; returns its outputs.
+    pub fn apply(
+        &self,
+        backend: Backend,
+        inputs: &[&Array],
+        template: &[(&str, TemplateArg)],
+        grid: (i32, i32, i32),
+        threads: (i32, i32, i32),
+        outputs: &[(&[i32], Dtype)],
+    ) -> Result<Vec<Array>> {
+        let name = CString::new(self.name)?;
+        let source = CString::new(self.source)?;
+        let header = CString::new(self.header)?;
+        let in_names = strings(self.inputs)?;
+        let out_names = strings(self.outputs)?;
+        let tnames: Vec<CString> = template.iter().map(|(n, _)| CString::new(*n)).collect::<Result<_, _>>()?;
+        let ins = unsafe { mlx_sys::mlx_vector_array_new() };
+        for a in inputs {
+            unsafe { mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr()) };
+        }
+        let mut res = unsafe { mlx_sys::mlx_vector_array_new() };
+        let stream = Stream::thread_local_or_default();
+        let status = unsafe {
+            match backend {
+                Backend::Cuda => {
+                    let k = mlx_sys::mlx_fast_cuda_kernel_new(
+                        name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, 0,
+                    );
+                    let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
+                    for (shape, dt) in outputs {
+                        mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, shape.as_ptr(), shape.len(), (*dt).into());
+                    }
+                    mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, grid.2);
+                    mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads.0, threads.1, threads.2);
+                    for ((_, arg), n) in template.iter().zip(&tnames) {
+                        match arg {
+                            TemplateArg::Dtype(d) => mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, n.as_ptr(), (*d).into()),
+                            TemplateArg::Int(i) => mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, n.as_ptr(), *i),
+                            TemplateArg::Bool(b) => mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_bool(cfg, n.as_ptr(), *b),
+                        };
+                    }
+                    let st = mlx_sys::mlx_fast_cuda_kernel_apply(&mut res, k, ins, cfg, stream.as_ptr());
+                    mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
+                    mlx_sys::mlx_fast_cuda_kernel_free(k);
+                    st
+                }
+                Backend::Metal => {
+                    let k = mlx_sys::mlx_fast_metal_kernel_new(
+                        name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, false,
+                    );
+                    let cfg = mlx_sys::mlx_fast_metal_kernel_config_new();
+                    for (shape, dt) in outputs {
+                        mlx_sys::mlx_fast_metal_kernel_config_add_output_arg(cfg, shape.as_ptr(), shape.len(), (*dt).into());
+                    }
+                    mlx_sys::mlx_fast_metal_kernel_config_set_grid(cfg, grid.0, grid.1, grid.2);
+                    mlx_sys::mlx_fast_metal_kernel_config_set_thread_group(cfg, threads.0, threads.1, threads.2);
+                    for ((_, arg), n) in template.iter().zip(&tnames) {
+                        match arg {
+                            TemplateArg::Dtype(d) => mlx_sys::mlx_fast_metal_kernel_config_add_template_arg_dtype(cfg, n.as_ptr(), (*d).into()),
+                            TemplateArg::Int(i) => mlx_sys::mlx_fast_metal_kernel_config_add_template_arg_int(cfg, n.as_ptr(), *i),
+                            TemplateArg::Bool(b) => mlx_sys::mlx_fast_metal_kernel_config_add_template_arg_bool(cfg, n.as_ptr(), *b),
+                        };
+                    }
+                    let st = mlx_sys::mlx_fast_metal_kernel_apply(&mut res, k, ins, cfg, stream.as_ptr());
+                    mlx_sys::mlx_fast_metal_kernel_config_free(cfg);
+                    mlx_sys::mlx_fast_metal_kernel_free(k);
+                    st
+                }
+                Backend::Cpu => 1,
+            }
+        };
+        unsafe {
+            mlx_sys::mlx_vector_array_free(ins);
+            mlx_sys::mlx_vector_string_free(in_names);
+            mlx_sys::mlx_vector_string_free(out_names);
+        }
+        if status != 0 {
+            unsafe { mlx_sys::mlx_vector_array_free(res) };
+            return Err(anyhow!("{} kernel `{}` failed: {}", backend.name(), self.name, crate::mlx_env::take_last_error()));
+        }
+        let n = unsafe { mlx_sys::mlx_vector_array_size(res) };
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut a = unsafe { mlx_sys::mlx_array_new() };
+            unsafe { mlx_sys::mlx_vector_array_get(&mut a, res, i) };
+            out.push(unsafe { Array::from_ptr(a) });
+        }
+        unsafe { mlx_sys::mlx_vector_array_free(res) };
+        Ok(out)
+    }
+}

@@ -1,0 +1,171 @@
+//! Fused kernels. Each has a reference made of MLX ops (the stock composition), a CPU
+//! implementation (an MLX primitive in kernels/cpu/, one graph node), a CUDA body
+//! (kernels/cuda/, run through MLX's cuda_kernel) and a Metal body (kernels/metal/, same
+//! algorithm and reduction order as the CUDA one). The entry point picks by backend.
+pub mod gpu;
+
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+use mlx_rs::ops::indexing::{Ellipsis, NewAxis, TryIndexOp};
+use mlx_rs::{ops, Array, Dtype};
+
+use crate::mlx_env::{raw_array, Backend};
+use gpu::{GpuKernel, TemplateArg};
+
+extern "C" {
+    fn zmlx_cpu_swiglu(res: *mut mlx_sys::mlx_array, gate: mlx_sys::mlx_array, up: mlx_sys::mlx_array, s: mlx_sys::mlx_stream) -> c_int;
+    fn zmlx_cpu_moe_combine(res: *mut mlx_sys::mlx_array, y: mlx_sys::mlx_array, w: mlx_sys::mlx_array, s: mlx_sys::mlx_stream) -> c_int;
+}
+
+const CUDA_HEADER: &str = include_str!("../../kernels/cuda/header.cuh");
+
+/// The backend of the loaded libmlx (fixed for the process).
+pub fn backend() -> Backend {
+    static B: OnceLock<Backend> = OnceLock::new();
+    *B.get_or_init(Backend::detect)
+}
+
+fn check_float(op: &str, a: &Array) -> Result<()> {
+    if !matches!(a.dtype(), Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16) {
+        bail!("{op}: expected float32, float16 or bfloat16, got {:?}", a.dtype());
+    }
+    Ok(())
+}
+
+fn threads_for(n: usize) -> i32 {
+    (n.min(256)).max(1) as i32
+}
+
+// ---------------------------------------------------------------- swiglu
+
+/// Stock composition: `(gate * sigmoid(gate)) * up`.
+pub fn swiglu_reference(gate: &Array, up: &Array) -> Result<Array> {
+    Ok(gate.multiply(ops::sigmoid(gate)?)?.multiply(up)?)
+}
+
+static SWIGLU_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_swiglu",
+    inputs: &["gate", "up"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/cuda/swiglu.cu"),
+    header: CUDA_HEADER,
+};
+
+static SWIGLU_METAL: GpuKernel = GpuKernel {
+    name: "zmlx_swiglu",
+    inputs: &["gate", "up"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/metal/swiglu.metal"),
+    header: "",
+};
+
+/// Fused `silu(gate) * up`, bit-identical to [`swiglu_reference`] on CPU.
+pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
+    check_float("swiglu", gate)?;
+    if gate.shape() != up.shape() || gate.dtype() != up.dtype() {
+        bail!("swiglu: gate {:?} {:?} and up {:?} {:?} must match", gate.shape(), gate.dtype(), up.shape(), up.dtype());
+    }
+    match backend() {
+        Backend::Cpu => Ok(raw_array(|res, s| unsafe { zmlx_cpu_swiglu(res, gate.as_ptr(), up.as_ptr(), s) })?),
+        b => {
+            let k = if b == Backend::Cuda { &SWIGLU_CUDA } else { &SWIGLU_METAL };
+            let n = gate.size();
+            let out = k.apply(b, &[gate, up], &[("T", TemplateArg::Dtype(gate.dtype()))], (n as i32, 1, 1), (threads_for(n), 1, 1), &[(gate.shape(), gate.dtype())])?;
+            Ok(out.into_iter().next().unwrap())
+        }
+    }
+}
+
+// ---------------------------------------------------------------- moe_combine
+
+/// How the combine accumulates (`ZMLX_COMBINE_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CombineMode {
+    /// Products rounded to the activation dtype, summed in it (MLX 0.32.2's CPU `sum`).
+    Act,
+    /// Products and sum in float32 (FMA allowed on GPUs), cast back.
+    F32,
+    /// Products rounded to float32, then added without FMA, cast back.
+    F32NoFma,
+}
+
+impl CombineMode {
+    pub const NAMES: [&'static str; 3] = ["act", "f32", "f32_no_fma"];
+
+    pub fn parse(s: &str) -> Result<CombineMode> {
+        Ok(match s {
+            "act" => CombineMode::Act,
+            "f32" => CombineMode::F32,
+            "f32_no_fma" => CombineMode::F32NoFma,
+            other => bail!("ZMLX_COMBINE_MODE={other}: expected one of {}", Self::NAMES.join(", ")),
+        })
+    }
+
+    fn index(self) -> i32 {
+        match self {
+            CombineMode::Act => 0,
+            CombineMode::F32 => 1,
+            CombineMode::F32NoFma => 2,
+        }
+    }
+}
+
+/// Stock composition: `(y * w[..., None]).sum(-2)` in the promoted dtype.
+pub fn moe_combine_reference(y: &Array, w: &Array) -> Result<Array> {
+    Ok(ops::sum_axis(y.multiply(w.try_index((Ellipsis, NewAxis))?)?, -2, false)?)
+}
+
+static COMBINE_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_moe_combine",
+    inputs: &["y", "w"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/cuda/moe_combine.cu"),
+    header: CUDA_HEADER,
+};
+
+static COMBINE_METAL: GpuKernel = GpuKernel {
+    name: "zmlx_moe_combine",
+    inputs: &["y", "w"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/metal/moe_combine.metal"),
+    header: "",
+};
+
+/// Fused weighted sum of the k expert outputs: `y` `[..., k, D]`, `w` `[..., k]` → `[..., D]`
+/// in the promoted dtype. `Act` is bit-identical to [`moe_combine_reference`] on CPU.
+pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
+    check_float("moe_combine", y)?;
+    check_float("moe_combine", w)?;
+    if y.ndim() < 2 || w.ndim() + 1 != y.ndim() || y.shape()[..w.ndim()] != *w.shape() {
+        bail!("moe_combine: expected y [..., k, D] and w [..., k], got {:?} and {:?}", y.shape(), w.shape());
+    }
+    let t = if y.dtype() == w.dtype() { y.dtype() } else { Dtype::Float32 };
+    match (backend(), mode) {
+        (Backend::Cpu, CombineMode::Act) => Ok(raw_array(|res, s| unsafe { zmlx_cpu_moe_combine(res, y.as_ptr(), w.as_ptr(), s) })?),
+        (Backend::Cpu, _) => {
+            // Products rounded to f32 and summed in order: the act kernel on f32 inputs.
+            let (yf, wf) = (y.as_dtype(Dtype::Float32)?, w.as_dtype(Dtype::Float32)?);
+            let out = raw_array(|res, s| unsafe { zmlx_cpu_moe_combine(res, yf.as_ptr(), wf.as_ptr(), s) })?;
+            Ok(out.as_dtype(t)?)
+        }
+        (b, mode) => {
+            let kern = if b == Backend::Cuda { &COMBINE_CUDA } else { &COMBINE_METAL };
+            let (yt, wt) = (y.as_dtype(t)?, w.as_dtype(t)?);
+            let (k, d) = (y.dim(-2), y.dim(-1));
+            let mut shape = y.shape().to_vec();
+            shape.remove(shape.len() - 2);
+            let n = shape.iter().map(|&x| x as usize).product::<usize>();
+            let template = [
+                ("T", TemplateArg::Dtype(t)),
+                ("K", TemplateArg::Int(k)),
+                ("D", TemplateArg::Int(d)),
+                ("MODE", TemplateArg::Int(mode.index())),
+            ];
+            let out = kern.apply(b, &[&yt, &wt], &template, (n as i32, 1, 1), (threads_for(n), 1, 1), &[(&shape, t)])?;
+            Ok(out.into_iter().next().unwrap())
+        }
+    }
+}
