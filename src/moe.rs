@@ -3,9 +3,9 @@ use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::ops::indexing::{Ellipsis, NewAxis, TryIndexOp};
 use mlx_rs::{ops, stop_gradient, Array};
 
+use crate::kernels::{moe_combine_reference, moe_router_reference, swiglu_reference, RouterKind};
 use crate::nn::{LoadCtx, Linear, SwitchLinear};
 use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MlpSlot, RouterSlot, Routing, Slot};
 
@@ -17,11 +17,7 @@ pub struct TopKThenSoftmaxRouter {
 
 impl RouterSlot for TopKThenSoftmaxRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let gates = self.gate.forward(x)?;
-        let k = self.k;
-        let indices = stop_gradient(&ops::argpartition_axis(gates.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
-        let scores = gates.take_along_axis(&indices, -1)?;
-        let weights = ops::softmax_axis(&scores, -1, true)?;
+        let (indices, weights) = moe_router_reference(&self.gate.forward(x)?, RouterKind::TopKThenSoftmax, self.k)?;
         Ok(Routing { indices, weights })
     }
 
@@ -39,13 +35,8 @@ pub struct SoftmaxThenTopKRouter {
 
 impl RouterSlot for SoftmaxThenTopKRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let gates = ops::softmax_axis(self.gate.forward(x)?, -1, true)?;
-        let k = self.k;
-        let indices = stop_gradient(&ops::argpartition_axis(&gates, -k, -1)?.try_index((Ellipsis, -k..))?)?;
-        let mut weights = gates.take_along_axis(&indices, -1)?;
-        if self.norm_topk_prob {
-            weights = weights.divide(ops::sum_axis(&weights, -1, true)?)?;
-        }
+        let kind = RouterKind::SoftmaxThenTopK { norm: self.norm_topk_prob };
+        let (indices, weights) = moe_router_reference(&self.gate.forward(x)?, kind, self.k)?;
         Ok(Routing { indices, weights })
     }
 
@@ -59,7 +50,7 @@ pub struct SwiGlu;
 
 impl ActivationSlot for SwiGlu {
     fn forward(&self, gate: &Array, up: &Array) -> Result<Array> {
-        Ok(gate.multiply(ops::sigmoid(gate)?)?.multiply(up)?)
+        swiglu_reference(gate, up)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -74,7 +65,7 @@ pub struct WeightedSumCombine {
 
 impl CombineSlot for WeightedSumCombine {
     fn forward(&self, y: &Array, weights: &Array) -> Result<Array> {
-        let out = ops::sum_axis(y.multiply(weights.try_index((Ellipsis, NewAxis))?)?, -2, false)?;
+        let out = moe_combine_reference(y, weights)?;
         Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
     }
 

@@ -126,3 +126,53 @@ fn gpu_sources_are_embedded_and_use_the_reference_arguments() {
         assert!(src.contains("out["), "kernel body writes `out`");
     }
 }
+
+fn check_router(logits: &Array, kind: kernels::RouterKind, k: i32, what: &str) {
+    let (ri, rw) = kernels::moe_router_reference(logits, kind, k).unwrap();
+    let (fi, fw) = kernels::moe_router(logits, kind, k).unwrap();
+    assert!(bit_equal(&ri, &fi), "{what}: indices (slot order) differ\nref {:?}\nfused {:?}", ri.as_slice::<u32>(), fi.as_slice::<u32>());
+    assert!(bit_equal(&rw, &fw), "{what}: weights differ");
+}
+
+#[test]
+fn moe_router_bit_exact_all_kinds() {
+    use kernels::RouterKind::*;
+    let _g = mlx_lock();
+    let kinds = [TopKThenSoftmax, SoftmaxThenTopK { norm: true }, SoftmaxThenTopK { norm: false }, SoftmaxThenTopKDesc];
+    // (rows shape, E, k): decode, prefill, k = 1, k = E, Qwen3-like 128/8.
+    let cases = [(vec![1, 1], 8, 2), (vec![1, 40], 16, 4), (vec![2, 3], 8, 1), (vec![1, 6], 8, 8), (vec![1, 9], 128, 8), (vec![1, 3], 60, 4)];
+    for (i, (lead, e, k)) in cases.iter().enumerate() {
+        let mut shape = lead.clone();
+        shape.push(*e);
+        for &dt in &DTYPES {
+            let logits = rand(&shape, 300 + i as u64, 3.0, dt);
+            for kind in kinds {
+                check_router(&logits, kind, *k, &format!("{kind:?} {shape:?} {dt:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn moe_router_ties_nan_inf() {
+    use kernels::RouterKind::*;
+    let _g = mlx_lock();
+    // Heavy ties: logits drawn from 3 values, so the top-k boundary and order are all ties;
+    // bf16 rounding of the softmax adds more. Plus NaN/inf rows.
+    let key = random::key(77).unwrap();
+    let coarse = random::randint::<_, i32>(0, 3, &[1, 50, 16][..], &key).unwrap();
+    for &dt in &DTYPES {
+        let logits = coarse.as_dtype(dt).unwrap();
+        for kind in [TopKThenSoftmax, SoftmaxThenTopK { norm: true }, SoftmaxThenTopKDesc] {
+            for k in [1, 3, 4, 16] {
+                check_router(&logits, kind, k, &format!("ties {kind:?} k={k} {dt:?}"));
+            }
+        }
+        let special = with_specials(&rand(&[1, 4, 16], 5, 2.0, dt));
+        for kind in [TopKThenSoftmax, SoftmaxThenTopK { norm: true }, SoftmaxThenTopKDesc] {
+            check_router(&special, kind, 4, &format!("nan/inf {kind:?} {dt:?}"));
+        }
+    }
+    let e = kernels::moe_router(&rand(&[1, 8], 1, 1.0, Dtype::Float32), TopKThenSoftmax, 9).unwrap_err().to_string();
+    assert!(e.contains("k = 9 must be between 1 and the number of experts (8)"), "{e}");
+}

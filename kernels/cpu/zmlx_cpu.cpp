@@ -3,6 +3,8 @@
 // MLX's own scalar functors (detail::Sigmoid, Multiply, Add from the wheel's headers) in the
 // same order and dtype the chain rounds in; on x86 MLX's CPU ops are scalar loops over the same
 // functors (simd::max_size<T> == 1). Compiled with -ffp-contract=off: no FMA contraction.
+#include <algorithm>
+#include <numeric>
 #include <stdexcept>
 #include <vector>
 
@@ -10,6 +12,7 @@
 #include "mlx/array.h"
 #include "mlx/backend/cpu/binary_ops.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/cpu/simd/simd.h"
 #include "mlx/backend/cpu/unary_ops.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -96,6 +99,114 @@ class MoeCombine : public mx::UnaryPrimitive {
   int k_, d_;
 };
 
+
+// ---------------------------------------------------------------- moe_router
+// Softmax-family routing in one node: what mlx-lm's op chain computes, row by row.
+//   kind 0 (Mixtral): top-k of the logits (argpartition(-g, k-1)[:k]), softmax(precise) over them
+//   kind 1 (Qwen3):   p = softmax(g, precise); argpartition(p, -k)[-k:]; optional w / sum(w)
+//   kind 2 (Qwen2):   p = softmax(g, precise); argpartition(-p, k-1)[:k]; no renormalisation
+// Softmax mirrors MLX's CPU kernel with simd width 1 (max, exp(x - max) with MLX's simd::exp,
+// sequential sum, x * (1 / sum)); the selection is MLX's argpartition: iota + std::nth_element
+// with the comparator (v1 < v2 || (v1 == v2 && a < b)), NaNs last, so the k slot order is the same.
+
+// softmax(precise=True) of n values of T, written to out (T).
+template <typename T>
+void softmax_row(const T* in, T* out, int n, float* scratch) {
+  namespace sd = mx::simd;
+  sd::Simd<float, 1> vmax(-std::numeric_limits<float>::infinity());
+  for (int i = 0; i < n; ++i) vmax = sd::maximum(sd::Simd<float, 1>(static_cast<float>(in[i])), vmax);
+  float maximum = vmax.value;
+  sd::Simd<float, 1> norm(0.0f);
+  for (int i = 0; i < n; ++i) {
+    sd::Simd<float, 1> e = sd::exp(sd::Simd<float, 1>(static_cast<float>(in[i])) - maximum);
+    scratch[i] = e.value;
+    norm = norm + e;
+  }
+  float inv = 1 / norm.value;
+  for (int i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      // Same-type path: the stored exp is scaled in place.
+      out[i] = scratch[i] * inv;
+    } else {
+      sd::Simd<float, 1> e = sd::exp(sd::Simd<float, 1>(static_cast<float>(in[i])) - maximum) * inv;
+      out[i] = static_cast<T>(e.value);
+    }
+  }
+}
+
+// MLX's argpartition of one row: returns the permutation after nth_element at kth.
+template <typename T>
+void argpartition_row(const T* v, uint32_t* idx, int n, int kth) {
+  std::iota(idx, idx + n, uint32_t(0));
+  std::nth_element(idx, idx + kth, idx + n, [v](uint32_t a, uint32_t b) {
+    auto v1 = v[a];
+    auto v2 = v[b];
+    if (std::isnan(static_cast<float>(v1))) return false;
+    if (std::isnan(static_cast<float>(v2))) return true;
+    return v1 < v2 || (v1 == v2 && a < b);
+  });
+}
+
+class MoeRouter : public mx::Primitive {
+ public:
+  MoeRouter(mx::Stream s, int kind, int k, bool norm) : mx::Primitive(s), kind_(kind), k_(k), norm_(norm) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    auto& idx_out = outs[0];
+    auto& w_out = outs[1];
+    idx_out.set_data(mx::allocator::malloc(idx_out.nbytes()));
+    w_out.set_data(mx::allocator::malloc(w_out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    int e = in[0].shape(-1);
+    size_t rows = in[0].size() / e;
+    dispatch_float(in[0].dtype(), "zmlx moe_router", [&]<typename T>() {
+      enc.dispatch([g = in[0].data<T>(), ids = idx_out.data<uint32_t>(), ws = w_out.data<T>(), rows, e,
+                    k = k_, kind = kind_, norm = norm_]() {
+        std::vector<T> probs(e), keyed(e), sel(k);
+        std::vector<float> scratch(e);
+        std::vector<uint32_t> perm(e);
+        for (size_t r = 0; r < rows; ++r) {
+          const T* row = g + r * e;
+          uint32_t* ri = ids + r * k;
+          T* rw = ws + r * k;
+          if (kind == 0) {
+            for (int i = 0; i < e; ++i) keyed[i] = dt::Negative{}(row[i]);
+            argpartition_row(keyed.data(), perm.data(), e, k - 1);
+            for (int j = 0; j < k; ++j) { ri[j] = perm[j]; sel[j] = row[perm[j]]; }
+            softmax_row(sel.data(), rw, k, scratch.data());
+            continue;
+          }
+          softmax_row(row, probs.data(), e, scratch.data());
+          if (kind == 1) {
+            argpartition_row(probs.data(), perm.data(), e, e - k);
+            for (int j = 0; j < k; ++j) { ri[j] = perm[e - k + j]; rw[j] = probs[ri[j]]; }
+            if (norm) {
+              T total = T(0);
+              for (int j = 0; j < k; ++j) total = dt::Add{}(total, rw[j]);
+              for (int j = 0; j < k; ++j) rw[j] = dt::Divide{}(rw[j], total);
+            }
+          } else {
+            for (int i = 0; i < e; ++i) keyed[i] = dt::Negative{}(probs[i]);
+            argpartition_row(keyed.data(), perm.data(), e, k - 1);
+            for (int j = 0; j < k; ++j) { ri[j] = perm[j]; rw[j] = probs[perm[j]]; }
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("zmlx moe_router: this primitive is CPU-only; GPU backends use the CUDA/Metal kernel");
+  }
+  const char* name() const override { return "ZmlxMoeRouter"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& r = static_cast<const MoeRouter&>(o);
+    return r.kind_ == kind_ && r.k_ == k_ && r.norm_ == norm_;
+  }
+
+ private:
+  int kind_, k_;
+  bool norm_;
+};
+
 template <class F>
 int guarded(F&& f) {
   try {
@@ -139,5 +250,22 @@ extern "C" int zmlx_cpu_moe_combine(mlx_array* res, const mlx_array y, const mlx
     auto shape = y0.shape();
     shape.erase(shape.end() - 2);
     mlx_array_set_(*res, mx::array(shape, t, std::make_shared<MoeCombine>(st, k, d), {yc, wc}));
+  });
+}
+
+extern "C" int zmlx_cpu_moe_router(mlx_array* indices, mlx_array* weights, const mlx_array logits, int kind, int k,
+                                   bool norm, const mlx_stream s) {
+  return guarded([&] {
+    auto& st = mlx_stream_get_(s);
+    auto g = mx::contiguous(mlx_array_get_(logits), false, st);
+    int e = g.ndim() > 0 ? g.shape(-1) : 0;
+    if (kind < 0 || kind > 2) throw std::invalid_argument("zmlx moe_router: unknown router kind");
+    if (k < 1 || k > e) throw std::invalid_argument("zmlx moe_router: k must be in [1, number of experts]");
+    auto shape = g.shape();
+    shape.back() = k;
+    auto outs = mx::array::make_arrays({shape, shape}, {mx::uint32, g.dtype()},
+                                       std::make_shared<MoeRouter>(st, kind, k, norm), {g});
+    mlx_array_set_(*indices, outs[0]);
+    mlx_array_set_(*weights, outs[1]);
   });
 }

@@ -169,3 +169,115 @@ pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
         }
     }
 }
+
+// ---------------------------------------------------------------- moe_router
+
+extern "C" {
+    fn zmlx_cpu_moe_router(
+        indices: *mut mlx_sys::mlx_array,
+        weights: *mut mlx_sys::mlx_array,
+        logits: mlx_sys::mlx_array,
+        kind: c_int,
+        k: c_int,
+        norm: bool,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
+}
+
+/// Softmax-family routing semantics (moe-families.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    /// Mixtral: top-k of the raw logits (descending), softmax over the k selected.
+    TopKThenSoftmax,
+    /// Qwen3-MoE: softmax over all experts, top-k ascending, optional renormalisation.
+    SoftmaxThenTopK { norm: bool },
+    /// Qwen2-MoE: softmax over all experts, top-k descending, never renormalised.
+    SoftmaxThenTopKDesc,
+}
+
+impl RouterKind {
+    fn code(self) -> (c_int, bool) {
+        match self {
+            RouterKind::TopKThenSoftmax => (0, false),
+            RouterKind::SoftmaxThenTopK { norm } => (1, norm),
+            RouterKind::SoftmaxThenTopKDesc => (2, false),
+        }
+    }
+}
+
+/// Stock composition (mlx-lm's op chain): `(indices uint32 [.., k], weights [.., k])`.
+pub fn moe_router_reference(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Array)> {
+    use mlx_rs::stop_gradient;
+    Ok(match kind {
+        RouterKind::TopKThenSoftmax => {
+            let inds = stop_gradient(&ops::argpartition_axis(logits.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+            let w = ops::softmax_axis(logits.take_along_axis(&inds, -1)?, -1, true)?;
+            (inds, w)
+        }
+        RouterKind::SoftmaxThenTopK { norm } => {
+            let p = ops::softmax_axis(logits, -1, true)?;
+            let inds = stop_gradient(&ops::argpartition_axis(&p, -k, -1)?.try_index((Ellipsis, -k..))?)?;
+            let mut w = p.take_along_axis(&inds, -1)?;
+            if norm {
+                w = w.divide(ops::sum_axis(&w, -1, true)?)?;
+            }
+            (inds, w)
+        }
+        RouterKind::SoftmaxThenTopKDesc => {
+            let p = ops::softmax_axis(logits, -1, true)?;
+            let inds = stop_gradient(&ops::argpartition_axis(p.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+            (inds.clone(), p.take_along_axis(&inds, -1)?)
+        }
+    })
+}
+
+static ROUTER_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_moe_router",
+    inputs: &["logits"],
+    outputs: &["indices", "weights"],
+    source: include_str!("../../kernels/cuda/moe_router.cu"),
+    header: CUDA_HEADER,
+};
+
+static ROUTER_METAL: GpuKernel = GpuKernel {
+    name: "zmlx_moe_router",
+    inputs: &["logits"],
+    outputs: &["indices", "weights"],
+    source: include_str!("../../kernels/metal/moe_router.metal"),
+    header: "",
+};
+
+/// Fused softmax-family router over gate logits `[.., E]`; on CPU the same indices, slot order
+/// and weights (bit for bit) as [`moe_router_reference`].
+pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Array)> {
+    check_float("moe_router", logits)?;
+    let e = if logits.ndim() > 0 { logits.dim(-1) } else { 0 };
+    if k < 1 || k > e {
+        bail!("moe_router: k = {k} must be between 1 and the number of experts ({e})");
+    }
+    let (code, norm) = kind.code();
+    match backend() {
+        Backend::Cpu => {
+            let mut w = unsafe { mlx_sys::mlx_array_new() };
+            let idx = raw_array(|res, s| unsafe { zmlx_cpu_moe_router(res, &mut w, logits.as_ptr(), code, k, norm, s) });
+            let w = unsafe { Array::from_ptr(w) };
+            Ok((idx?, w))
+        }
+        b => {
+            let kern = if b == Backend::Cuda { &ROUTER_CUDA } else { &ROUTER_METAL };
+            let mut shape = logits.shape().to_vec();
+            *shape.last_mut().unwrap() = k;
+            let rows = logits.size() / e as usize;
+            let template = [
+                ("T", TemplateArg::Dtype(logits.dtype())),
+                ("E", TemplateArg::Int(e)),
+                ("K", TemplateArg::Int(k)),
+                ("KIND", TemplateArg::Int(code)),
+                ("NORM", TemplateArg::Bool(norm)),
+            ];
+            let out = kern.apply(b, &[logits], &template, (rows as i32, 1, 1), (threads_for(rows), 1, 1), &[(&shape, Dtype::Uint32), (&shape, logits.dtype())])?;
+            let mut it = out.into_iter();
+            Ok((it.next().unwrap(), it.next().unwrap()))
+        }
+    }
+}
