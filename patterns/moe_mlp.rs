@@ -1,0 +1,111 @@
+//! `moe_mlp` (safe): the softmax-family router (softmax + top-k + renormalisation, same expert
+//! slot order as the stock path) and the weighted combine of the k expert outputs each run as
+//! one fused kernel. `ZMLX_COMBINE_MODE` picks the combine accumulation (default: the
+//! token-identical one for the family on this backend).
+use std::any::Any;
+use std::rc::Rc;
+
+use anyhow::Result;
+use mlx_rs::Array;
+
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use crate::config::Family;
+use crate::kernels::{self, CombineMode, RouterKind};
+use crate::model::Model;
+use crate::moe::{SoftmaxThenTopKRouter, TopKThenSoftmaxRouter, WeightedSumCombine};
+use crate::nn::Linear;
+use crate::slots::{CombineSlot, RouterSlot, Routing};
+
+pub struct MoeMlp;
+
+pub const COMBINE_MODE_VAR: &str = "ZMLX_COMBINE_MODE";
+
+static INFO: PatternInfo = PatternInfo {
+    name: "moe_mlp",
+    slot: SlotKind::Router,
+    families: &[Family::Mixtral, Family::Qwen3Moe],
+    class: SafetyClass::Safe,
+    decode_only: false,
+    env: &[COMBINE_MODE_VAR],
+    description: "fused softmax top-k router (family semantics, stock slot order) + fused weighted combine of the k experts",
+};
+
+pub struct FusedRouter {
+    pub gate: Linear,
+    pub kind: RouterKind,
+    pub k: i32,
+}
+
+impl RouterSlot for FusedRouter {
+    fn route(&self, x: &Array) -> Result<Routing> {
+        let (indices, weights) = kernels::moe_router(&self.gate.forward(x)?, self.kind, self.k)?;
+        Ok(Routing { indices, weights })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+pub struct FusedCombine {
+    pub mode: CombineMode,
+    pub cast_back: bool,
+}
+
+impl CombineSlot for FusedCombine {
+    fn forward(&self, y: &Array, weights: &Array) -> Result<Array> {
+        let out = kernels::moe_combine(y, weights, self.mode)?;
+        Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The combine accumulation that is token-identical to the stock path: MLX 0.32.2 sums in the
+/// activation dtype on CPU. (GPU backends: see HANDOFF.md; measured per backend.)
+fn combine_mode() -> Result<CombineMode> {
+    match std::env::var(COMBINE_MODE_VAR) {
+        Ok(v) if !v.trim().is_empty() && v != "auto" => CombineMode::parse(v.trim()),
+        _ => Ok(CombineMode::Act),
+    }
+}
+
+fn fused_router(stock: &Rc<dyn RouterSlot>) -> Option<Rc<dyn RouterSlot>> {
+    let any = stock.as_any();
+    if let Some(r) = any.downcast_ref::<TopKThenSoftmaxRouter>() {
+        return Some(Rc::new(FusedRouter { gate: r.gate.clone(), kind: RouterKind::TopKThenSoftmax, k: r.k }));
+    }
+    let r = any.downcast_ref::<SoftmaxThenTopKRouter>()?;
+    Some(Rc::new(FusedRouter { gate: r.gate.clone(), kind: RouterKind::SoftmaxThenTopK { norm: r.norm_topk_prob }, k: r.k }))
+}
+
+impl Pattern for MoeMlp {
+    fn info(&self) -> &PatternInfo {
+        &INFO
+    }
+
+    fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
+        let mode = combine_mode()?;
+        let mut out = PatternOutcome::default();
+        for (_, block) in model.moe_blocks_mut() {
+            match fused_router(&block.router.stock().clone()) {
+                Some(r) => {
+                    block.router.swap(r, INFO.name);
+                    out.patched.push(format!("{}.gate", block.path));
+                }
+                None => out.skipped.push((format!("{}.gate", block.path), "not a softmax-family router".into())),
+            }
+            let stock = block.combine.stock().clone();
+            match stock.as_any().downcast_ref::<WeightedSumCombine>() {
+                Some(c) => {
+                    block.combine.swap(Rc::new(FusedCombine { mode, cast_back: c.cast_back }), INFO.name);
+                    out.patched.push(format!("{}.combine", block.path));
+                }
+                None => out.skipped.push((format!("{}.combine", block.path), "not a weighted-sum combine".into())),
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,84 @@
+//! Every `safe` pattern, on every family it claims: patched greedy tokens == unpatched, for 64
+//! tokens and two prompts, on float (bf16 stored, f32 compute), 4-bit, and 4-bit with bf16
+//! compute. The long prompt runs prefill through SwitchGLU's sorted path (tokens × k ≥ 64).
+mod common;
+
+use common::*;
+use zmlx::config::Family;
+use zmlx::generate::greedy_ids;
+use zmlx::model::DtypeChoice;
+use zmlx::patterns::{self, registry, SafetyClass, Selection};
+
+const TOKENS: usize = 64;
+const LONG: &str = "In a distributed system, a client sends requests over the network to many servers; \
+each server keeps a log of operations, and the cluster elects a leader that orders every write.";
+
+fn check(family: Family, quantize: Option<i32>, dtype: DtypeChoice, names: &[&str]) {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(family, quantize, 21));
+    let (mut model, tok) = load(dir.path(), dtype);
+    let prompts: Vec<Vec<u32>> = [PROMPTS[0], LONG].iter().map(|p| tok.encode(p).unwrap()).collect();
+    let base: Vec<Vec<u32>> = prompts.iter().map(|p| greedy_ids(&model, p, TOKENS, true).unwrap()).collect();
+    let sel = Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
+    let report = patterns::patch(&mut model, &sel).unwrap();
+    assert!(report.modules_patched() > 0, "{family}: {names:?} patched nothing:\n{}", report.summary());
+    for (p, want) in prompts.iter().zip(&base) {
+        let got = greedy_ids(&model, p, TOKENS, true).unwrap();
+        assert_eq!(&got, want, "{family} q={quantize:?} {dtype:?} {names:?}: first divergence at {:?}", first_divergence(&got, want));
+    }
+    patterns::unpatch(&mut model);
+    assert_eq!(greedy_ids(&model, &prompts[0], TOKENS, true).unwrap(), base[0], "unpatch restores");
+}
+
+fn safe_patterns_for(family: Family) -> Vec<&'static str> {
+    registry()
+        .iter()
+        .map(|p| p.info())
+        .filter(|i| i.class == SafetyClass::Safe && i.families.contains(&family))
+        .map(|i| i.name)
+        .collect()
+}
+
+fn all_configs(family: Family) {
+    let safe = safe_patterns_for(family);
+    assert!(!safe.is_empty());
+    for name in &safe {
+        for (q, dt) in [(None, DtypeChoice::F32), (Some(4), DtypeChoice::F32), (Some(4), DtypeChoice::Bf16)] {
+            check(family, q, dt, &[name]);
+        }
+    }
+    // Together, as a preset would apply them.
+    check(family, Some(4), DtypeChoice::F32, &safe);
+    check(family, Some(8), DtypeChoice::F32, &safe);
+}
+
+#[test]
+fn mixtral_safe_patterns_are_token_identical() {
+    all_configs(Family::Mixtral);
+}
+
+#[test]
+fn qwen3_moe_safe_patterns_are_token_identical() {
+    all_configs(Family::Qwen3Moe);
+}
+
+#[test]
+fn patch_report_names_swapped_modules() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, None, 1));
+    let (mut model, _) = load(dir.path(), DtypeChoice::F32);
+    let sel = Selection { names: vec!["swiglu_mlp".into(), "moe_mlp".into()], source: "test".into() };
+    let r = patterns::patch(&mut model, &sel).unwrap();
+    // Tiny qwen3: layers 0 and 2 are MoE, layer 1 dense (mlp_only_layers = [1]).
+    assert_eq!(r.patterns["swiglu_mlp"].patched, ["model.layers.0.mlp.switch_mlp", "model.layers.1.mlp", "model.layers.2.mlp.switch_mlp"]);
+    assert_eq!(r.patterns["moe_mlp"].patched, ["model.layers.0.mlp.gate", "model.layers.0.mlp.combine", "model.layers.2.mlp.gate", "model.layers.2.mlp.combine"]);
+    assert_eq!(model.layers[0].attention.patched_by(), None);
+    patterns::unpatch(&mut model);
+    for l in &model.layers {
+        if let zmlx::model::LayerMlp::Moe(b) = &l.mlp {
+            assert!(b.router.patched_by().is_none() && b.experts.patched_by().is_none() && b.combine.patched_by().is_none());
+        }
+    }
+}
