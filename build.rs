@@ -23,4 +23,17 @@ fn main() {
     }
     build.compile("zmlx_cpu_kernels");
     println!("cargo:rerun-if-changed=kernels/cpu");
+
+    // 3. The commit ledger lines and capsules record ("unknown" outside a git checkout).
+    let git = |args: &[&str]| {
+        std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let mut commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
+        commit.push_str("+dirty");
+    }
+    println!("cargo:rustc-env=ZMLX_GIT_COMMIT={commit}");
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/index");
 }

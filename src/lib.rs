@@ -1,9 +1,13 @@
 //! zmlx: run, patch, validate and benchmark Mixture-of-Experts LLMs on MLX.
 pub mod attention;
 pub mod cache;
+pub mod capsule;
 pub mod config;
 pub mod generate;
+pub mod hardware;
+pub mod history;
 pub mod kernels;
+pub mod ledger;
 pub mod mlx_env;
 pub mod model;
 pub mod models;
@@ -11,6 +15,7 @@ pub mod moe;
 pub mod nn;
 #[path = "../patterns/mod.rs"]
 pub mod patterns;
+pub mod run;
 pub mod slots;
 pub mod synth;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use zmlx::mlx_env;
 use zmlx::model::{dtype_name, DtypeChoice, Model};
 use zmlx::synth::{synthesize, Layout, Preset, StoreDtype, SynthOptions};
 use zmlx::patterns::{self, SelectionRequest};
+use zmlx::run::RunOptions;
 use zmlx::tokenizer::TextTokenizer;
 use zmlx::validate::{render, validate, ValidateOptions, DEFAULT_PROMPT};
 
@@ -28,6 +29,19 @@ enum Command {
     Synth(SynthArgs),
     /// Prove the patched model emits the same greedy tokens as the unpatched one (exit 0 PASS, 1 FAIL, 2 error).
     Validate(ValidateArgs),
+    /// Validate and record: one ledger line per run (+ a repro capsule with --capsule).
+    Run(RunArgs),
+    /// Review the ledger.
+    History(HistoryArgs),
+    /// Print a repro capsule.
+    Report { capsule: PathBuf },
+    /// Compare the latest entries of two ledgers per (model, hardware, patterns).
+    Diff { a: PathBuf, b: PathBuf },
+    /// Export the latest ledger entries as CSV.
+    Csv {
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+    },
     /// List the pattern registry.
     Patterns {
         #[arg(long)]
@@ -175,6 +189,103 @@ fn run_patterns(json: bool) -> Result<i32> {
 }
 
 #[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    v: ValidateArgs,
+    #[arg(long, default_value = "")]
+    notes: String,
+    /// Ledger file (default: $ZMLX_LEDGER, else benchmarks/matrix.jsonl).
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// Write a repro capsule (a .json path, or a directory; default repro_capsules/).
+    #[arg(long, num_args = 0..=1, default_missing_value = "repro_capsules")]
+    capsule: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct HistoryArgs {
+    /// Substring of the model id.
+    query: Option<String>,
+    #[arg(long)]
+    hardware: Option<String>,
+    #[arg(long)]
+    pattern: Option<String>,
+    /// Only entries at or after this date (YYYY-MM-DD or an RFC 3339 time).
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long, value_parser = ["PASS", "FAIL", "SKIP", "EXCLUDED"])]
+    fidelity: Option<String>,
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    /// Draw decode tok/s over time per pattern set (.svg).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn ledger_path(explicit: Option<&Path>) -> PathBuf {
+    zmlx::ledger::resolve_ledger_path(explicit, Path::new("."))
+}
+
+fn run_run(a: &RunArgs) -> Result<i32> {
+    let opts = RunOptions {
+        validate: a.v.options()?,
+        notes: a.notes.clone(),
+        ledger: ledger_path(a.ledger.as_deref()),
+        capsule: a.capsule.clone(),
+        command_line: std::env::args().collect(),
+    };
+    let out = zmlx::run::run(&a.v.model, &opts)?;
+    if a.v.json {
+        println!("{}", serde_json::json!({"report": out.report, "ledger_line": out.entry, "capsule": out.capsule}));
+    } else {
+        print!("{}", render(&out.report));
+        println!("[matrix] appended to {}", opts.ledger.display());
+        if let Some(c) = &out.capsule {
+            println!("[matrix] capsule {}", c.display());
+        }
+        println!(
+            "[matrix] Result: {} | decode {:.3}x | {:.1} tok/s",
+            out.entry.fidelity, out.entry.decode_speedup, out.entry.decode_tps_patched
+        );
+    }
+    Ok(if out.report.fidelity.passed() { 0 } else { 1 })
+}
+
+fn read_ledger(path: &Path) -> Result<Vec<zmlx::ledger::MatrixEntry>> {
+    let read = zmlx::ledger::Ledger::new(path).read()?;
+    for (line, why) in &read.bad_lines {
+        eprintln!("[matrix] warning: {}:{line}: skipped unreadable line ({why})", path.display());
+    }
+    Ok(read.into_entries())
+}
+
+fn run_history(a: &HistoryArgs) -> Result<i32> {
+    use std::io::IsTerminal;
+    use zmlx::history;
+    let entries = read_ledger(&ledger_path(a.ledger.as_deref()))?;
+    let q = history::HistoryQuery {
+        query: a.query.clone(),
+        hardware: a.hardware.clone(),
+        pattern: a.pattern.clone(),
+        since: a.since.as_deref().map(history::parse_since).transpose()?,
+        fidelity: a.fidelity.clone(),
+    };
+    let rows = history::filter(&entries, &q);
+    if let Some(p) = &a.plot {
+        history::plot(&rows, p)?;
+        eprintln!("[matrix] plot written to {}", p.display());
+    }
+    if a.json {
+        println!("{}", history::render_json(&rows));
+    } else {
+        print!("{}", history::render_table(&rows, &q, std::io::stdout().is_terminal()));
+    }
+    Ok(0)
+}
+
+#[derive(clap::Args)]
 struct SynthArgs {
     /// Model family (config.json model_type).
     #[arg(long, value_parser = parse_family)]
@@ -289,6 +400,7 @@ fn run_demo(dir: &Path, max_tokens: usize) -> Result<i32> {
     } else {
         eprintln!("[zmlx] using the default checkpoint in {}", dir.display());
     }
+    println!("== generate");
     run_generate(&GenerateArgs {
         model: dir.to_path_buf(),
         prompt: "Explain the key differences between TCP and UDP.".into(),
@@ -299,7 +411,46 @@ fn run_demo(dir: &Path, max_tokens: usize) -> Result<i32> {
         dtype: DtypeChoice::Auto,
         ignore_eos: true,
         json: false,
-    })
+    })?;
+    // Validate the fused patterns against the stock model and record the run in a ledger next
+    // to the default checkpoint (ZMLX_LEDGER overrides), then show that ledger's history.
+    let ledger = std::env::var_os(zmlx::ledger::LEDGER_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.parent().unwrap_or(dir).join("matrix.jsonl"));
+    println!("\n== zmlx run {} --patterns swiglu_mlp moe_mlp (validate + ledger)", dir.display());
+    let args = RunArgs {
+        v: ValidateArgs {
+            model: dir.to_path_buf(),
+            patterns: Some(vec!["swiglu_mlp".into(), "moe_mlp".into()]),
+            exclude: vec![],
+            max_tokens,
+            runs: 3,
+            prompt: None,
+            prompt_file: None,
+            cooldown: 0.0,
+            dtype: DtypeChoice::Auto,
+            json: false,
+            allow_unsafe: false,
+            logits: false,
+            arbiter: None,
+        },
+        notes: "zmlx demo (default checkpoint)".into(),
+        ledger: Some(ledger.clone()),
+        capsule: None,
+    };
+    let code = run_run(&args)?;
+    println!("\n== zmlx history --ledger {}", ledger.display());
+    run_history(&HistoryArgs {
+        query: None,
+        hardware: None,
+        pattern: None,
+        since: None,
+        fidelity: None,
+        ledger: Some(ledger),
+        json: false,
+        plot: None,
+    })?;
+    Ok(code)
 }
 
 fn main() {
@@ -310,6 +461,20 @@ fn main() {
         Command::Demo { dir, max_tokens } => run_demo(dir, *max_tokens),
         Command::Validate(a) => run_validate(a),
         Command::Patterns { json } => run_patterns(*json),
+        Command::Run(a) => run_run(a),
+        Command::History(a) => run_history(a),
+        Command::Report { capsule } => zmlx::capsule::read_capsule(capsule).map(|c| {
+            print!("{}", zmlx::capsule::render_report(&c));
+            0
+        }),
+        Command::Diff { a, b } => (|| {
+            print!("{}", zmlx::history::diff(&read_ledger(a)?, &read_ledger(b)?));
+            Ok(0)
+        })(),
+        Command::Csv { ledger } => read_ledger(&ledger_path(ledger.as_deref())).map(|e| {
+            print!("{}", zmlx::history::csv(&e));
+            0
+        }),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,61 @@
+//! What machine a result came from, for ledger lines and capsules.
+use std::ffi::CStr;
+
+use crate::mlx_env::Backend;
+
+#[derive(Debug, Clone)]
+pub struct Hardware {
+    /// Ledger `hardware`: device name + memory, e.g. "AMD EPYC 7B13 24GB" or "NVIDIA H100 80GB HBM3 79GB".
+    pub hardware: String,
+    /// Device name alone.
+    pub device: String,
+    pub memory_gb: f64,
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_owned()))
+}
+
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// MLX's own name of the default device (the GPU's product name on CUDA).
+fn mlx_device_info() -> (Option<String>, Option<u64>) {
+    unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        if mlx_sys::mlx_get_default_device(&mut dev) != 0 {
+            return (None, None);
+        }
+        let mut info = mlx_sys::mlx_device_info_new();
+        let mut name = None;
+        let mut mem = None;
+        if mlx_sys::mlx_device_info_get(&mut info, dev) == 0 {
+            let mut s: *const std::ffi::c_char = std::ptr::null();
+            if mlx_sys::mlx_device_info_get_string(&mut s, info, c"device_name".as_ptr()) == 0 && !s.is_null() {
+                name = Some(CStr::from_ptr(s).to_string_lossy().into_owned());
+            }
+            let mut m: usize = 0;
+            if mlx_sys::mlx_device_info_get_size(&mut m, info, c"memory_size".as_ptr()) == 0 && m > 0 {
+                mem = Some(m as u64);
+            }
+        }
+        mlx_sys::mlx_device_info_free(info);
+        mlx_sys::mlx_device_free(dev);
+        (name, mem)
+    }
+}
+
+pub fn describe(backend: Backend) -> Hardware {
+    let (mlx_name, mlx_mem) = mlx_device_info();
+    let (device, mem) = match backend {
+        Backend::Cpu => (cpu_model().or(mlx_name), host_memory_bytes()),
+        _ => (mlx_name, mlx_mem.or_else(host_memory_bytes)),
+    };
+    let device = device.unwrap_or_else(|| format!("unknown {} device", backend.name()));
+    let gib = mem.unwrap_or(0) >> 30;
+    Hardware { hardware: format!("{device} {gib}GB"), memory_gb: gib as f64, device }
+}
