@@ -12,7 +12,7 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
 use crate::config::Family;
 use crate::kernels::{self, CombineMode, RouterKind};
 use crate::model::Model;
-use crate::moe::{SoftmaxThenTopKRouter, TopKThenSoftmaxRouter, WeightedSumCombine};
+use crate::moe::{SoftmaxRouter, WeightedSumCombine};
 use crate::nn::Linear;
 use crate::slots::{CombineSlot, RouterSlot, Routing};
 
@@ -23,7 +23,7 @@ pub const COMBINE_MODE_VAR: &str = "ZMLX_COMBINE_MODE";
 static INFO: PatternInfo = PatternInfo {
     name: "moe_mlp",
     slot: SlotKind::Router,
-    families: &[Family::Mixtral, Family::Qwen3Moe],
+    families: &[Family::Mixtral, Family::Qwen2Moe, Family::Qwen3Moe],
     class: SafetyClass::Safe,
     decode_only: false,
     env: &[COMBINE_MODE_VAR],
@@ -73,12 +73,8 @@ fn combine_mode() -> Result<CombineMode> {
 }
 
 fn fused_router(stock: &Rc<dyn RouterSlot>) -> Option<Rc<dyn RouterSlot>> {
-    let any = stock.as_any();
-    if let Some(r) = any.downcast_ref::<TopKThenSoftmaxRouter>() {
-        return Some(Rc::new(FusedRouter { gate: r.gate.clone(), kind: RouterKind::TopKThenSoftmax, k: r.k }));
-    }
-    let r = any.downcast_ref::<SoftmaxThenTopKRouter>()?;
-    Some(Rc::new(FusedRouter { gate: r.gate.clone(), kind: RouterKind::SoftmaxThenTopK { norm: r.norm_topk_prob }, k: r.k }))
+    let r = stock.as_any().downcast_ref::<SoftmaxRouter>()?;
+    Some(Rc::new(FusedRouter { gate: r.gate.clone(), kind: r.kind, k: r.k }))
 }
 
 impl Pattern for MoeMlp {

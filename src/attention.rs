@@ -49,7 +49,7 @@ impl GqaAttention {
             v_proj: Linear::load(ctx, &format!("{path}.v_proj"), s.hidden, kv_out, s.bias)?,
             o_proj: Linear::load(ctx, &format!("{path}.o_proj"), q_out, s.hidden, false)?,
             qk_norm,
-            rope: s.rope,
+            rope: s.rope.clone(),
             n_heads: s.n_heads,
             n_kv_heads: s.n_kv_heads,
             head_dim: s.head_dim,

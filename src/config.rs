@@ -10,21 +10,44 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Mixtral,
+    Qwen2Moe,
     Qwen3Moe,
+    Glm4Moe,
+    Glm4MoeLite,
+    DeepseekV3,
 }
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::Mixtral, Family::Qwen3Moe];
+    pub const ALL: [Family; 6] =
+        [Family::Mixtral, Family::Qwen2Moe, Family::Qwen3Moe, Family::Glm4Moe, Family::Glm4MoeLite, Family::DeepseekV3];
 
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
             Family::Qwen3Moe => "qwen3_moe",
+            Family::Glm4Moe => "glm4_moe",
+            Family::Glm4MoeLite => "glm4_moe_lite",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 
+    /// mlx-lm's MODEL_REMAPPING included: Kimi-K2 and JoyAI-LLM-Flash run as deepseek_v3.
     pub fn from_model_type(t: &str) -> Option<Family> {
-        Family::ALL.into_iter().find(|f| f.model_type() == t)
+        match t {
+            "kimi_k2" | "joyai_llm_flash" => Some(Family::DeepseekV3),
+            _ => Family::ALL.into_iter().find(|f| f.model_type() == t),
+        }
+    }
+
+    /// Sigmoid router with e_score_correction_bias and group-limited top-k (DeepSeek-V3 style).
+    pub fn sigmoid_router(self) -> bool {
+        matches!(self, Family::Glm4Moe | Family::Glm4MoeLite | Family::DeepseekV3)
+    }
+
+    /// Multi-head latent attention.
+    pub fn mla(self) -> bool {
+        matches!(self, Family::Glm4MoeLite | Family::DeepseekV3)
     }
 }
 
@@ -83,6 +106,42 @@ pub struct ModelConfig {
     pub quantization: QuantConfig,
     /// Dtype the checkpoint declares (`torch_dtype`), if any.
     pub torch_dtype: Option<String>,
+    /// Qwen2-MoE's sigmoid-gated shared expert width.
+    pub shared_expert_intermediate_size: Option<i32>,
+    /// DS/GLM ungated shared experts (width = moe_intermediate_size × n).
+    pub n_shared_experts: Option<i32>,
+    pub n_group: i32,
+    pub topk_group: i32,
+    pub routed_scaling_factor: f32,
+    pub first_k_dense_replace: i32,
+    pub moe_layer_freq: i32,
+    pub attention_bias: bool,
+    pub use_qk_norm: bool,
+    /// Rotated features per head (GLM-4.5's partial RoPE; head_dim elsewhere).
+    pub rope_dims: i32,
+    pub mla: Option<MlaConfig>,
+    pub rope_scaling: Option<RopeScaling>,
+    /// GLM-4.7-Flash adds 1e-20 to the renormalisation denominator.
+    pub renorm_eps: Option<f32>,
+}
+
+/// Multi-head latent attention dimensions (DeepSeek-V3, Kimi-K2, GLM-4.7-Flash).
+#[derive(Debug, Clone)]
+pub struct MlaConfig {
+    pub q_lora_rank: Option<i32>,
+    pub kv_lora_rank: i32,
+    pub qk_nope_head_dim: i32,
+    pub qk_rope_head_dim: i32,
+    pub v_head_dim: i32,
+    /// q_a_layernorm / kv_a_layernorm eps (DeepSeek-V3 hard-codes 1e-6).
+    pub norm_eps: f32,
+}
+
+/// `rope_scaling` as mlx-lm's initialize_rope reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Linear { factor: f32 },
+    Yarn { factor: f64, original_max_position_embeddings: f64, beta_fast: f64, beta_slow: f64, mscale: f64, mscale_all_dim: f64 },
 }
 
 /// Reads typed keys with errors that name the file and the key.
@@ -121,6 +180,13 @@ impl Keys<'_> {
         match self.map.get(key) {
             None | Some(Value::Null) => default.map(|d| d as f32).ok_or_else(|| self.err(key, "a number")),
             Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.err(key, "a number")),
+        }
+    }
+
+    fn string_opt(&self, key: &str) -> Result<Option<&str>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(key, "a string")),
         }
     }
 
@@ -190,64 +256,177 @@ impl ModelConfig {
         let quantization = parse_quantization(map, file)?;
         let torch_dtype = map.get("torch_dtype").and_then(Value::as_str).map(str::to_owned);
 
-        let cfg = match family {
+        let mut c = ModelConfig::blank(family, eos_token_ids, quantization, torch_dtype, hidden_size, num_attention_heads);
+        match family {
             Family::Mixtral => {
-                let heads_kv = k.int_opt("num_key_value_heads")?.unwrap_or(8);
-                let intermediate = k.positive("intermediate_size", Some(14336))?;
-                ModelConfig {
-                    family,
-                    vocab_size: k.positive("vocab_size", Some(32000))?,
-                    hidden_size,
-                    num_hidden_layers: k.positive("num_hidden_layers", None)?,
-                    num_attention_heads,
-                    num_key_value_heads: heads_kv as i32,
-                    // mlx-lm's Mixtral ignores a head_dim key.
-                    head_dim: hidden_size / num_attention_heads,
-                    intermediate_size: intermediate,
-                    moe_intermediate_size: intermediate,
-                    num_experts: k.positive("num_local_experts", Some(8))?,
-                    num_experts_per_tok: k.positive("num_experts_per_tok", Some(2))?,
-                    norm_topk_prob: false,
-                    decoder_sparse_step: 1,
-                    mlp_only_layers: vec![],
-                    rms_norm_eps: k.float("rms_norm_eps", Some(1e-5))?,
-                    rope_theta: k.float("rope_theta", Some(1e6))?,
-                    rope_traditional: k.boolean("rope_traditional", Some(false))?,
-                    tie_word_embeddings: k.boolean("tie_word_embeddings", Some(false))?,
-                    max_position_embeddings: k.int_opt("max_position_embeddings")?,
-                    eos_token_ids,
-                    quantization,
-                    torch_dtype,
+                c.vocab_size = k.positive("vocab_size", Some(32000))?;
+                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
+                c.num_key_value_heads = k.int_opt("num_key_value_heads")?.unwrap_or(8) as i32;
+                c.intermediate_size = k.positive("intermediate_size", Some(14336))?;
+                c.moe_intermediate_size = c.intermediate_size;
+                c.num_experts = k.positive("num_local_experts", Some(8))?;
+                c.num_experts_per_tok = k.positive("num_experts_per_tok", Some(2))?;
+                c.rms_norm_eps = k.float("rms_norm_eps", Some(1e-5))?;
+                c.rope_theta = k.float("rope_theta", Some(1e6))?;
+                c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
+                c.tie_word_embeddings = k.boolean("tie_word_embeddings", Some(false))?;
+                c.max_position_embeddings = k.int_opt("max_position_embeddings")?;
+            }
+            Family::Qwen2Moe => {
+                c.vocab_size = k.positive("vocab_size", None)?;
+                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
+                c.num_key_value_heads = k.int_opt("num_key_value_heads")?.map_or(num_attention_heads, |v| v as i32);
+                c.intermediate_size = k.positive("intermediate_size", None)?;
+                c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
+                c.shared_expert_intermediate_size = Some(k.positive("shared_expert_intermediate_size", None)?);
+                c.num_experts = k.positive("num_experts", None)?;
+                c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
+                c.rms_norm_eps = k.float("rms_norm_eps", None)?;
+                c.rope_theta = k.float("rope_theta", Some(1e6))?;
+                c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
+                c.attention_bias = true;
+                // Validated as mlx-lm does, never applied.
+                if let Some(rs) = map.get("rope_scaling").filter(|v| !v.is_null() && v.as_object().is_some_and(|o| !o.is_empty())) {
+                    if rs.get("type").and_then(Value::as_str) != Some("linear") || rs.get("factor").is_none() {
+                        return Err(k.err("rope_scaling", "null or {\"type\": \"linear\", \"factor\": F} for qwen2_moe"));
+                    }
                 }
             }
             // Qwen3-MoE's ModelArgs has no defaults: every key is required.
-            Family::Qwen3Moe => ModelConfig {
-                family,
-                vocab_size: k.positive("vocab_size", None)?,
-                hidden_size,
-                num_hidden_layers: k.positive("num_hidden_layers", None)?,
-                num_attention_heads,
-                num_key_value_heads: k.positive("num_key_value_heads", None)?,
-                head_dim: k.positive("head_dim", None)?,
-                intermediate_size: k.positive("intermediate_size", None)?,
-                moe_intermediate_size: k.positive("moe_intermediate_size", None)?,
-                num_experts: k.int("num_experts", None)?,
-                num_experts_per_tok: k.positive("num_experts_per_tok", None)?,
-                norm_topk_prob: k.boolean("norm_topk_prob", None)?,
-                decoder_sparse_step: k.positive("decoder_sparse_step", None)?,
-                mlp_only_layers: k.int_list("mlp_only_layers", None)?,
-                rms_norm_eps: k.float("rms_norm_eps", None)?,
-                rope_theta: k.float("rope_theta", None)?,
-                rope_traditional: false,
-                tie_word_embeddings: k.boolean("tie_word_embeddings", None)?,
-                max_position_embeddings: Some(k.int("max_position_embeddings", None)? as i64),
-                eos_token_ids,
-                quantization,
-                torch_dtype,
-            },
-        };
+            Family::Qwen3Moe => {
+                c.vocab_size = k.positive("vocab_size", None)?;
+                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
+                c.num_key_value_heads = k.positive("num_key_value_heads", None)?;
+                c.head_dim = k.positive("head_dim", None)?;
+                c.intermediate_size = k.positive("intermediate_size", None)?;
+                c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
+                c.num_experts = k.int("num_experts", None)?;
+                c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
+                c.norm_topk_prob = k.boolean("norm_topk_prob", None)?;
+                c.decoder_sparse_step = k.positive("decoder_sparse_step", None)?;
+                c.mlp_only_layers = k.int_list("mlp_only_layers", None)?;
+                c.rms_norm_eps = k.float("rms_norm_eps", None)?;
+                c.rope_theta = k.float("rope_theta", None)?;
+                c.tie_word_embeddings = k.boolean("tie_word_embeddings", None)?;
+                c.max_position_embeddings = Some(k.int("max_position_embeddings", None)? as i64);
+                c.use_qk_norm = true;
+            }
+            Family::Glm4Moe => {
+                c.vocab_size = k.positive("vocab_size", None)?;
+                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
+                c.num_key_value_heads = k.positive("num_key_value_heads", None)?;
+                c.head_dim = k.positive("head_dim", None)?;
+                c.intermediate_size = k.positive("intermediate_size", None)?;
+                Self::sigmoid_moe_keys(&mut c, &k, None)?;
+                c.rms_norm_eps = k.float("rms_norm_eps", None)?;
+                c.rope_theta = k.float("rope_theta", None)?;
+                c.use_qk_norm = k.boolean("use_qk_norm", None)?;
+                c.attention_bias = k.boolean("attention_bias", None)?;
+                let partial = k.float("partial_rotary_factor", None)?;
+                c.rope_dims = (c.head_dim as f64 * partial as f64) as i32;
+                c.moe_layer_freq = 1; // glm4_moe ignores moe_layer_freq
+            }
+            Family::Glm4MoeLite | Family::DeepseekV3 => {
+                let lite = family == Family::Glm4MoeLite;
+                // mlx-lm defaults these silently (to GLM-4.7-Flash / DeepSeek sizes); a config without
+                // them is almost surely broken, so zmlx asks for them.
+                c.vocab_size = k.positive("vocab_size", None)?;
+                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
+                c.intermediate_size = k.positive("intermediate_size", None)?;
+                Self::sigmoid_moe_keys(&mut c, &k, Some(if lite { (1.8, 1) } else { (1.0, 0) }))?;
+                c.moe_layer_freq = k.positive("moe_layer_freq", Some(1))?;
+                c.rms_norm_eps = k.float("rms_norm_eps", Some(if lite { 1e-5 } else { 1e-6 }))?;
+                c.rope_theta = k.float("rope_theta", Some(if lite { 1e6 } else { 1e4 }))?;
+                c.attention_bias = k.boolean("attention_bias", Some(false))?;
+                c.renorm_eps = lite.then_some(1e-20);
+                let mla = MlaConfig {
+                    q_lora_rank: k.int_opt("q_lora_rank")?.map(|v| v as i32),
+                    kv_lora_rank: k.positive("kv_lora_rank", None)?,
+                    qk_nope_head_dim: k.positive("qk_nope_head_dim", None)?,
+                    qk_rope_head_dim: k.positive("qk_rope_head_dim", None)?,
+                    v_head_dim: k.positive("v_head_dim", None)?,
+                    norm_eps: if lite { c.rms_norm_eps } else { 1e-6 },
+                };
+                c.head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim;
+                c.rope_dims = mla.qk_rope_head_dim;
+                c.rope_traditional = true;
+                c.num_key_value_heads = c.num_attention_heads;
+                c.mla = Some(mla);
+                c.rope_scaling = parse_rope_scaling(map, file)?;
+            }
+        }
+        if c.rope_dims == 0 {
+            c.rope_dims = c.head_dim;
+        }
+        let cfg = c;
         cfg.check(file)?;
         Ok(cfg)
+    }
+
+    /// A config with every field at its neutral value, for the family parsers to fill in.
+    fn blank(family: Family, eos_token_ids: Vec<u32>, quantization: QuantConfig, torch_dtype: Option<String>, hidden_size: i32, heads: i32) -> ModelConfig {
+        ModelConfig {
+            family,
+            vocab_size: 0,
+            hidden_size,
+            num_hidden_layers: 0,
+            num_attention_heads: heads,
+            num_key_value_heads: heads,
+            head_dim: hidden_size / heads,
+            intermediate_size: 0,
+            moe_intermediate_size: 0,
+            num_experts: 0,
+            num_experts_per_tok: 1,
+            norm_topk_prob: false,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            rope_traditional: false,
+            tie_word_embeddings: false,
+            max_position_embeddings: None,
+            eos_token_ids,
+            quantization,
+            torch_dtype,
+            shared_expert_intermediate_size: None,
+            n_shared_experts: None,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+            attention_bias: false,
+            use_qk_norm: false,
+            rope_dims: 0,
+            mla: None,
+            rope_scaling: None,
+            renorm_eps: None,
+        }
+    }
+
+    /// The DeepSeek-style MoE keys shared by glm4_moe, glm4_moe_lite and deepseek_v3.
+    /// `defaults`: (routed_scaling_factor, first_k_dense_replace) where mlx-lm has defaults.
+    fn sigmoid_moe_keys(c: &mut ModelConfig, k: &Keys, defaults: Option<(f64, i64)>) -> Result<()> {
+        c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
+        c.num_experts = k.positive("n_routed_experts", None)?;
+        c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
+        c.norm_topk_prob = k.boolean("norm_topk_prob", defaults.map(|_| true))?;
+        c.n_group = k.positive("n_group", defaults.map(|_| 1))?;
+        c.topk_group = k.positive("topk_group", defaults.map(|_| 1))?;
+        c.routed_scaling_factor = k.float("routed_scaling_factor", defaults.map(|d| d.0))?;
+        c.first_k_dense_replace = k.int("first_k_dense_replace", defaults.map(|d| d.1))?;
+        c.n_shared_experts = k.int_opt("n_shared_experts")?.map(|v| v as i32).filter(|&v| v > 0);
+        if let Some(f) = k.string_opt("scoring_func")? {
+            if f != "sigmoid" {
+                return Err(k.err("scoring_func", "\"sigmoid\" (the only scoring mlx-lm implements for this family)"));
+            }
+        }
+        if let Some(m) = k.string_opt("topk_method")? {
+            if m != "noaux_tc" {
+                return Err(k.err("topk_method", "\"noaux_tc\""));
+            }
+        }
+        Ok(())
     }
 
     fn check(&self, file: &Path) -> Result<()> {
@@ -258,6 +437,14 @@ impl ModelConfig {
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
+        }
+        if self.family.sigmoid_router() {
+            if self.num_experts % self.n_group != 0 {
+                bail!("{f}: n_group ({}) must divide n_routed_experts ({})", self.n_group, self.num_experts);
+            }
+            if self.topk_group > self.n_group {
+                bail!("{f}: topk_group ({}) must be at most n_group ({})", self.topk_group, self.n_group);
+            }
         }
         if self.num_experts < 0 || self.num_experts_per_tok > self.num_experts.max(1) {
             bail!(
@@ -272,7 +459,9 @@ impl ModelConfig {
     /// Whether decoder layer `i` has a MoE block (else a dense MLP).
     pub fn is_moe_layer(&self, i: i32) -> bool {
         match self.family {
-            Family::Mixtral => true,
+            Family::Mixtral | Family::Qwen2Moe => true,
+            Family::Glm4Moe => i >= self.first_k_dense_replace,
+            Family::Glm4MoeLite | Family::DeepseekV3 => i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0,
             Family::Qwen3Moe => {
                 !self.mlp_only_layers.contains(&i)
                     && self.num_experts > 0
@@ -293,6 +482,33 @@ impl ModelConfig {
             None
         }
     }
+}
+
+fn parse_rope_scaling(map: &Map<String, Value>, file: &Path) -> Result<Option<RopeScaling>> {
+    let Some(rs) = map.get("rope_scaling").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let o = rs.as_object().ok_or_else(|| anyhow!("{}: rope_scaling must be an object or null (found {rs})", file.display()))?;
+    let kind = o.get("type").or_else(|| o.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str, default: f64| -> Result<f64> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| anyhow!("{}: rope_scaling.{key} must be a number (found {v})", file.display())),
+        }
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: num("factor", 1.0)? as f32 }),
+        "yarn" | "deepseek_yarn" => Some(RopeScaling::Yarn {
+            factor: num("factor", 1.0)?,
+            original_max_position_embeddings: num("original_max_position_embeddings", 4096.0)?,
+            beta_fast: num("beta_fast", 32.0)?,
+            beta_slow: num("beta_slow", 1.0)?,
+            mscale: num("mscale", 1.0)?,
+            mscale_all_dim: num("mscale_all_dim", 0.0)?,
+        }),
+        other => bail!("{}: rope_scaling type `{other}` is not supported for MLA models (expected yarn, linear or default)", file.display()),
+    })
 }
 
 fn parse_quant_params(v: &Map<String, Value>, file: &Path, at: &str) -> Result<QuantParams> {

@@ -1,5 +1,6 @@
 //! zmlx: run, patch, validate and benchmark Mixture-of-Experts LLMs on MLX.
 pub mod attention;
+pub mod attention_mla;
 pub mod cache;
 pub mod capsule;
 pub mod config;

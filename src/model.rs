@@ -126,6 +126,7 @@ impl Model {
             flush(&mut ctx)?;
         }
         let norm = RmsNorm::load(&mut ctx, "model.norm", config.hidden_size, config.rms_norm_eps)?;
+        // Only Mixtral and Qwen3-MoE honour tie_word_embeddings in mlx-lm; the others always load lm_head.
         let lm_head = if config.tie_word_embeddings {
             None
         } else {

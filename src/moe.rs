@@ -3,21 +3,24 @@ use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::{ops, stop_gradient, Array};
+use mlx_rs::ops::indexing::{Ellipsis, TryIndexOp};
+use mlx_rs::{ops, stop_gradient, Array, Dtype};
 
 use crate::kernels::{moe_combine_reference, moe_router_reference, swiglu_reference, RouterKind};
 use crate::nn::{LoadCtx, Linear, SwitchLinear};
 use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MlpSlot, RouterSlot, Routing, Slot};
 
-/// Mixtral: top-k of the raw gate logits (descending), softmax over the k selected logits.
-pub struct TopKThenSoftmaxRouter {
+/// Softmax-family routers (Mixtral, Qwen2-MoE, Qwen3-MoE): a gate Linear, then the family's
+/// softmax/top-k/renormalisation chain (see `RouterKind`).
+pub struct SoftmaxRouter {
     pub gate: Linear,
+    pub kind: RouterKind,
     pub k: i32,
 }
 
-impl RouterSlot for TopKThenSoftmaxRouter {
+impl RouterSlot for SoftmaxRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let (indices, weights) = moe_router_reference(&self.gate.forward(x)?, RouterKind::TopKThenSoftmax, self.k)?;
+        let (indices, weights) = moe_router_reference(&self.gate.forward(x)?, self.kind, self.k)?;
         Ok(Routing { indices, weights })
     }
 
@@ -26,17 +29,47 @@ impl RouterSlot for TopKThenSoftmaxRouter {
     }
 }
 
-/// Qwen3-MoE: softmax over all experts, top-k (ascending slot order), optional renormalisation.
-pub struct SoftmaxThenTopKRouter {
-    pub gate: Linear,
+/// DeepSeek-V3 / Kimi-K2 / GLM MoEGate + group_expert_select: sigmoid scores in f32, the
+/// correction bias for selection only, group-limited top-k (top-2-sum group score, dropped
+/// groups set to 0.0), unbiased renormalised weights × routed_scaling_factor (f32).
+pub struct SigmoidGroupRouter {
+    /// `[E, D]`, a plain array (never quantized), in the compute dtype.
+    pub weight: Array,
+    /// e_score_correction_bias `[E]`, kept in its stored dtype (f32).
+    pub bias: Array,
     pub k: i32,
+    pub n_group: i32,
+    pub topk_group: i32,
     pub norm_topk_prob: bool,
+    /// GLM-4.7-Flash: `w / (sum + 1e-20)`.
+    pub renorm_eps: Option<f32>,
+    pub routed_scaling_factor: f32,
 }
 
-impl RouterSlot for SoftmaxThenTopKRouter {
+impl RouterSlot for SigmoidGroupRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let kind = RouterKind::SoftmaxThenTopK { norm: self.norm_topk_prob };
-        let (indices, weights) = moe_router_reference(&self.gate.forward(x)?, kind, self.k)?;
+        let gates = x.matmul(self.weight.t())?;
+        let orig = ops::sigmoid(gates.as_dtype(Dtype::Float32)?)?;
+        let mut scores = orig.add(&self.bias)?;
+        if self.n_group > 1 {
+            scores = ops::unflatten(&scores, -1, &[self.n_group, -1])?;
+            let group_scores = ops::sum_axis(ops::indexing::topk_axis(&scores, 2, -1)?, -1, true)?;
+            let drop = self.n_group - self.topk_group;
+            let group_idx = ops::argpartition_axis(&group_scores, drop - 1, -2)?.try_index((Ellipsis, ..drop, ..))?;
+            scores = ops::indexing::put_along_axis(&scores, stop_gradient(&group_idx)?, Array::from_f32(0.0), -2)?;
+            scores = scores.flatten(-2, -1)?;
+        }
+        let k = self.k;
+        let indices = stop_gradient(&ops::argpartition_axis(scores.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+        let mut weights = orig.take_along_axis(&indices, -1)?;
+        if k > 1 && self.norm_topk_prob {
+            let mut den = ops::sum_axis(&weights, -1, true)?;
+            if let Some(eps) = self.renorm_eps {
+                den = den.add(Array::from_f32(eps))?;
+            }
+            weights = weights.divide(&den)?;
+        }
+        let weights = weights.multiply(Array::from_f32(self.routed_scaling_factor))?;
         Ok(Routing { indices, weights })
     }
 
@@ -153,6 +186,23 @@ impl MlpSlot for DenseMlp {
     fn forward(&self, x: &Array) -> Result<Array> {
         let h = self.activation.forward(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Qwen2-MoE's shared expert: `sigmoid(shared_expert_gate(x)) * shared_expert(x)`.
+pub struct GatedSharedExpert {
+    pub mlp: DenseMlp,
+    pub gate: Linear,
+}
+
+impl MlpSlot for GatedSharedExpert {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let shared = self.mlp.forward(x)?;
+        Ok(ops::sigmoid(self.gate.forward(x)?)?.multiply(&shared)?)
     }
 
     fn as_any(&self) -> &dyn Any {

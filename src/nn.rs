@@ -41,6 +41,16 @@ impl LoadCtx<'_> {
         self.float(name, shape)
     }
 
+    /// A float tensor mlx-lm's conversion keeps in its stored dtype (e_score_correction_bias):
+    /// cast only for an all-f32 run (as `set_dtype(float32)` does), else left as stored.
+    pub fn tensor_stored(&mut self, name: &str, shape: &[i32]) -> Result<Array> {
+        let a = self.store.take_shaped(name, shape)?;
+        expect_float(self.store, name, &a)?;
+        let a = if self.dtype == Dtype::Float32 { a.as_dtype(Dtype::Float32)? } else { a };
+        self.pending.push(a.clone());
+        Ok(a)
+    }
+
     /// A weight of logical shape `[lead.., out, in]`, float or quantized.
     fn weight(&mut self, path: &str, lead: &[i32], out: i32, inp: i32) -> Result<Weight> {
         let wname = format!("{path}.weight");
@@ -200,17 +210,87 @@ impl RmsNorm {
     }
 }
 
-/// nn.RoPE over `[B, H, L, D]`.
-#[derive(Clone, Copy, Debug)]
+/// nn.RoPE / YarnRoPE over `[B, H, L, D]`: rotates the first `dims` features.
+#[derive(Clone)]
 pub struct Rope {
     pub dims: i32,
     pub traditional: bool,
     pub base: f32,
     pub scale: f32,
+    /// YaRN: per-pair frequencies passed to `fast::rope` instead of `base`.
+    pub freqs: Option<Array>,
+    /// YaRN: `x[..., :dims] *= mscale` before rotating (when the mscale ratio is not 1).
+    pub pre_scale: Option<f64>,
 }
 
 impl Rope {
+    pub fn plain(dims: i32, traditional: bool, base: f32) -> Rope {
+        Rope { dims, traditional, base, scale: 1.0, freqs: None, pre_scale: None }
+    }
+
+    /// mlx-lm's YarnRoPE: frequencies from the correction range, computed with MLX f32 ops.
+    pub fn yarn(dims: i32, traditional: bool, base: f64, y: &crate::config::RopeScaling) -> Result<Rope> {
+        let crate::config::RopeScaling::Yarn { factor, original_max_position_embeddings: orig, beta_fast, beta_slow, mscale, mscale_all_dim } = *y
+        else {
+            bail!("Rope::yarn needs yarn scaling parameters");
+        };
+        let d = dims as f64;
+        let corr = |r: f64| (d * (orig / (r * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
+        let low = corr(beta_fast).floor().max(0.0);
+        let mut high = corr(beta_slow).ceil().min(d - 1.0);
+        let get_mscale = |s: f64, m: f64| if s <= 1.0 { 1.0 } else { 0.1 * m * s.ln() + 1.0 };
+        let ratio = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim);
+        let f = |x: f64| Array::from_f32(x as f32);
+        let exps = ops::arange::<_, f32>(0.0, d, 2.0)?.divide(f(d))?;
+        let freq_extra = ops::power(f(base), &exps)?;
+        let freq_inter = f(factor).multiply(&freq_extra)?;
+        if low == high {
+            high += 0.001;
+        }
+        let ramp = ops::arange::<_, f32>(None, (dims / 2) as f64, None)?.subtract(f(low))?.divide(f(high - low))?;
+        let ramp = ops::clip(&ramp, (&f(0.0), &f(1.0)))?;
+        let mask = f(1.0).subtract(&ramp)?;
+        let num = freq_inter.multiply(&freq_extra)?;
+        let den = freq_inter.multiply(&mask)?.add(freq_extra.multiply(f(1.0).subtract(&mask)?)?)?;
+        let freqs = num.divide(&den)?;
+        freqs.eval()?;
+        Ok(Rope { dims, traditional, base: base as f32, scale: 1.0, freqs: Some(freqs), pre_scale: (ratio != 1.0).then_some(ratio) })
+    }
+
     pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
-        Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, offset, None)?)
+        let x = match self.pre_scale {
+            Some(m) => x.multiply(Array::from_f32(m as f32).as_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        Ok(match &self.freqs {
+            Some(freqs) => fast::rope(&x, self.dims, self.traditional, None, self.scale, offset, freqs)?,
+            None => fast::rope(&x, self.dims, self.traditional, self.base, self.scale, offset, None)?,
+        })
+    }
+}
+
+/// mla.py's MultiLinear: one `[out, in]` matrix per head, weight `[H, out, in]`, float or quantized.
+#[derive(Clone)]
+pub struct MultiLinear {
+    pub weight: Weight,
+}
+
+impl MultiLinear {
+    pub fn load(ctx: &mut LoadCtx, path: &str, heads: i32, inp: i32, out: i32) -> Result<MultiLinear> {
+        Ok(MultiLinear { weight: ctx.weight(path, &[heads], out, inp)? })
+    }
+
+    /// `transpose = true`: `x @ W^T` (x `[.., in]` → `[.., out]`); false: `x @ W` (x `[.., out]` → `[.., in]`).
+    pub fn forward(&self, x: &Array, transpose: bool) -> Result<Array> {
+        Ok(match &self.weight {
+            Weight::Float(w) => {
+                if transpose {
+                    x.matmul(w.swap_axes(-1, -2)?)?
+                } else {
+                    x.matmul(w)?
+                }
+            }
+            Weight::Quant(q) => ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?,
+        })
     }
 }

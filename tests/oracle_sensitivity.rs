@@ -10,7 +10,8 @@ use mlx_rs::ops::indexing::{Ellipsis, IntoStrideBy, TryIndexOp};
 use mlx_rs::{ops, Array};
 use zmlx::config::Family;
 use zmlx::model::{DtypeChoice, Model};
-use zmlx::moe::{SoftmaxThenTopKRouter, TopKThenSoftmaxRouter};
+use zmlx::kernels::RouterKind;
+use zmlx::moe::SoftmaxRouter;
 use zmlx::slots::{RouterSlot, Routing};
 
 const TOKENS: usize = 64;
@@ -31,7 +32,7 @@ impl RouterSlot for ReversedOrder {
 
 /// Mixtral routed with full-softmax probabilities, not renormalised over the top k (the Python
 /// original's Mixtral deviation).
-struct FullSoftmaxMixtral(TopKThenSoftmaxRouter);
+struct FullSoftmaxMixtral(SoftmaxRouter);
 
 impl RouterSlot for FullSoftmaxMixtral {
     fn route(&self, x: &Array) -> anyhow::Result<Routing> {
@@ -80,8 +81,9 @@ fn assert_detects(family: Family, quantize: Option<i32>, dtype: DtypeChoice, mak
 #[test]
 fn qwen3_renormalisation_off_is_detected() {
     assert_detects(Family::Qwen3Moe, None, DtypeChoice::F32, &|stock| {
-        let s = stock.as_any().downcast_ref::<SoftmaxThenTopKRouter>().expect("stock qwen3 router");
-        Rc::new(SoftmaxThenTopKRouter { gate: s.gate.clone(), k: s.k, norm_topk_prob: false })
+        let s = stock.as_any().downcast_ref::<SoftmaxRouter>().expect("stock qwen3 router");
+        assert_eq!(s.kind, RouterKind::SoftmaxThenTopK { norm: true });
+        Rc::new(SoftmaxRouter { gate: s.gate.clone(), kind: RouterKind::SoftmaxThenTopK { norm: false }, k: s.k })
     });
 }
 
@@ -96,7 +98,7 @@ fn qwen3_reversed_expert_order_is_detected() {
 #[test]
 fn mixtral_full_softmax_weights_are_detected() {
     assert_detects(Family::Mixtral, Some(4), DtypeChoice::F32, &|stock| {
-        let s = stock.as_any().downcast_ref::<TopKThenSoftmaxRouter>().expect("stock mixtral router");
-        Rc::new(FullSoftmaxMixtral(TopKThenSoftmaxRouter { gate: s.gate.clone(), k: s.k }))
+        let s = stock.as_any().downcast_ref::<SoftmaxRouter>().expect("stock mixtral router");
+        Rc::new(FullSoftmaxMixtral(SoftmaxRouter { gate: s.gate.clone(), kind: s.kind, k: s.k }))
     });
 }

@@ -7,7 +7,8 @@ use anyhow::Result;
 use crate::attention::{GqaAttention, GqaShape};
 use crate::config::ModelConfig;
 use crate::model::{slot, DecoderLayer, LayerMlp};
-use crate::moe::{MoeBlock, SwitchGlu, TopKThenSoftmaxRouter, WeightedSumCombine};
+use crate::kernels::RouterKind;
+use crate::moe::{MoeBlock, SoftmaxRouter, SwitchGlu, WeightedSumCombine};
 use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
 use crate::weights::WeightStore;
 
@@ -40,11 +41,12 @@ pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
         head_dim: c.head_dim,
         bias: false,
         qk_norm_eps: None,
-        rope: Rope { dims: c.head_dim, traditional: c.rope_traditional, base: c.rope_theta, scale: 1.0 },
+        rope: Rope::plain(c.head_dim, c.rope_traditional, c.rope_theta),
     };
     let moe = format!("{p}.block_sparse_moe");
-    let router = TopKThenSoftmaxRouter {
+    let router = SoftmaxRouter {
         gate: Linear::load(ctx, &format!("{moe}.gate"), c.hidden_size, c.num_experts, false)?,
+        kind: RouterKind::TopKThenSoftmax,
         k: c.num_experts_per_tok,
     };
     let experts = SwitchGlu::load(ctx, &format!("{moe}.switch_mlp"), c.num_experts, c.hidden_size, c.intermediate_size)?;

@@ -8,7 +8,8 @@ use anyhow::Result;
 use crate::attention::{GqaAttention, GqaShape};
 use crate::config::ModelConfig;
 use crate::model::{slot, DecoderLayer, LayerMlp};
-use crate::moe::{DenseMlp, MoeBlock, SoftmaxThenTopKRouter, SwitchGlu, WeightedSumCombine};
+use crate::kernels::RouterKind;
+use crate::moe::{DenseMlp, MoeBlock, SoftmaxRouter, SwitchGlu, WeightedSumCombine};
 use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
 use crate::weights::WeightStore;
 
@@ -36,15 +37,15 @@ pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
         head_dim: c.head_dim,
         bias: false,
         qk_norm_eps: Some(c.rms_norm_eps),
-        rope: Rope { dims: c.head_dim, traditional: false, base: c.rope_theta, scale: 1.0 },
+        rope: Rope::plain(c.head_dim, false, c.rope_theta),
     };
     let attention = slot(Rc::new(GqaAttention::load(ctx, &format!("{p}.self_attn"), &shape)?) as Rc<_>);
     let mlp_path = format!("{p}.mlp");
     let mlp = if c.is_moe_layer(i) {
-        let router = SoftmaxThenTopKRouter {
+        let router = SoftmaxRouter {
             gate: Linear::load(ctx, &format!("{mlp_path}.gate"), c.hidden_size, c.num_experts, false)?,
+            kind: RouterKind::SoftmaxThenTopK { norm: c.norm_topk_prob },
             k: c.num_experts_per_tok,
-            norm_topk_prob: c.norm_topk_prob,
         };
         let experts =
             SwitchGlu::load(ctx, &format!("{mlp_path}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;

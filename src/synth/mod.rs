@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{ops, random, transforms::eval, Array, Dtype};
 use serde_json::{json, Value};
 
-use crate::config::Family;
+use crate::config::{Family, ModelConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
@@ -82,84 +82,95 @@ impl SynthOptions {
     }
 }
 
-/// Dimensions of a synthesized model.
-struct Dims {
-    vocab: i32,
-    hidden: i32,
-    layers: i32,
-    heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    experts: i32,
-    top_k: i32,
-    expert_width: i32,
-    dense_width: i32,
-    /// Qwen3: layers with a dense MLP instead of experts.
-    mlp_only_layers: Vec<i32>,
-}
-
-fn dims(family: Family, preset: Preset) -> Dims {
-    match (family, preset) {
-        (Family::Mixtral, Preset::Tiny) => Dims {
-            vocab: 512, hidden: 128, layers: 2, heads: 4, kv_heads: 2, head_dim: 32,
-            experts: 8, top_k: 2, expert_width: 128, dense_width: 128, mlp_only_layers: vec![],
-        },
-        (Family::Qwen3Moe, Preset::Tiny) => Dims {
-            vocab: 512, hidden: 128, layers: 3, heads: 4, kv_heads: 2, head_dim: 32,
-            experts: 16, top_k: 4, expert_width: 64, dense_width: 256, mlp_only_layers: vec![1],
-        },
-        (Family::Mixtral, Preset::Bench) => Dims {
-            vocab: 32768, hidden: 2048, layers: 4, heads: 16, kv_heads: 4, head_dim: 128,
-            experts: 8, top_k: 2, expert_width: 5632, dense_width: 5632, mlp_only_layers: vec![],
-        },
-        (Family::Qwen3Moe, Preset::Bench) => Dims {
-            vocab: 32768, hidden: 2048, layers: 4, heads: 32, kv_heads: 4, head_dim: 128,
-            experts: 64, top_k: 8, expert_width: 768, dense_width: 6144, mlp_only_layers: vec![],
-        },
-    }
-}
-
-fn config_json(o: &SynthOptions, d: &Dims) -> Value {
+/// config.json of a synthesized checkpoint: realistic keys for the family, small (tiny) or
+/// real-per-layer (bench) dimensions, chosen to exercise each family's special features.
+fn config_json(o: &SynthOptions) -> Value {
+    let tiny = o.preset == Preset::Tiny;
+    let (v, d) = if tiny { (512, 128) } else { (32768, 2048) };
     let mut c = match o.family {
         Family::Mixtral => json!({
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
-            "vocab_size": d.vocab,
-            "hidden_size": d.hidden,
-            "intermediate_size": d.expert_width,
-            "num_hidden_layers": d.layers,
-            "num_attention_heads": d.heads,
-            "num_key_value_heads": d.kv_heads,
-            "num_local_experts": d.experts,
-            "num_experts_per_tok": d.top_k,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768,
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "num_hidden_layers": if tiny { 2 } else { 4 },
+            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 4 },
+            "intermediate_size": if tiny { 128 } else { 5632 },
+            "num_local_experts": 8, "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
             "tie_word_embeddings": false,
         }),
+        Family::Qwen2Moe => json!({
+            "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "num_hidden_layers": if tiny { 2 } else { 4 },
+            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 16 },
+            "intermediate_size": if tiny { 256 } else { 5632 },
+            "num_experts": if tiny { 16 } else { 60 }, "num_experts_per_tok": 4,
+            "moe_intermediate_size": if tiny { 64 } else { 1408 },
+            "shared_expert_intermediate_size": if tiny { 192 } else { 5632 },
+            "norm_topk_prob": false, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768, "tie_word_embeddings": false,
+        }),
         Family::Qwen3Moe => json!({
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "model_type": "qwen3_moe",
-            "vocab_size": d.vocab,
-            "hidden_size": d.hidden,
-            "intermediate_size": d.dense_width,
-            "moe_intermediate_size": d.expert_width,
-            "num_hidden_layers": d.layers,
-            "num_attention_heads": d.heads,
-            "num_key_value_heads": d.kv_heads,
-            "head_dim": d.head_dim,
-            "num_experts": d.experts,
-            "num_experts_per_tok": d.top_k,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": d.mlp_only_layers,
-            "norm_topk_prob": true,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768,
-            "tie_word_embeddings": false,
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_attention_heads": if tiny { 4 } else { 32 }, "num_key_value_heads": if tiny { 2 } else { 4 },
+            "head_dim": if tiny { 32 } else { 128 },
+            "intermediate_size": if tiny { 256 } else { 6144 },
+            "moe_intermediate_size": if tiny { 64 } else { 768 },
+            "num_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
+            "decoder_sparse_step": 1, "mlp_only_layers": if tiny { vec![1] } else { vec![] },
+            "norm_topk_prob": true, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768, "tie_word_embeddings": false,
+        }),
+        Family::Glm4Moe => json!({
+            "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 4 },
+            "head_dim": if tiny { 64 } else { 128 }, "partial_rotary_factor": 0.5,
+            "attention_bias": true, "use_qk_norm": true,
+            "intermediate_size": if tiny { 256 } else { 5632 }, "moe_intermediate_size": if tiny { 64 } else { 1408 },
+            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
+            "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": true,
+            "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
+            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
+            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "rope_scaling": null,
+            "max_position_embeddings": 32768, "tie_word_embeddings": false,
+        }),
+        Family::Glm4MoeLite => json!({
+            "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
+            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_attention_heads": if tiny { 4 } else { 20 }, "num_key_value_heads": if tiny { 4 } else { 20 },
+            "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
+            "qk_nope_head_dim": if tiny { 64 } else { 192 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },
+            "v_head_dim": if tiny { 96 } else { 256 }, "attention_bias": false,
+            "intermediate_size": if tiny { 256 } else { 10240 }, "moe_intermediate_size": if tiny { 64 } else { 1536 },
+            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": 4, "n_shared_experts": 1,
+            "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.8,
+            "first_k_dense_replace": 1, "moe_layer_freq": 1,
+            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
+            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "rope_scaling": null,
+            "max_position_embeddings": 32768, "tie_word_embeddings": false,
+        }),
+        Family::DeepseekV3 => json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 4 } else { 16 },
+            "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
+            "qk_nope_head_dim": if tiny { 64 } else { 128 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },
+            "v_head_dim": if tiny { 64 } else { 128 }, "attention_bias": false,
+            "intermediate_size": if tiny { 256 } else { 5632 }, "moe_intermediate_size": if tiny { 64 } else { 1024 },
+            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
+            "n_shared_experts": 1, "n_group": if tiny { 4 } else { 8 }, "topk_group": if tiny { 2 } else { 4 },
+            "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+            "first_k_dense_replace": 1, "moe_layer_freq": 1,
+            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "yarn", "factor": if tiny { 4.0 } else { 40.0 }, "original_max_position_embeddings": 4096,
+                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+            "max_position_embeddings": 163840, "tie_word_embeddings": false,
         }),
     };
     let obj = c.as_object_mut().unwrap();
+    obj.insert("vocab_size".into(), json!(v));
+    obj.insert("hidden_size".into(), json!(d));
     obj.insert("torch_dtype".into(), json!(o.dtype.torch_name()));
     obj.insert("eos_token_id".into(), json!(0));
     obj.insert("bos_token_id".into(), Value::Null);
@@ -184,81 +195,123 @@ struct Spec {
     /// Standard deviation of the normal init; `mean` is added (norm weights ≈ 1).
     std: f32,
     mean: f32,
-    /// Linear-like weight that is quantized when the checkpoint is.
+    /// Weight of a module mlx-lm quantizes (Linear, Embedding, SwitchLinear, MultiLinear).
     quantizable: bool,
     /// Per-module quantization override (Qwen3's 8-bit router).
     bits_override: Option<i32>,
+    /// Stored dtype other than the checkpoint's (e_score_correction_bias stays f32).
+    dtype: Option<Dtype>,
 }
 
-fn specs(o: &SynthOptions, d: &Dims) -> Vec<Spec> {
+/// Every tensor the loader expects for `c`, in the chosen layout.
+fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
     let mut v = Vec::new();
-    let lin = |name: String, out: i32, inp: i32, std_scale: f32| Spec {
-        name,
-        shape: vec![out, inp],
-        std: std_scale / (inp as f32).sqrt(),
-        mean: 0.0,
-        quantizable: true,
-        bits_override: None,
+    let sp = |name: String, shape: Vec<i32>, std: f32, mean: f32, quantizable: bool| Spec {
+        name, shape, std, mean, quantizable, bits_override: None, dtype: None,
     };
-    let norm = |name: String, n: i32| Spec { name, shape: vec![n], std: 0.1, mean: 1.0, quantizable: false, bits_override: None };
-    v.push(Spec { name: "model.embed_tokens.weight".into(), shape: vec![d.vocab, d.hidden], std: 1.0, mean: 0.0, quantizable: true, bits_override: None });
-    for l in 0..d.layers {
-        let p = format!("model.layers.{l}");
-        v.push(norm(format!("{p}.input_layernorm.weight"), d.hidden));
-        v.push(norm(format!("{p}.post_attention_layernorm.weight"), d.hidden));
-        let a = format!("{p}.self_attn");
-        v.push(lin(format!("{a}.q_proj.weight"), d.heads * d.head_dim, d.hidden, 1.0));
-        v.push(lin(format!("{a}.k_proj.weight"), d.kv_heads * d.head_dim, d.hidden, 1.0));
-        v.push(lin(format!("{a}.v_proj.weight"), d.kv_heads * d.head_dim, d.hidden, 1.0));
-        v.push(lin(format!("{a}.o_proj.weight"), d.hidden, d.heads * d.head_dim, 1.0));
-        if o.family == Family::Qwen3Moe {
-            v.push(norm(format!("{a}.q_norm.weight"), d.head_dim));
-            v.push(norm(format!("{a}.k_norm.weight"), d.head_dim));
+    let lin = |v: &mut Vec<Spec>, name: &str, out: i32, inp: i32, std_scale: f32, bias: bool| {
+        v.push(sp(format!("{name}.weight"), vec![out, inp], std_scale / (inp as f32).sqrt(), 0.0, true));
+        if bias {
+            v.push(sp(format!("{name}.bias"), vec![out], 0.05, 0.0, false));
         }
-        let moe_path = match o.family {
-            Family::Mixtral => format!("{p}.block_sparse_moe"),
-            Family::Qwen3Moe => format!("{p}.mlp"),
-        };
-        if d.mlp_only_layers.contains(&l) {
-            for (n, out, inp) in [("gate_proj", d.dense_width, d.hidden), ("up_proj", d.dense_width, d.hidden), ("down_proj", d.hidden, d.dense_width)] {
-                v.push(lin(format!("{moe_path}.{n}.weight"), out, inp, 1.0));
+    };
+    let norm = |v: &mut Vec<Spec>, name: String, n: i32| v.push(sp(format!("{name}.weight"), vec![n], 0.1, 1.0, false));
+    let swiglu = |v: &mut Vec<Spec>, path: &str, d: i32, w: i32| {
+        lin(v, &format!("{path}.gate_proj"), w, d, 1.0, false);
+        lin(v, &format!("{path}.up_proj"), w, d, 1.0, false);
+        lin(v, &format!("{path}.down_proj"), d, w, 1.0, false);
+    };
+    let (d, e) = (c.hidden_size, c.num_experts);
+    v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], 1.0, 0.0, true));
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        norm(&mut v, format!("{p}.input_layernorm"), d);
+        norm(&mut v, format!("{p}.post_attention_layernorm"), d);
+        let a = format!("{p}.self_attn");
+        match &c.mla {
+            None => {
+                let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+                lin(&mut v, &format!("{a}.q_proj"), q, d, 1.0, c.attention_bias);
+                lin(&mut v, &format!("{a}.k_proj"), kv, d, 1.0, c.attention_bias);
+                lin(&mut v, &format!("{a}.v_proj"), kv, d, 1.0, c.attention_bias);
+                lin(&mut v, &format!("{a}.o_proj"), d, q, 1.0, false);
+                if c.use_qk_norm {
+                    norm(&mut v, format!("{a}.q_norm"), c.head_dim);
+                    norm(&mut v, format!("{a}.k_norm"), c.head_dim);
+                }
             }
+            Some(m) => {
+                let h = c.num_attention_heads;
+                let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                match m.q_lora_rank {
+                    Some(r) => {
+                        lin(&mut v, &format!("{a}.q_a_proj"), r, d, 1.0, c.attention_bias);
+                        norm(&mut v, format!("{a}.q_a_layernorm"), r);
+                        lin(&mut v, &format!("{a}.q_b_proj"), h * qk, r, 1.0, false);
+                    }
+                    None => lin(&mut v, &format!("{a}.q_proj"), h * qk, d, 1.0, false),
+                }
+                lin(&mut v, &format!("{a}.kv_a_proj_with_mqa"), m.kv_lora_rank + m.qk_rope_head_dim, d, 1.0, c.attention_bias);
+                norm(&mut v, format!("{a}.kv_a_layernorm"), m.kv_lora_rank);
+                let std = 1.0 / (m.kv_lora_rank as f32).sqrt();
+                match layout {
+                    Layout::Mlx => {
+                        v.push(Spec { std: 1.0 / (m.qk_nope_head_dim as f32).sqrt(), ..sp(format!("{a}.embed_q.weight"), vec![h, m.kv_lora_rank, m.qk_nope_head_dim], 0.0, 0.0, true) });
+                        v.push(sp(format!("{a}.unembed_out.weight"), vec![h, m.v_head_dim, m.kv_lora_rank], std, 0.0, true));
+                    }
+                    Layout::Hf => v.push(sp(format!("{a}.kv_b_proj.weight"), vec![h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank], std, 0.0, true)),
+                }
+                lin(&mut v, &format!("{a}.o_proj"), d, h * m.v_head_dim, 1.0, c.attention_bias);
+            }
+        }
+        let moe = if c.family == Family::Mixtral { format!("{p}.block_sparse_moe") } else { format!("{p}.mlp") };
+        if !c.is_moe_layer(l) {
+            swiglu(&mut v, &moe, d, c.intermediate_size);
             continue;
         }
-        // A wide router init makes routing decisive (clear top-k margins).
-        let mut gate = lin(format!("{moe_path}.gate.weight"), d.experts, d.hidden, 4.0);
-        if o.family == Family::Qwen3Moe {
-            gate.bits_override = Some(8); // mlx-lm's qwen3_moe quant_predicate
+        if c.family.sigmoid_router() {
+            v.push(sp(format!("{moe}.gate.weight"), vec![e, d], 2.0 / (d as f32).sqrt(), 0.0, false));
+            v.push(Spec { dtype: Some(Dtype::Float32), ..sp(format!("{moe}.gate.e_score_correction_bias"), vec![e], 0.1, 0.0, false) });
+        } else {
+            // A wide router init makes routing decisive (clear top-k margins).
+            lin(&mut v, &format!("{moe}.gate"), e, d, 4.0, false);
+            if c.family == Family::Qwen3Moe {
+                v.last_mut().unwrap().bits_override = Some(8); // mlx-lm's qwen3_moe quant_predicate
+            }
         }
-        v.push(gate);
-        let names: [(&str, &str, i32, i32); 3] = match o.family {
-            Family::Mixtral => [("gate_proj", "w1", d.expert_width, d.hidden), ("down_proj", "w2", d.hidden, d.expert_width), ("up_proj", "w3", d.expert_width, d.hidden)],
-            Family::Qwen3Moe => [("gate_proj", "gate_proj", d.expert_width, d.hidden), ("down_proj", "down_proj", d.hidden, d.expert_width), ("up_proj", "up_proj", d.expert_width, d.hidden)],
+        let w = c.moe_intermediate_size;
+        let names: [(&str, &str, i32, i32); 3] = if c.family == Family::Mixtral {
+            [("gate_proj", "w1", w, d), ("down_proj", "w2", d, w), ("up_proj", "w3", w, d)]
+        } else {
+            [("gate_proj", "gate_proj", w, d), ("down_proj", "down_proj", d, w), ("up_proj", "up_proj", w, d)]
         };
         for (ours, hf, out, inp) in names {
-            match o.layout {
-                Layout::Mlx => {
-                    let mut s = lin(format!("{moe_path}.switch_mlp.{ours}.weight"), out, inp, 1.0);
-                    s.shape.insert(0, d.experts);
-                    v.push(s);
-                }
+            match layout {
+                Layout::Mlx => v.push(sp(format!("{moe}.switch_mlp.{ours}.weight"), vec![e, out, inp], 1.0 / (inp as f32).sqrt(), 0.0, true)),
                 Layout::Hf => {
-                    for e in 0..d.experts {
-                        v.push(lin(format!("{moe_path}.experts.{e}.{hf}.weight"), out, inp, 1.0));
+                    for x in 0..e {
+                        lin(&mut v, &format!("{moe}.experts.{x}.{hf}"), out, inp, 1.0, false);
                     }
                 }
             }
         }
+        if let Some(width) = c.shared_expert_intermediate_size {
+            swiglu(&mut v, &format!("{moe}.shared_expert"), d, width);
+            lin(&mut v, &format!("{moe}.shared_expert_gate"), 1, d, 1.0, false);
+        }
+        if let Some(n) = c.n_shared_experts {
+            swiglu(&mut v, &format!("{moe}.shared_experts"), d, c.moe_intermediate_size * n);
+        }
     }
-    v.push(norm("model.norm.weight".into(), d.hidden));
-    v.push(lin("lm_head.weight".into(), d.vocab, d.hidden, 2.0));
+    norm(&mut v, "model.norm".into(), d);
+    lin(&mut v, "lm_head", c.vocab_size, d, 2.0, false);
     v
 }
 
 /// Writes the checkpoint into `out`; returns the files written.
 pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
-    if o.layout == Layout::Hf && o.quantize.is_some() && o.family != Family::Mixtral {
-        bail!("--layout hf with --quantize is only meaningful for mixtral (mlx-lm's {} sanitize stacks float weights only)", o.family);
+    if o.layout == Layout::Hf && o.quantize.is_some() && o.family == Family::Qwen3Moe {
+        bail!("--layout hf with --quantize does not exist for qwen3_moe (mlx-lm's sanitize stacks float expert weights only)");
     }
     if let Some(bits) = o.quantize {
         if ![2, 3, 4, 5, 6, 8].contains(&bits) {
@@ -269,14 +322,14 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let d = dims(o.family, o.preset);
-    let mut config = config_json(o, &d);
+    let mut config = config_json(o);
+    let parsed = ModelConfig::from_value(&config, &out.join("config.json"))?;
     let mut quant_overrides = serde_json::Map::new();
 
     let mut tensors: Vec<(String, Array)> = Vec::new();
-    for s in specs(o, &d) {
+    for s in specs(&parsed, o.layout) {
         let key = tensor_key(o.seed, &s.name)?;
-        let w = random::normal::<f32>(&s.shape[..], s.mean, s.std, &key)?.as_dtype(o.dtype.dtype())?;
+        let w = random::normal::<f32>(&s.shape[..], s.mean, s.std, &key)?.as_dtype(s.dtype.unwrap_or(o.dtype.dtype()))?;
         let inp = *s.shape.last().unwrap();
         let bits = s.bits_override.or(o.quantize);
         match (o.quantize, bits) {
@@ -310,7 +363,7 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
 
     let files = write_shards(out, &tensors, o.max_shard_bytes)?;
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    let tok = tokenizer::write_tokenizer(out, d.vocab as usize).map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
+    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize).map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
     if tok.eos_token_id != 0 {
         bail!("internal: synthesized tokenizer has eos id {}, config says 0", tok.eos_token_id);
     }
