@@ -1,6 +1,6 @@
 //! `moe_mlp` (safe): the softmax-family router (softmax + top-k + renormalisation, same expert
-//! slot order as the stock path) and the weighted combine of the k expert outputs each run as
-//! one fused kernel. `ZMLX_COMBINE_MODE` picks the combine accumulation (default: the
+//! slot order as the stock path; Mixtral/Qwen only — sigmoid routers are `deepseek_router`'s)
+//! and the weighted combine of the k expert outputs (every family) each run as one fused kernel. `ZMLX_COMBINE_MODE` picks the combine accumulation (default: the
 //! token-identical one for the family on this backend).
 use std::any::Any;
 use std::rc::Rc;
@@ -23,11 +23,11 @@ pub const COMBINE_MODE_VAR: &str = "ZMLX_COMBINE_MODE";
 static INFO: PatternInfo = PatternInfo {
     name: "moe_mlp",
     slot: SlotKind::Router,
-    families: &[Family::Mixtral, Family::Qwen2Moe, Family::Qwen3Moe],
+    families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
     env: &[COMBINE_MODE_VAR],
-    description: "fused softmax top-k router (family semantics, stock slot order) + fused weighted combine of the k experts",
+    description: "fused softmax top-k router (Mixtral/Qwen semantics, stock slot order) + fused weighted combine of the k experts (all families)",
 };
 
 pub struct FusedRouter {
@@ -91,7 +91,7 @@ impl Pattern for MoeMlp {
                     block.router.swap(r, INFO.name);
                     out.patched.push(format!("{}.gate", block.path));
                 }
-                None => out.skipped.push((format!("{}.gate", block.path), "not a softmax-family router".into())),
+                None => out.skipped.push((format!("{}.gate", block.path), "sigmoid group router (see deepseek_router)".into())),
             }
             let stock = block.combine.stock().clone();
             match stock.as_any().downcast_ref::<WeightedSumCombine>() {

@@ -11,7 +11,7 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
 use crate::config::Family;
 use crate::kernels;
 use crate::model::{LayerMlp, Model};
-use crate::moe::{DenseMlp, SwitchGlu};
+use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
 use crate::slots::{ActivationSlot, ExpertsSlot, MlpSlot};
 
 pub struct SwigluMlp;
@@ -40,7 +40,12 @@ impl ActivationSlot for FusedSwiGlu {
 }
 
 fn fused_dense(stock: &Rc<dyn MlpSlot>) -> Option<Rc<dyn MlpSlot>> {
-    let d = stock.as_any().downcast_ref::<DenseMlp>()?;
+    let any = stock.as_any();
+    if let Some(g) = any.downcast_ref::<GatedSharedExpert>() {
+        let mlp = DenseMlp { activation: Rc::new(FusedSwiGlu), ..g.mlp.clone() };
+        return Some(Rc::new(GatedSharedExpert { mlp, gate: g.gate.clone() }));
+    }
+    let d = any.downcast_ref::<DenseMlp>()?;
     Some(Rc::new(DenseMlp { activation: Rc::new(FusedSwiGlu), ..d.clone() }))
 }
 

@@ -16,11 +16,13 @@ use crate::config::{MlaConfig, ModelConfig, RopeScaling};
 use crate::nn::{LoadCtx, Linear, MultiLinear, RmsNorm, Rope};
 use crate::slots::AttentionSlot;
 
+#[derive(Clone)]
 pub enum QueryProj {
     Direct(Linear),
     LowRank { a: Linear, norm: RmsNorm, b: Linear },
 }
 
+#[derive(Clone)]
 pub struct MlaAttention {
     pub q: QueryProj,
     pub kv_a_proj_with_mqa: Linear,

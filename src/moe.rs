@@ -32,6 +32,7 @@ impl RouterSlot for SoftmaxRouter {
 /// DeepSeek-V3 / Kimi-K2 / GLM MoEGate + group_expert_select: sigmoid scores in f32, the
 /// correction bias for selection only, group-limited top-k (top-2-sum group score, dropped
 /// groups set to 0.0), unbiased renormalised weights × routed_scaling_factor (f32).
+#[derive(Clone)]
 pub struct SigmoidGroupRouter {
     /// `[E, D]`, a plain array (never quantized), in the compute dtype.
     pub weight: Array,
@@ -194,6 +195,7 @@ impl MlpSlot for DenseMlp {
 }
 
 /// Qwen2-MoE's shared expert: `sigmoid(shared_expert_gate(x)) * shared_expert(x)`.
+#[derive(Clone)]
 pub struct GatedSharedExpert {
     pub mlp: DenseMlp,
     pub gate: Linear,

@@ -56,7 +56,7 @@ fn unknown_model_type() {
     edit_config(d.path(), |c| c["model_type"] = "llama4_moe".into());
     let err = generate_fails(d.path());
     assert!(err.contains("config.json") && err.contains("unsupported model_type `llama4_moe`"), "{err}");
-    assert!(err.contains("mixtral, qwen3_moe"), "lists the supported families: {err}");
+    assert!(err.contains("mixtral, qwen2_moe, qwen3_moe, glm4_moe, glm4_moe_lite, deepseek_v3"), "lists the supported families: {err}");
 }
 
 #[test]
@@ -188,5 +188,59 @@ fn bad_cli_arguments() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("unknown family `gpt2`") && err.contains("mixtral, qwen3_moe"), "{err}");
+    assert!(err.contains("unknown family `gpt2`") && err.contains("deepseek_v3"), "{err}");
+}
+
+#[test]
+fn bad_deepseek_style_configs() {
+    let d = fresh(Family::DeepseekV3, None);
+    edit_config(d.path(), |c| c["n_group"] = 3.into());
+    let err = generate_fails(d.path());
+    assert!(err.contains("n_group (3) must divide n_routed_experts (16)"), "{err}");
+
+    let d = fresh(Family::DeepseekV3, None);
+    edit_config(d.path(), |c| c["topk_group"] = 5.into());
+    let err = generate_fails(d.path());
+    assert!(err.contains("topk_group (5) must be at most n_group (4)"), "{err}");
+
+    let d = fresh(Family::Glm4MoeLite, None);
+    edit_config(d.path(), |c| {
+        c.as_object_mut().unwrap().remove("kv_lora_rank");
+    });
+    let err = generate_fails(d.path());
+    assert!(err.contains("`kv_lora_rank`") && err.contains("missing"), "{err}");
+
+    let d = fresh(Family::Glm4Moe, None);
+    edit_config(d.path(), |c| c["scoring_func"] = "softmax".into());
+    let err = generate_fails(d.path());
+    assert!(err.contains("`scoring_func` must be \"sigmoid\""), "{err}");
+
+    let d = fresh(Family::DeepseekV3, None);
+    edit_config(d.path(), |c| c["rope_scaling"] = serde_json::json!({"type": "longrope", "factor": 2.0}));
+    let err = generate_fails(d.path());
+    assert!(err.contains("rope_scaling type `longrope` is not supported"), "{err}");
+}
+
+#[test]
+fn mtp_layers_are_dropped_as_mlx_lm_does() {
+    // GLM-4.7-Flash: layers >= num_hidden_layers are the MTP head, dropped at load.
+    let d = fresh(Family::Glm4MoeLite, None);
+    edit_weights(d.path(), |w| {
+        w.insert("model.layers.3.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
+        w.insert("model.layers.3.mlp.experts.0.up_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).args(["generate", "--max-tokens", "2", "--model"]).arg(d.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // DeepSeek-V3 drops only its hard-coded layer 61, so another stray layer is an error.
+    let d = fresh(Family::DeepseekV3, None);
+    edit_weights(d.path(), |w| {
+        w.insert("model.layers.61.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).args(["generate", "--max-tokens", "2", "--model"]).arg(d.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    edit_weights(d.path(), |w| {
+        w.insert("model.layers.3.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
+    });
+    let err = generate_fails(d.path());
+    assert!(err.contains("unexpected tensor") && err.contains("model.layers.3.eh_proj.weight"), "{err}");
 }

@@ -82,3 +82,23 @@ fn patch_report_names_swapped_modules() {
         }
     }
 }
+
+#[test]
+fn qwen2_moe_safe_patterns_are_token_identical() {
+    all_configs(Family::Qwen2Moe);
+}
+
+#[test]
+fn glm4_moe_safe_patterns_are_token_identical() {
+    all_configs(Family::Glm4Moe);
+}
+
+#[test]
+fn glm4_moe_lite_safe_patterns_are_token_identical() {
+    all_configs(Family::Glm4MoeLite);
+}
+
+#[test]
+fn deepseek_v3_safe_patterns_are_token_identical() {
+    all_configs(Family::DeepseekV3);
+}

@@ -97,3 +97,42 @@ fn qwen3_8bit() {
 fn qwen3_4bit_bf16_compute() {
     check(Family::Qwen3Moe, Some(4), Layout::Mlx, 0, DtypeChoice::Bf16);
 }
+
+// ---- issue 5 families: float (bf16 stored, f32 compute) in both layouts, 4-bit, bf16 compute,
+// plus one 3-bit (GLM-4.5) and one 8-bit (DeepSeek-V3) checkpoint; several seeds.
+
+#[test]
+fn qwen2_moe_matches_mlx_lm() {
+    check(Family::Qwen2Moe, None, Layout::Mlx, 0, DtypeChoice::F32);
+    check(Family::Qwen2Moe, None, Layout::Hf, 1, DtypeChoice::F32);
+    check(Family::Qwen2Moe, Some(4), Layout::Mlx, 2, DtypeChoice::F32);
+    check(Family::Qwen2Moe, Some(4), Layout::Mlx, 3, DtypeChoice::Bf16);
+}
+
+#[test]
+fn glm4_moe_matches_mlx_lm() {
+    check(Family::Glm4Moe, None, Layout::Mlx, 0, DtypeChoice::F32);
+    check(Family::Glm4Moe, None, Layout::Hf, 1, DtypeChoice::F32);
+    check(Family::Glm4Moe, Some(4), Layout::Mlx, 2, DtypeChoice::F32);
+    check(Family::Glm4Moe, Some(3), Layout::Mlx, 3, DtypeChoice::F32);
+    check(Family::Glm4Moe, Some(4), Layout::Mlx, 4, DtypeChoice::Bf16);
+}
+
+#[test]
+fn glm4_moe_lite_matches_mlx_lm() {
+    check(Family::Glm4MoeLite, None, Layout::Mlx, 0, DtypeChoice::F32);
+    check(Family::Glm4MoeLite, None, Layout::Hf, 1, DtypeChoice::F32);
+    check(Family::Glm4MoeLite, Some(4), Layout::Mlx, 2, DtypeChoice::F32);
+    // HF layout + quantized: a legacy quantized kv_b_proj, dequantized/split/re-quantized at load.
+    check(Family::Glm4MoeLite, Some(4), Layout::Hf, 3, DtypeChoice::F32);
+    check(Family::Glm4MoeLite, Some(4), Layout::Mlx, 4, DtypeChoice::Bf16);
+}
+
+#[test]
+fn deepseek_v3_matches_mlx_lm() {
+    check(Family::DeepseekV3, None, Layout::Mlx, 0, DtypeChoice::F32);
+    check(Family::DeepseekV3, None, Layout::Hf, 1, DtypeChoice::F32);
+    check(Family::DeepseekV3, Some(4), Layout::Mlx, 2, DtypeChoice::F32);
+    check(Family::DeepseekV3, Some(8), Layout::Mlx, 3, DtypeChoice::F32);
+    check(Family::DeepseekV3, Some(4), Layout::Mlx, 4, DtypeChoice::Bf16);
+}

@@ -102,3 +102,71 @@ fn mixtral_full_softmax_weights_are_detected() {
         Rc::new(FullSoftmaxMixtral(SoftmaxRouter { gate: s.gate.clone(), kind: s.kind, k: s.k }))
     });
 }
+
+// ---- issue 5 families: one semantic detail changed per family makes the tokens differ.
+
+use zmlx::attention_mla::MlaAttention;
+use zmlx::moe::SigmoidGroupRouter;
+use zmlx::slots::AttentionSlot;
+
+fn sigmoid_router(stock: &Rc<dyn RouterSlot>) -> SigmoidGroupRouter {
+    stock.as_any().downcast_ref::<SigmoidGroupRouter>().expect("stock sigmoid group router").clone()
+}
+
+#[test]
+fn qwen2_moe_renormalisation_on_is_detected() {
+    // mlx-lm's qwen2_moe never renormalises (it ignores norm_topk_prob).
+    assert_detects(Family::Qwen2Moe, None, DtypeChoice::F32, &|stock| {
+        let s = stock.as_any().downcast_ref::<SoftmaxRouter>().expect("stock qwen2 router");
+        assert_eq!(s.kind, RouterKind::SoftmaxThenTopKDesc);
+        Rc::new(SoftmaxRouter { gate: s.gate.clone(), kind: RouterKind::SoftmaxThenTopK { norm: true }, k: s.k })
+    });
+}
+
+#[test]
+fn glm4_moe_ignored_correction_bias_is_detected() {
+    assert_detects(Family::Glm4Moe, None, DtypeChoice::F32, &|stock| {
+        let mut r = sigmoid_router(stock);
+        r.bias = mlx_rs::ops::zeros_like(&r.bias).unwrap();
+        Rc::new(r)
+    });
+}
+
+#[test]
+fn deepseek_v3_scaling_factor_one_is_detected() {
+    assert_detects(Family::DeepseekV3, None, DtypeChoice::F32, &|stock| {
+        let mut r = sigmoid_router(stock);
+        assert_eq!(r.routed_scaling_factor, 2.5);
+        r.routed_scaling_factor = 1.0;
+        Rc::new(r)
+    });
+}
+
+#[test]
+fn glm4_moe_lite_renormalisation_off_is_detected() {
+    assert_detects(Family::Glm4MoeLite, None, DtypeChoice::F32, &|stock| {
+        let mut r = sigmoid_router(stock);
+        assert_eq!(r.renorm_eps, Some(1e-20));
+        r.norm_topk_prob = false;
+        Rc::new(r)
+    });
+}
+
+#[test]
+fn glm4_moe_lite_non_traditional_rope_is_detected() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Glm4MoeLite, None, 7));
+    let want: Vec<Vec<u32>> = oracle(dir.path(), &PROMPTS, TOKENS, "f32").into_iter().map(|r| r.token_ids).collect();
+    let (mut model, tok) = load(dir.path(), DtypeChoice::F32);
+    let ids = |m: &Model| -> Vec<Vec<u32>> { zmlx_greedy(m, &tok, &PROMPTS, TOKENS).into_iter().map(|x| x.1).collect() };
+    assert_eq!(ids(&model), want);
+    for layer in &mut model.layers {
+        let stock = layer.attention.stock().clone();
+        let mut a = stock.as_any().downcast_ref::<MlaAttention>().expect("MLA attention").clone();
+        assert!(a.rope.traditional);
+        a.rope.traditional = false;
+        layer.attention.swap(Rc::new(a) as Rc<dyn AttentionSlot>, "test-non-traditional-rope");
+    }
+    assert_ne!(ids(&model), want, "non-traditional RoPE must change the tokens");
+}
