@@ -3,6 +3,7 @@
 //! `--patterns` (or `none`) > `ZMLX_PATTERNS` > the family preset; then `--exclude`, then
 //! per-pattern `ZMLX_<NAME>=0|1`.
 mod debug_drop_expert;
+pub mod deepseek_router;
 pub mod moe_mlp;
 pub mod swiglu_mlp;
 
@@ -75,7 +76,12 @@ pub trait Pattern {
 
 /// The registry, in application order.
 pub fn registry() -> Vec<Box<dyn Pattern>> {
-    vec![Box::new(swiglu_mlp::SwigluMlp), Box::new(moe_mlp::MoeMlp), Box::new(debug_drop_expert::DebugDropExpert)]
+    vec![
+        Box::new(swiglu_mlp::SwigluMlp),
+        Box::new(moe_mlp::MoeMlp),
+        Box::new(deepseek_router::DeepseekRouter),
+        Box::new(debug_drop_expert::DebugDropExpert),
+    ]
 }
 
 pub fn pattern_names() -> Vec<&'static str> {

@@ -3,10 +3,9 @@ use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::ops::indexing::{Ellipsis, TryIndexOp};
-use mlx_rs::{ops, stop_gradient, Array, Dtype};
+use mlx_rs::{ops, stop_gradient, Array};
 
-use crate::kernels::{moe_combine_reference, moe_router_reference, swiglu_reference, RouterKind};
+use crate::kernels::{moe_combine_reference, moe_router_reference, sigmoid_router_reference, swiglu_reference, RouterKind, SigmoidRouting};
 use crate::nn::{LoadCtx, Linear, SwitchLinear};
 use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MlpSlot, RouterSlot, Routing, Slot};
 
@@ -38,39 +37,19 @@ pub struct SigmoidGroupRouter {
     pub weight: Array,
     /// e_score_correction_bias `[E]`, kept in its stored dtype (f32).
     pub bias: Array,
-    pub k: i32,
-    pub n_group: i32,
-    pub topk_group: i32,
-    pub norm_topk_prob: bool,
-    /// GLM-4.7-Flash: `w / (sum + 1e-20)`.
-    pub renorm_eps: Option<f32>,
-    pub routed_scaling_factor: f32,
+    pub params: SigmoidRouting,
+}
+
+impl SigmoidGroupRouter {
+    /// The gate projection (outside mlx-lm's compiled selection function).
+    pub fn logits(&self, x: &Array) -> Result<Array> {
+        Ok(x.matmul(self.weight.t())?)
+    }
 }
 
 impl RouterSlot for SigmoidGroupRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let gates = x.matmul(self.weight.t())?;
-        let orig = ops::sigmoid(gates.as_dtype(Dtype::Float32)?)?;
-        let mut scores = orig.add(&self.bias)?;
-        if self.n_group > 1 {
-            scores = ops::unflatten(&scores, -1, &[self.n_group, -1])?;
-            let group_scores = ops::sum_axis(ops::indexing::topk_axis(&scores, 2, -1)?, -1, true)?;
-            let drop = self.n_group - self.topk_group;
-            let group_idx = ops::argpartition_axis(&group_scores, drop - 1, -2)?.try_index((Ellipsis, ..drop, ..))?;
-            scores = ops::indexing::put_along_axis(&scores, stop_gradient(&group_idx)?, Array::from_f32(0.0), -2)?;
-            scores = scores.flatten(-2, -1)?;
-        }
-        let k = self.k;
-        let indices = stop_gradient(&ops::argpartition_axis(scores.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
-        let mut weights = orig.take_along_axis(&indices, -1)?;
-        if k > 1 && self.norm_topk_prob {
-            let mut den = ops::sum_axis(&weights, -1, true)?;
-            if let Some(eps) = self.renorm_eps {
-                den = den.add(Array::from_f32(eps))?;
-            }
-            weights = weights.divide(&den)?;
-        }
-        let weights = weights.multiply(Array::from_f32(self.routed_scaling_factor))?;
+        let (indices, weights) = sigmoid_router_reference(&self.logits(x)?, &self.bias, &self.params)?;
         Ok(Routing { indices, weights })
     }
 

@@ -176,3 +176,49 @@ fn moe_router_ties_nan_inf() {
     let e = kernels::moe_router(&rand(&[1, 8], 1, 1.0, Dtype::Float32), TopKThenSoftmax, 9).unwrap_err().to_string();
     assert!(e.contains("k = 9 must be between 1 and the number of experts (8)"), "{e}");
 }
+
+fn check_sigmoid_router(logits: &Array, bias: &Array, p: &kernels::SigmoidRouting, what: &str) {
+    let (ri, rw) = kernels::sigmoid_router_reference(logits, bias, p).unwrap();
+    let (fi, fw) = kernels::sigmoid_router(logits, bias, p).unwrap();
+    assert!(bit_equal(&ri, &fi), "{what}: indices differ\nref {:?}\nfused {:?}", ri.as_slice::<u32>(), fi.as_slice::<u32>());
+    assert!(bit_equal(&rw, &fw), "{what}: weights differ");
+}
+
+#[test]
+fn sigmoid_router_bit_exact() {
+    let _g = mlx_lock();
+    // (E, k, n_group, topk_group): DeepSeek-V3-like 256/8/8/4, GLM 64/4/1/1 and 128/8, Kimi 384/8/1/1,
+    // tiny 16/4/4/2, k = 1 and k = E.
+    let configs = [(256, 8, 8, 4), (64, 4, 1, 1), (128, 8, 1, 1), (384, 8, 1, 1), (16, 4, 4, 2), (16, 1, 4, 2), (8, 8, 2, 1), (16, 4, 4, 4)];
+    for (i, (e, k, ng, tg)) in configs.iter().enumerate() {
+        for (lead, dt) in [(vec![1, 1], Dtype::Float32), (vec![1, 33], Dtype::Bfloat16), (vec![2, 5], Dtype::Float16)] {
+            let mut shape = lead.clone();
+            shape.push(*e);
+            let logits = rand(&shape, 500 + i as u64, 2.0, dt);
+            let bias = rand(&[*e], 600 + i as u64, 0.1, Dtype::Float32);
+            for (norm, eps) in [(true, None), (true, Some(1e-20)), (false, None)] {
+                let p = kernels::SigmoidRouting { k: *k, n_group: *ng, topk_group: *tg, norm_topk_prob: norm, renorm_eps: eps, routed_scaling_factor: 2.5 };
+                check_sigmoid_router(&logits, &bias, &p, &format!("{p:?} {shape:?} {dt:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn sigmoid_router_ties_and_negative_bias() {
+    let _g = mlx_lock();
+    // Coarse logits make whole groups tie (group drop tie rule) and scores tie (slot order);
+    // a strongly negative bias makes the 0.0 of dropped groups outrank kept experts.
+    let key = random::key(91).unwrap();
+    let logits = random::randint::<_, i32>(-2, 3, &[1, 40, 16][..], &key).unwrap().as_dtype(Dtype::Float32).unwrap();
+    for bias_shift in [0.0f32, -0.8] {
+        let bias = rand(&[16], 92, 0.05, Dtype::Float32).add(Array::from_f32(bias_shift)).unwrap();
+        for (k, ng, tg) in [(4, 4, 2), (4, 4, 1), (6, 8, 3), (1, 2, 1)] {
+            let p = kernels::SigmoidRouting { k, n_group: ng, topk_group: tg, norm_topk_prob: true, renorm_eps: None, routed_scaling_factor: 1.8 };
+            check_sigmoid_router(&logits, &bias, &p, &format!("ties shift {bias_shift} {p:?}"));
+        }
+    }
+    let p = kernels::SigmoidRouting { k: 4, n_group: 3, topk_group: 1, norm_topk_prob: true, renorm_eps: None, routed_scaling_factor: 1.0 };
+    let e = kernels::sigmoid_router(&logits, &rand(&[16], 1, 0.1, Dtype::Float32), &p).unwrap_err().to_string();
+    assert!(e.contains("n_group | E"), "{e}");
+}

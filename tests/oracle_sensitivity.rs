@@ -136,8 +136,8 @@ fn glm4_moe_ignored_correction_bias_is_detected() {
 fn deepseek_v3_scaling_factor_one_is_detected() {
     assert_detects(Family::DeepseekV3, None, DtypeChoice::F32, &|stock| {
         let mut r = sigmoid_router(stock);
-        assert_eq!(r.routed_scaling_factor, 2.5);
-        r.routed_scaling_factor = 1.0;
+        assert_eq!(r.params.routed_scaling_factor, 2.5);
+        r.params.routed_scaling_factor = 1.0;
         Rc::new(r)
     });
 }
@@ -146,8 +146,8 @@ fn deepseek_v3_scaling_factor_one_is_detected() {
 fn glm4_moe_lite_renormalisation_off_is_detected() {
     assert_detects(Family::Glm4MoeLite, None, DtypeChoice::F32, &|stock| {
         let mut r = sigmoid_router(stock);
-        assert_eq!(r.renorm_eps, Some(1e-20));
-        r.norm_topk_prob = false;
+        assert_eq!(r.params.renorm_eps, Some(1e-20));
+        r.params.norm_topk_prob = false;
         Rc::new(r)
     });
 }

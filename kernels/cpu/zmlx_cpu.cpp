@@ -207,6 +207,86 @@ class MoeRouter : public mx::Primitive {
   bool norm_;
 };
 
+// ---------------------------------------------------------------- sigmoid_router
+// DeepSeek-V3 / Kimi-K2 / GLM group_expert_select on gate logits, row by row:
+//   orig = sigmoid(f32(g)); s = orig + bias; if n_group > 1: group score = sum of its top-2 s,
+//   the (n_group - topk_group) lowest groups (ties: lower index first) get s = 0.0;
+//   inds = argpartition(-s, k-1)[:k] (MLX's nth_element order); w = orig[inds];
+//   if k > 1 and norm: w /= (sum(w) [+ eps]); w *= rsf. All in f32 with MLX's functors.
+class SigmoidRouter : public mx::Primitive {
+ public:
+  SigmoidRouter(mx::Stream s, int k, int n_group, int topk_group, bool norm, float eps, bool has_eps, float rsf)
+      : mx::Primitive(s), k_(k), ng_(n_group), tg_(topk_group), norm_(norm), eps_(eps), has_eps_(has_eps), rsf_(rsf) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    auto& idx_out = outs[0];
+    auto& w_out = outs[1];
+    idx_out.set_data(mx::allocator::malloc(idx_out.nbytes()));
+    w_out.set_data(mx::allocator::malloc(w_out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    int e = in[0].shape(-1);
+    size_t rows = in[0].size() / e;
+    dispatch_float(in[0].dtype(), "zmlx sigmoid_router", [&]<typename T>() {
+      enc.dispatch([g = in[0].data<T>(), bias = in[1].data<float>(), ids = idx_out.data<uint32_t>(), ws = w_out.data<float>(),
+                    rows, e, k = k_, ng = ng_, tg = tg_, norm = norm_, eps = eps_, has_eps = has_eps_, rsf = rsf_]() {
+        std::vector<float> orig(e), s(e), neg(e), gscore(ng);
+        std::vector<uint32_t> perm(e), gperm(ng);
+        int per = e / ng;
+        for (size_t r = 0; r < rows; ++r) {
+          const T* row = g + r * e;
+          for (int i = 0; i < e; ++i) {
+            orig[i] = dt::Sigmoid{}(static_cast<float>(row[i]));
+            s[i] = dt::Add{}(orig[i], bias[i]);
+          }
+          if (ng > 1) {
+            for (int gi = 0; gi < ng; ++gi) {
+              // topk(.., 2) then sum: the two largest values (duplicates count twice), 0 + a + b.
+              float a = -std::numeric_limits<float>::infinity(), b = a;
+              for (int j = 0; j < per; ++j) {
+                float v = s[gi * per + j];
+                if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+              }
+              gscore[gi] = dt::Add{}(dt::Add{}(0.0f, b), a);
+            }
+            int drop = ng - tg;
+            if (drop > 0) {
+              argpartition_row(gscore.data(), gperm.data(), ng, drop - 1);
+              for (int d = 0; d < drop; ++d)
+                for (int j = 0; j < per; ++j) s[gperm[d] * per + j] = 0.0f;
+            }
+          }
+          for (int i = 0; i < e; ++i) neg[i] = dt::Negative{}(s[i]);
+          argpartition_row(neg.data(), perm.data(), e, k - 1);
+          uint32_t* ri = ids + r * k;
+          float* rw = ws + r * k;
+          for (int j = 0; j < k; ++j) { ri[j] = perm[j]; rw[j] = orig[perm[j]]; }
+          if (k > 1 && norm) {
+            float den = 0.0f;
+            for (int j = 0; j < k; ++j) den = dt::Add{}(den, rw[j]);
+            if (has_eps) den = dt::Add{}(den, eps);
+            for (int j = 0; j < k; ++j) rw[j] = dt::Divide{}(rw[j], den);
+          }
+          for (int j = 0; j < k; ++j) rw[j] = dt::Multiply{}(rw[j], rsf);
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("zmlx sigmoid_router: this primitive is CPU-only; GPU backends use the CUDA/Metal kernel");
+  }
+  const char* name() const override { return "ZmlxSigmoidRouter"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& r = static_cast<const SigmoidRouter&>(o);
+    return r.k_ == k_ && r.ng_ == ng_ && r.tg_ == tg_ && r.norm_ == norm_ && r.eps_ == eps_ && r.has_eps_ == has_eps_ && r.rsf_ == rsf_;
+  }
+
+ private:
+  int k_, ng_, tg_;
+  bool norm_;
+  float eps_;
+  bool has_eps_;
+  float rsf_;
+};
+
 template <class F>
 int guarded(F&& f) {
   try {
@@ -265,6 +345,27 @@ extern "C" int zmlx_cpu_moe_router(mlx_array* indices, mlx_array* weights, const
     shape.back() = k;
     auto outs = mx::array::make_arrays({shape, shape}, {mx::uint32, g.dtype()},
                                        std::make_shared<MoeRouter>(st, kind, k, norm), {g});
+    mlx_array_set_(*indices, outs[0]);
+    mlx_array_set_(*weights, outs[1]);
+  });
+}
+
+extern "C" int zmlx_cpu_sigmoid_router(mlx_array* indices, mlx_array* weights, const mlx_array logits, const mlx_array bias,
+                                       int k, int n_group, int topk_group, bool norm, float eps, bool has_eps, float rsf,
+                                       const mlx_stream s) {
+  return guarded([&] {
+    auto& st = mlx_stream_get_(s);
+    auto g = mx::contiguous(mlx_array_get_(logits), false, st);
+    auto b = mx::contiguous(mx::astype(mlx_array_get_(bias), mx::float32, st), false, st);
+    int e = g.ndim() > 0 ? g.shape(-1) : 0;
+    if (b.ndim() != 1 || b.shape(0) != e) throw std::invalid_argument("zmlx sigmoid_router: bias must be [E]");
+    if (k < 1 || k > e) throw std::invalid_argument("zmlx sigmoid_router: k must be in [1, E]");
+    if (n_group < 1 || e % n_group != 0 || topk_group < 1 || topk_group > n_group)
+      throw std::invalid_argument("zmlx sigmoid_router: need n_group | E and 1 <= topk_group <= n_group");
+    auto shape = g.shape();
+    shape.back() = k;
+    auto outs = mx::array::make_arrays({shape, shape}, {mx::uint32, mx::float32},
+        std::make_shared<SigmoidRouter>(st, k, n_group, topk_group, norm, eps, has_eps, rsf), {g, b});
     mlx_array_set_(*indices, outs[0]);
     mlx_array_set_(*weights, outs[1]);
   });

@@ -281,3 +281,124 @@ pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Ar
         }
     }
 }
+
+// ---------------------------------------------------------------- sigmoid_router (deepseek_router)
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn zmlx_cpu_sigmoid_router(
+        indices: *mut mlx_sys::mlx_array,
+        weights: *mut mlx_sys::mlx_array,
+        logits: mlx_sys::mlx_array,
+        bias: mlx_sys::mlx_array,
+        k: c_int,
+        n_group: c_int,
+        topk_group: c_int,
+        norm: bool,
+        eps: f32,
+        has_eps: bool,
+        rsf: f32,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
+}
+
+/// DeepSeek-V3 / Kimi-K2 / GLM routing parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SigmoidRouting {
+    pub k: i32,
+    pub n_group: i32,
+    pub topk_group: i32,
+    pub norm_topk_prob: bool,
+    /// GLM-4.7-Flash: `w / (sum + eps)`.
+    pub renorm_eps: Option<f32>,
+    pub routed_scaling_factor: f32,
+}
+
+/// Stock composition (mlx-lm's group_expert_select): `(indices uint32, weights f32)`.
+pub fn sigmoid_router_reference(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result<(Array, Array)> {
+    use mlx_rs::stop_gradient;
+    let orig = ops::sigmoid(gates.as_dtype(Dtype::Float32)?)?;
+    let mut scores = orig.add(bias)?;
+    if p.n_group > 1 {
+        scores = ops::unflatten(&scores, -1, &[p.n_group, -1])?;
+        let group_scores = ops::sum_axis(ops::indexing::topk_axis(&scores, 2, -1)?, -1, true)?;
+        let drop = p.n_group - p.topk_group;
+        if drop > 0 {
+            let group_idx = ops::argpartition_axis(&group_scores, drop - 1, -2)?.try_index((Ellipsis, ..drop, ..))?;
+            scores = ops::indexing::put_along_axis(&scores, stop_gradient(&group_idx)?, Array::from_f32(0.0), -2)?;
+        }
+        scores = scores.flatten(-2, -1)?;
+    }
+    let k = p.k;
+    let indices = stop_gradient(&ops::argpartition_axis(scores.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+    let mut weights = orig.take_along_axis(&indices, -1)?;
+    if k > 1 && p.norm_topk_prob {
+        let mut den = ops::sum_axis(&weights, -1, true)?;
+        if let Some(eps) = p.renorm_eps {
+            den = den.add(Array::from_f32(eps))?;
+        }
+        weights = weights.divide(&den)?;
+    }
+    Ok((indices, weights.multiply(Array::from_f32(p.routed_scaling_factor))?))
+}
+
+static SIGMOID_ROUTER_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_sigmoid_router",
+    inputs: &["logits", "bias"],
+    outputs: &["indices", "weights"],
+    source: include_str!("../../kernels/cuda/sigmoid_router.cu"),
+    header: CUDA_HEADER,
+};
+
+static SIGMOID_ROUTER_METAL: GpuKernel = GpuKernel {
+    name: "zmlx_sigmoid_router",
+    inputs: &["logits", "bias"],
+    outputs: &["indices", "weights"],
+    source: include_str!("../../kernels/metal/sigmoid_router.metal"),
+    header: "",
+};
+
+/// Fused [`sigmoid_router_reference`]; on CPU the same indices, slot order and weights, bit for bit.
+pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result<(Array, Array)> {
+    check_float("sigmoid_router", gates)?;
+    let e = if gates.ndim() > 0 { gates.dim(-1) } else { 0 };
+    if p.k < 1 || p.k > e || p.n_group < 1 || e % p.n_group != 0 || p.topk_group < 1 || p.topk_group > p.n_group {
+        bail!("sigmoid_router: need 1 <= k <= E, n_group | E and 1 <= topk_group <= n_group (k {}, E {e}, groups {}/{})", p.k, p.n_group, p.topk_group);
+    }
+    match backend() {
+        Backend::Cpu => {
+            let mut w = unsafe { mlx_sys::mlx_array_new() };
+            let idx = raw_array(|res, s| unsafe {
+                zmlx_cpu_sigmoid_router(
+                    res, &mut w, gates.as_ptr(), bias.as_ptr(), p.k, p.n_group, p.topk_group, p.norm_topk_prob,
+                    p.renorm_eps.unwrap_or(0.0), p.renorm_eps.is_some(), p.routed_scaling_factor, s,
+                )
+            });
+            let w = unsafe { Array::from_ptr(w) };
+            Ok((idx?, w))
+        }
+        b => {
+            let kern = if b == Backend::Cuda { &SIGMOID_ROUTER_CUDA } else { &SIGMOID_ROUTER_METAL };
+            let mut shape = gates.shape().to_vec();
+            *shape.last_mut().unwrap() = p.k;
+            let rows = gates.size() / e as usize;
+            let bias = bias.as_dtype(Dtype::Float32)?;
+            let template = [
+                ("T", TemplateArg::Dtype(gates.dtype())),
+                ("E", TemplateArg::Int(e)),
+                ("K", TemplateArg::Int(p.k)),
+                ("NG", TemplateArg::Int(p.n_group)),
+                ("TG", TemplateArg::Int(p.topk_group)),
+                ("NORM", TemplateArg::Bool(p.norm_topk_prob)),
+                ("HAS_EPS", TemplateArg::Bool(p.renorm_eps.is_some())),
+            ];
+            // eps and rsf are runtime values: pass them as a tiny input would need a new kernel
+            // signature; the body reads them from the two trailing elements of `bias`.
+            let extra = Array::from_slice(&[p.renorm_eps.unwrap_or(0.0), p.routed_scaling_factor], &[2]);
+            let bias_ext = ops::concatenate(&[bias, extra], 0)?;
+            let out = kern.apply(b, &[gates, &bias_ext], &template, (rows as i32, 1, 1), (threads_for(rows), 1, 1), &[(&shape, Dtype::Uint32), (&shape, Dtype::Float32)])?;
+            let mut it = out.into_iter();
+            Ok((it.next().unwrap(), it.next().unwrap()))
+        }
+    }
+}

@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use anyhow::Result;
 
+use crate::kernels::SigmoidRouting;
 use crate::model::{slot, LayerMlp};
 use crate::moe::{DenseMlp, MoeBlock, SigmoidGroupRouter, SwitchGlu, WeightedSumCombine};
 use crate::nn::LoadCtx;
@@ -18,12 +19,14 @@ pub fn load_mlp(ctx: &mut LoadCtx, i: i32) -> Result<LayerMlp> {
     let router = SigmoidGroupRouter {
         weight: ctx.tensor(&format!("{mlp}.gate.weight"), &[c.num_experts, c.hidden_size])?,
         bias: ctx.tensor_stored(&format!("{mlp}.gate.e_score_correction_bias"), &[c.num_experts])?,
-        k: c.num_experts_per_tok,
-        n_group: c.n_group,
-        topk_group: c.topk_group,
-        norm_topk_prob: c.norm_topk_prob,
-        renorm_eps: c.renorm_eps,
-        routed_scaling_factor: c.routed_scaling_factor,
+        params: SigmoidRouting {
+            k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            norm_topk_prob: c.norm_topk_prob,
+            renorm_eps: c.renorm_eps,
+            routed_scaling_factor: c.routed_scaling_factor,
+        },
     };
     let experts = SwitchGlu::load(ctx, &format!("{mlp}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
     let shared = match c.n_shared_experts {
