@@ -38,9 +38,12 @@ fn mlx_device_info() -> (Option<String>, Option<u64>) {
             if mlx_sys::mlx_device_info_get_string(&mut s, info, c"device_name".as_ptr()) == 0 && !s.is_null() {
                 name = Some(CStr::from_ptr(s).to_string_lossy().into_owned());
             }
-            let mut m: usize = 0;
-            if mlx_sys::mlx_device_info_get_size(&mut m, info, c"memory_size".as_ptr()) == 0 && m > 0 {
-                mem = Some(m as u64);
+            // Metal reports `memory_size`, CUDA `total_memory`.
+            for key in [c"memory_size", c"total_memory"] {
+                let mut m: usize = 0;
+                if mem.is_none() && mlx_sys::mlx_device_info_get_size(&mut m, info, key.as_ptr()) == 0 && m > 0 {
+                    mem = Some(m as u64);
+                }
             }
         }
         mlx_sys::mlx_device_info_free(info);

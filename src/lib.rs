@@ -17,6 +17,7 @@ pub mod nn;
 #[path = "../patterns/mod.rs"]
 pub mod patterns;
 pub mod run;
+pub mod selftest;
 pub mod slots;
 pub mod synth;
 pub mod tokenizer;

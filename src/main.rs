@@ -42,6 +42,8 @@ enum Command {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
+    /// Check every fused kernel against its reference on this backend (prints JSON lines).
+    Selftest,
     /// List the pattern registry.
     Patterns {
         #[arg(long)]
@@ -462,6 +464,16 @@ fn main() {
         Command::Validate(a) => run_validate(a),
         Command::Patterns { json } => run_patterns(*json),
         Command::Run(a) => run_run(a),
+        Command::Selftest => (|| {
+            let backend = mlx_env::init()?;
+            let results = zmlx::selftest::run()?;
+            let exact = results.iter().filter(|r| r.bit_exact).count();
+            for r in &results {
+                println!("{}", serde_json::to_string(r)?);
+            }
+            eprintln!("[selftest] backend {}: {exact}/{} cases bit-exact", backend.name(), results.len());
+            Ok(if results.iter().any(|r| r.error.is_some()) { 1 } else { 0 })
+        })(),
         Command::History(a) => run_history(a),
         Command::Report { capsule } => zmlx::capsule::read_capsule(capsule).map(|c| {
             print!("{}", zmlx::capsule::render_report(&c));

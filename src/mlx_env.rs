@@ -115,10 +115,17 @@ impl Backend {
     }
 }
 
+/// `ZMLX_MEMORY_LIMIT_GB`: caps MLX's allocator (on CUDA, managed memory must never over-ask).
+pub const MEMORY_LIMIT_VAR: &str = "ZMLX_MEMORY_LIMIT_GB";
+
 /// One-time process set-up; call before any model work.
 pub fn init() -> Result<Backend> {
     install_error_handler();
     check_version()?;
+    if let Ok(v) = std::env::var(MEMORY_LIMIT_VAR) {
+        let gb: f64 = v.trim().parse().map_err(|_| anyhow::anyhow!("{MEMORY_LIMIT_VAR}={v}: expected a number of GB, e.g. 60"))?;
+        mlx_rs::memory::set_memory_limit((gb * 1e9) as usize)?;
+    }
     Ok(Backend::detect())
 }
 
