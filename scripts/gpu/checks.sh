@@ -8,13 +8,15 @@ set -u
 export ZMLX_ORACLE_PYTHON=${ZMLX_ORACLE_PYTHON:-python3}
 W=/tmp/zmlx-gpu/work; mkdir -p "$W" "$OUT/capsules"
 LEDGER=$OUT/matrix.jsonl
-FAMILIES="mixtral qwen2_moe qwen3_moe glm4_moe glm4_moe_lite deepseek_v3"
+FAMILIES=${FAMILIES:-"mixtral qwen2_moe qwen3_moe glm4_moe glm4_moe_lite deepseek_v3"}
 safe_patterns() { case $1 in glm4_moe|glm4_moe_lite|deepseek_v3) echo "swiglu_mlp moe_mlp deepseek_router";; *) echo "swiglu_mlp moe_mlp";; esac; }
 log() { echo "[gpu-checks $(date +%H:%M:%S)] $*"; }
 
 correctness() {
-  log "selftest: every CUDA kernel vs its reference"
-  zmlx selftest > "$OUT/selftest.jsonl"; log "selftest rc=$?"
+  if [ -z "${SKIP_SELFTEST:-}" ]; then
+    log "selftest: every CUDA kernel vs its reference"
+    zmlx selftest > "$OUT/selftest.jsonl"; log "selftest rc=$?"
+  fi
   for fam in $FAMILIES; do
     for q in none 4; do
       d=$W/$fam-tiny-$q; qa=(); [ $q = none ] || qa=(--quantize $q)
