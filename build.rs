@@ -26,7 +26,11 @@ fn main() {
 
     // 3. The commit ledger lines and capsules record ("unknown" outside a git checkout).
     let git = |args: &[&str]| {
-        std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success())
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let mut commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());

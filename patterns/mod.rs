@@ -141,7 +141,8 @@ pub fn relevant_env() -> BTreeMap<String, String> {
 pub fn resolve(req: &SelectionRequest) -> Result<Selection> {
     let reg = registry();
     let (mut names, source): (Vec<String>, &str) = if let Some(p) = req.patterns {
-        let list: Vec<String> = p.iter().flat_map(|s| s.split(',')).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        let list: Vec<String> =
+            p.iter().flat_map(|s| s.split(',')).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         if list.iter().any(|n| n == "none") {
             if list.len() > 1 {
                 bail!("--patterns none cannot be combined with other pattern names");

@@ -91,7 +91,9 @@ impl Pattern for MoeMlp {
                     block.router.swap(r, INFO.name);
                     out.patched.push(format!("{}.gate", block.path));
                 }
-                None => out.skipped.push((format!("{}.gate", block.path), "sigmoid group router (see deepseek_router)".into())),
+                None => out
+                    .skipped
+                    .push((format!("{}.gate", block.path), "sigmoid group router (see deepseek_router)".into())),
             }
             let stock = block.combine.stock().clone();
             match stock.as_any().downcast_ref::<WeightedSumCombine>() {

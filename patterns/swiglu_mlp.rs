@@ -62,11 +62,14 @@ impl Pattern for SwigluMlp {
                     let stock = block.experts.stock().clone();
                     match stock.as_any().downcast_ref::<SwitchGlu>() {
                         Some(s) => {
-                            let fused: Rc<dyn ExpertsSlot> = Rc::new(SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() });
+                            let fused: Rc<dyn ExpertsSlot> =
+                                Rc::new(SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() });
                             block.experts.swap(fused, INFO.name);
                             out.patched.push(format!("{}.switch_mlp", block.path));
                         }
-                        None => out.skipped.push((format!("{}.switch_mlp", block.path), "experts are not a SwitchGLU".into())),
+                        None => out
+                            .skipped
+                            .push((format!("{}.switch_mlp", block.path), "experts are not a SwitchGLU".into())),
                     }
                     if let Some(shared) = &mut block.shared {
                         if let Some(f) = fused_dense(&shared.stock().clone()) {

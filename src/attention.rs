@@ -6,7 +6,7 @@ use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::Array;
 
 use crate::cache::KvCache;
-use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
+use crate::nn::{Linear, LoadCtx, RmsNorm, Rope};
 use crate::slots::AttentionSlot;
 
 pub struct GqaAttention {
@@ -31,6 +31,21 @@ pub struct GqaShape {
     pub bias: bool,
     pub qk_norm_eps: Option<f32>,
     pub rope: Rope,
+}
+
+impl GqaShape {
+    /// The GQA attention a config describes (biases, qk-norm, partial/traditional RoPE).
+    pub fn from_config(c: &crate::config::ModelConfig) -> GqaShape {
+        GqaShape {
+            hidden: c.hidden_size,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            bias: c.attention_bias,
+            qk_norm_eps: c.use_qk_norm.then_some(c.rms_norm_eps),
+            rope: Rope::plain(c.rope_dims, c.rope_traditional, c.rope_theta),
+        }
+    }
 }
 
 impl GqaAttention {

@@ -13,7 +13,7 @@ use mlx_rs::{ops, Array};
 
 use crate::cache::KvCache;
 use crate::config::{MlaConfig, ModelConfig, RopeScaling};
-use crate::nn::{LoadCtx, Linear, MultiLinear, RmsNorm, Rope};
+use crate::nn::{Linear, LoadCtx, MultiLinear, RmsNorm, Rope};
 use crate::slots::AttentionSlot;
 
 #[derive(Clone)]
@@ -64,12 +64,20 @@ impl MlaAttention {
         };
         let rope = match &c.rope_scaling {
             Some(y @ RopeScaling::Yarn { .. }) => Rope::yarn(d.qk_rope_head_dim, true, c.rope_theta as f64, y)?,
-            Some(RopeScaling::Linear { factor }) => Rope { scale: 1.0 / factor, ..Rope::plain(d.qk_rope_head_dim, true, c.rope_theta) },
+            Some(RopeScaling::Linear { factor }) => {
+                Rope { scale: 1.0 / factor, ..Rope::plain(d.qk_rope_head_dim, true, c.rope_theta) }
+            }
             None => Rope::plain(d.qk_rope_head_dim, true, c.rope_theta),
         };
         Ok(MlaAttention {
             q,
-            kv_a_proj_with_mqa: Linear::load(ctx, &format!("{path}.kv_a_proj_with_mqa"), hidden, d.kv_lora_rank + d.qk_rope_head_dim, c.attention_bias)?,
+            kv_a_proj_with_mqa: Linear::load(
+                ctx,
+                &format!("{path}.kv_a_proj_with_mqa"),
+                hidden,
+                d.kv_lora_rank + d.qk_rope_head_dim,
+                c.attention_bias,
+            )?,
             kv_a_layernorm: RmsNorm::load(ctx, &format!("{path}.kv_a_layernorm"), d.kv_lora_rank, d.norm_eps)?,
             embed_q: MultiLinear::load(ctx, &format!("{path}.embed_q"), h, d.qk_nope_head_dim, d.kv_lora_rank)?,
             unembed_out: MultiLinear::load(ctx, &format!("{path}.unembed_out"), h, d.kv_lora_rank, d.v_head_dim)?,
@@ -90,7 +98,8 @@ impl AttentionSlot for MlaAttention {
             QueryProj::Direct(p) => p.forward(x)?,
             QueryProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
         };
-        let q = q.reshape(&[b, l, self.n_heads, d.qk_nope_head_dim + d.qk_rope_head_dim])?.transpose_axes(&[0, 2, 1, 3])?;
+        let q =
+            q.reshape(&[b, l, self.n_heads, d.qk_nope_head_dim + d.qk_rope_head_dim])?.transpose_axes(&[0, 2, 1, 3])?;
         let qs = q.split_at_indices(&[d.qk_nope_head_dim], -1)?;
         let (q_nope, q_pe) = (&qs[0], &qs[1]);
         let ckv = self.kv_a_proj_with_mqa.forward(x)?;
@@ -132,4 +141,3 @@ impl AttentionSlot for MlaAttention {
         self
     }
 }
-

@@ -66,8 +66,8 @@ mod tests {
             all_k.push(k);
             let want = ops::concatenate(&all_k, 2).unwrap();
             assert_eq!(ck.shape(), want.shape());
-            assert!(ck.array_eq(&want, None).unwrap().item::<bool>());
-            assert!(cv.array_eq(want.multiply(Array::from_f32(2.0)).unwrap(), None).unwrap().item::<bool>());
+            assert!(ck.eq_values(&want).unwrap());
+            assert!(cv.eq_values(want.multiply(Array::from_f32(2.0)).unwrap()).unwrap());
         }
         assert_eq!(cache.offset, 505);
     }

@@ -71,8 +71,7 @@ pub struct CapsuleMeta {
 impl CapsuleMeta {
     /// Record the command for one variant under the original's `command_<variant>` key.
     pub fn set_command(&mut self, variant: &str, command: impl Into<String>) {
-        self.extra
-            .insert(format!("command_{variant}"), Value::String(command.into()));
+        self.extra.insert(format!("command_{variant}"), Value::String(command.into()));
     }
 
     /// `(key, command)` for every `command*` key, in file order.
@@ -96,9 +95,7 @@ pub fn capture_env() -> BTreeMap<String, String> {
 /// Join argv into one POSIX-shell command line, quoting where needed.
 pub fn shell_join(argv: &[String]) -> String {
     let quote = |a: &String| {
-        let plain = !a.is_empty()
-            && a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+        let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
         if plain {
             a.clone()
         } else {
@@ -210,20 +207,12 @@ impl<'de> Deserialize<'de> for Capsule {
         // would otherwise read as empty variants.
         let meta = match top.remove("meta") {
             Some(m @ Value::Object(_)) => CapsuleMeta::deserialize(m).map_err(D::Error::custom)?,
-            _ => {
-                return Err(D::Error::custom(
-                    "not a per-run capsule (layout A): no \"meta\" object",
-                ))
-            }
+            _ => return Err(D::Error::custom("not a per-run capsule (layout A): no \"meta\" object")),
         };
-        let mut capsule = Capsule {
-            meta,
-            ..Capsule::default()
-        };
+        let mut capsule = Capsule { meta, ..Capsule::default() };
         for (k, v) in top {
             if v.is_object() {
-                let r = VariantResult::deserialize(v)
-                    .map_err(|e| D::Error::custom(format!("section \"{k}\": {e}")))?;
+                let r = VariantResult::deserialize(v).map_err(|e| D::Error::custom(format!("section \"{k}\": {e}")))?;
                 capsule.variants.push((k, r));
             } else {
                 capsule.extra.insert(k, v);
@@ -253,16 +242,12 @@ fn slug(s: &str) -> String {
 pub fn write_capsule(dir_or_path: &Path, capsule: &Capsule) -> Result<PathBuf> {
     let mut text = serde_json::to_string_pretty(capsule).context("serializing capsule")?;
     text.push('\n');
-    let is_file = dir_or_path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let is_file = dir_or_path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_file {
         if let Some(dir) = dir_or_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating capsule directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating capsule directory {}", dir.display()))?;
         }
-        std::fs::write(dir_or_path, &text)
-            .with_context(|| format!("writing capsule {}", dir_or_path.display()))?;
+        std::fs::write(dir_or_path, &text).with_context(|| format!("writing capsule {}", dir_or_path.display()))?;
         return Ok(dir_or_path.to_path_buf());
     }
 
@@ -270,25 +255,12 @@ pub fn write_capsule(dir_or_path: &Path, capsule: &Capsule) -> Result<PathBuf> {
         bail!("capsule has no variant section, so there is no model to name the file after");
     };
     let model = first.model.rsplit('/').next().unwrap_or(&first.model);
-    let variant = if first.variant.is_empty() {
-        key
-    } else {
-        &first.variant
-    };
-    let stem = format!(
-        "{}_{}_{}",
-        slug(model),
-        slug(variant),
-        Utc::now().format("%Y%m%dT%H%M%S")
-    );
+    let variant = if first.variant.is_empty() { key } else { &first.variant };
+    let stem = format!("{}_{}_{}", slug(model), slug(variant), Utc::now().format("%Y%m%dT%H%M%S"));
     std::fs::create_dir_all(dir_or_path)
         .with_context(|| format!("creating capsule directory {}", dir_or_path.display()))?;
     for n in 1.. {
-        let name = if n == 1 {
-            format!("{stem}.json")
-        } else {
-            format!("{stem}-{n}.json")
-        };
+        let name = if n == 1 { format!("{stem}.json") } else { format!("{stem}-{n}.json") };
         let path = dir_or_path.join(name);
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(mut f) => {
@@ -298,9 +270,7 @@ pub fn write_capsule(dir_or_path: &Path, capsule: &Capsule) -> Result<PathBuf> {
                 return Ok(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(e).with_context(|| format!("creating capsule {}", path.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("creating capsule {}", path.display())),
         }
     }
     unreachable!("the name loop only ends by returning")
@@ -308,8 +278,7 @@ pub fn write_capsule(dir_or_path: &Path, capsule: &Capsule) -> Result<PathBuf> {
 
 /// Read a capsule; every error names the file.
 pub fn read_capsule(path: &Path) -> Result<Capsule> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading capsule {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading capsule {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing capsule {}", path.display()))
 }
 
@@ -362,11 +331,7 @@ pub fn render_report(c: &Capsule) -> String {
         }
         let _ = writeln!(out, "{line}");
     }
-    let _ = writeln!(
-        out,
-        "  Commit:  {}",
-        or_q(&m.git_commit.chars().take(7).collect::<String>())
-    );
+    let _ = writeln!(out, "  Commit:  {}", or_q(&m.git_commit.chars().take(7).collect::<String>()));
 
     let commands = m.commands();
     if !commands.is_empty() || !m.command_line.is_empty() {
@@ -389,54 +354,21 @@ pub fn render_report(c: &Capsule) -> String {
         let model = if v.model.is_empty() { key } else { &v.model };
         let (b, p) = (&v.baseline, &v.patched.stats);
         let _ = writeln!(out, "\n  {model}");
-        let _ = writeln!(
-            out,
-            "  {:<14} {:>12} {:>12} {:>18}",
-            "Metric", "Baseline", "Patched", "Change"
-        );
+        let _ = writeln!(out, "  {:<14} {:>12} {:>12} {:>18}", "Metric", "Baseline", "Patched", "Change");
         let _ = writeln!(out, "  {}", "-".repeat(58));
         let rows = [
-            (
-                "Decode",
-                b.median_decode,
-                p.median_decode,
-                DECODE_NEUTRAL_PCT,
-            ),
-            (
-                "Prefill",
-                b.median_prefill,
-                p.median_prefill,
-                PREFILL_NEUTRAL_PCT,
-            ),
+            ("Decode", b.median_decode, p.median_decode, DECODE_NEUTRAL_PCT),
+            ("Prefill", b.median_prefill, p.median_prefill, PREFILL_NEUTRAL_PCT),
         ];
         for (name, bv, pv, band) in rows {
-            let _ = writeln!(
-                out,
-                "  {name:<14} {bv:>10.1}  {pv:>10.1}  {:>18}",
-                fmt_change(bv, pv, band)
-            );
+            let _ = writeln!(out, "  {name:<14} {bv:>10.1}  {pv:>10.1}  {:>18}", fmt_change(bv, pv, band));
         }
         let f = &v.fidelity;
-        let verdict = if f.verdict.is_empty() {
-            "?"
-        } else {
-            &f.verdict
-        };
+        let verdict = if f.verdict.is_empty() { "?" } else { &f.verdict };
         let frac = format!("{}/{}", f.matched, f.total);
-        let _ = writeln!(
-            out,
-            "  {:<14} {:>12} {frac:>12}  {verdict:>18}",
-            "Fidelity", ""
-        );
+        let _ = writeln!(out, "  {:<14} {:>12} {frac:>12}  {verdict:>18}", "Fidelity", "");
         if let Some(i) = f.first_divergence {
-            let _ = writeln!(
-                out,
-                "  {:<14} {:>12} {:>12}  {:>18}",
-                "",
-                "",
-                "",
-                format!("first diff @ {i}")
-            );
+            let _ = writeln!(out, "  {:<14} {:>12} {:>12}  {:>18}", "", "", "", format!("first diff @ {i}"));
         }
         if b.peak_mem_gb > 0.0 || p.peak_mem_gb > 0.0 {
             let delta = format!("{:+.2} GB", p.peak_mem_gb - b.peak_mem_gb);
@@ -547,10 +479,7 @@ mod tests {
     #[test]
     fn prefill_band_is_wider_than_decode_band() {
         assert_eq!(fmt_change(100.0, 102.5, DECODE_NEUTRAL_PCT), "**+2.5%**");
-        assert_eq!(
-            fmt_change(100.0, 102.5, PREFILL_NEUTRAL_PCT),
-            "+2.5% (neutral)"
-        );
+        assert_eq!(fmt_change(100.0, 102.5, PREFILL_NEUTRAL_PCT), "+2.5% (neutral)");
         assert_eq!(fmt_change(100.0, 96.0, PREFILL_NEUTRAL_PCT), "**-4.0%**");
         assert_eq!(fmt_change(0.0, 96.0, PREFILL_NEUTRAL_PCT), "\u{2014}");
     }
@@ -561,21 +490,12 @@ mod tests {
         let p = dir.path().join("suite_summary.json");
         std::fs::write(&p, r#"{"suite":"x","results":[],"env_overrides":{}}"#).unwrap();
         let err = format!("{:#}", read_capsule(&p).unwrap_err());
-        assert!(
-            err.contains("suite_summary.json") && err.contains("layout A"),
-            "{err}"
-        );
-        let missing = format!(
-            "{:#}",
-            read_capsule(&dir.path().join("nope.json")).unwrap_err()
-        );
+        assert!(err.contains("suite_summary.json") && err.contains("layout A"), "{err}");
+        let missing = format!("{:#}", read_capsule(&dir.path().join("nope.json")).unwrap_err());
         assert!(missing.contains("nope.json"), "{missing}");
         std::fs::write(&p, r#"{"meta":{},"v":{"runs":"three"}}"#).unwrap();
         let err = format!("{:#}", read_capsule(&p).unwrap_err());
-        assert!(
-            err.contains("suite_summary.json") && err.contains("section \"v\""),
-            "{err}"
-        );
+        assert!(err.contains("suite_summary.json") && err.contains("section \"v\""), "{err}");
     }
 
     #[test]
@@ -584,12 +504,7 @@ mod tests {
         c.meta.backend = Some("cpu".into());
         c.meta.mlx_rs_version = Some("0.33.0".into());
         c.meta.libmlx_version = Some("0.32.2".into());
-        c.meta.command_line = vec![
-            "zmlx".into(),
-            "validate".into(),
-            "--notes".into(),
-            "it's a test".into(),
-        ];
+        c.meta.command_line = vec!["zmlx".into(), "validate".into(), "--notes".into(), "it's a test".into()];
         c.meta.env = BTreeMap::from([("ZMLX_MOE_STREAMS".to_string(), "2".to_string())]);
         c.variants[0].1.baseline.token_ids = Some(vec![vec![1, 2, 3], vec![1, 2, 3]]);
         c.variants[0].1.fidelity.first_divergence = Some(17);
@@ -597,14 +512,8 @@ mod tests {
         let p1 = write_capsule(&dir.path().join("caps"), &c).unwrap();
         let p2 = write_capsule(&dir.path().join("caps"), &c).unwrap();
         let name = p1.file_name().unwrap().to_str().unwrap();
-        assert!(
-            name.starts_with("glm-4-7-flash-4bit_control_swiglu_moe_2") && name.ends_with(".json"),
-            "{name}"
-        );
-        assert_ne!(
-            p1, p2,
-            "a second capsule in the same second must not overwrite the first"
-        );
+        assert!(name.starts_with("glm-4-7-flash-4bit_control_swiglu_moe_2") && name.ends_with(".json"), "{name}");
+        assert_ne!(p1, p2, "a second capsule in the same second must not overwrite the first");
         assert_eq!(read_capsule(&p1).unwrap(), c);
         let explicit = write_capsule(&dir.path().join("x/y.json"), &c).unwrap();
         assert_eq!(read_capsule(&explicit).unwrap(), c);
@@ -612,10 +521,7 @@ mod tests {
         let text = std::fs::read_to_string(&p1).unwrap();
         assert!(text.find("\"meta\"").unwrap() < text.find("\"control_swiglu_moe\": {").unwrap());
         let r = render_report(&c);
-        assert!(
-            r.contains("  Backend: cpu (mlx-rs 0.33.0, libmlx 0.32.2)\n"),
-            "{r}"
-        );
+        assert!(r.contains("  Backend: cpu (mlx-rs 0.33.0, libmlx 0.32.2)\n"), "{r}");
         assert!(r.contains("    ZMLX_MOE_STREAMS=2\n"));
         assert!(r.contains("first diff @ 17"));
         c.meta.extra.clear();
@@ -631,8 +537,6 @@ mod tests {
         let mut m = CapsuleMeta::default();
         m.set_command("v1", "zmlx validate x");
         assert_eq!(m.commands(), [("command_v1", "zmlx validate x")]);
-        assert!(capture_env()
-            .keys()
-            .all(|k| k.starts_with("ZMLX_") || k == "LD_LIBRARY_PATH"));
+        assert!(capture_env().keys().all(|k| k.starts_with("ZMLX_") || k == "LD_LIBRARY_PATH"));
     }
 }

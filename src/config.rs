@@ -140,8 +140,17 @@ pub struct MlaConfig {
 /// `rope_scaling` as mlx-lm's initialize_rope reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
-    Linear { factor: f32 },
-    Yarn { factor: f64, original_max_position_embeddings: f64, beta_fast: f64, beta_slow: f64, mscale: f64, mscale_all_dim: f64 },
+    Linear {
+        factor: f32,
+    },
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: f64,
+        mscale_all_dim: f64,
+    },
 }
 
 /// Reads typed keys with errors that name the file and the key.
@@ -213,15 +222,14 @@ impl ModelConfig {
     /// Reads `<dir>/config.json` (and `generation_config.json`'s eos override, as mlx-lm does).
     pub fn load(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {}: a checkpoint directory needs config.json", path.display())
-        })?;
-        let mut value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}: a checkpoint directory needs config.json", path.display()))?;
+        let mut value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         let gen_path = dir.join("generation_config.json");
         if let Ok(gen_text) = std::fs::read_to_string(&gen_path) {
-            let gen: Value = serde_json::from_str(&gen_text)
-                .with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+            let gen: Value =
+                serde_json::from_str(&gen_text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
             if let (Some(eos), Some(obj)) = (gen.get("eos_token_id"), value.as_object_mut()) {
                 obj.insert("eos_token_id".into(), eos.clone());
             }
@@ -230,9 +238,8 @@ impl ModelConfig {
     }
 
     pub fn from_value(value: &Value, file: &Path) -> Result<ModelConfig> {
-        let map = value
-            .as_object()
-            .ok_or_else(|| anyhow!("{}: expected a JSON object at the top level", file.display()))?;
+        let map =
+            value.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object at the top level", file.display()))?;
         let k = Keys { map, file };
         let model_type = map
             .get("model_type")
@@ -240,11 +247,7 @@ impl ModelConfig {
             .ok_or_else(|| k.err("model_type", "a string naming the model family"))?;
         let family = Family::from_model_type(model_type).ok_or_else(|| {
             let known: Vec<_> = Family::ALL.iter().map(|f| f.model_type()).collect();
-            anyhow!(
-                "{}: unsupported model_type `{model_type}`; zmlx supports: {}",
-                file.display(),
-                known.join(", ")
-            )
+            anyhow!("{}: unsupported model_type `{model_type}`; zmlx supports: {}", file.display(), known.join(", "))
         })?;
         let hidden_size = k.positive("hidden_size", None)?;
         let num_attention_heads = k.positive("num_attention_heads", None)?;
@@ -256,7 +259,8 @@ impl ModelConfig {
         let quantization = parse_quantization(map, file)?;
         let torch_dtype = map.get("torch_dtype").and_then(Value::as_str).map(str::to_owned);
 
-        let mut c = ModelConfig::blank(family, eos_token_ids, quantization, torch_dtype, hidden_size, num_attention_heads);
+        let mut c =
+            ModelConfig::blank(family, eos_token_ids, quantization, torch_dtype, hidden_size, num_attention_heads);
         match family {
             Family::Mixtral => {
                 c.vocab_size = k.positive("vocab_size", Some(32000))?;
@@ -286,9 +290,13 @@ impl ModelConfig {
                 c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
                 c.attention_bias = true;
                 // Validated as mlx-lm does, never applied.
-                if let Some(rs) = map.get("rope_scaling").filter(|v| !v.is_null() && v.as_object().is_some_and(|o| !o.is_empty())) {
+                if let Some(rs) =
+                    map.get("rope_scaling").filter(|v| !v.is_null() && v.as_object().is_some_and(|o| !o.is_empty()))
+                {
                     if rs.get("type").and_then(Value::as_str) != Some("linear") || rs.get("factor").is_none() {
-                        return Err(k.err("rope_scaling", "null or {\"type\": \"linear\", \"factor\": F} for qwen2_moe"));
+                        return Err(
+                            k.err("rope_scaling", "null or {\"type\": \"linear\", \"factor\": F} for qwen2_moe")
+                        );
                     }
                 }
             }
@@ -364,7 +372,14 @@ impl ModelConfig {
     }
 
     /// A config with every field at its neutral value, for the family parsers to fill in.
-    fn blank(family: Family, eos_token_ids: Vec<u32>, quantization: QuantConfig, torch_dtype: Option<String>, hidden_size: i32, heads: i32) -> ModelConfig {
+    fn blank(
+        family: Family,
+        eos_token_ids: Vec<u32>,
+        quantization: QuantConfig,
+        torch_dtype: Option<String>,
+        hidden_size: i32,
+        heads: i32,
+    ) -> ModelConfig {
         ModelConfig {
             family,
             vocab_size: 0,
@@ -463,9 +478,7 @@ impl ModelConfig {
             Family::Glm4Moe => i >= self.first_k_dense_replace,
             Family::Glm4MoeLite | Family::DeepseekV3 => i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0,
             Family::Qwen3Moe => {
-                !self.mlp_only_layers.contains(&i)
-                    && self.num_experts > 0
-                    && (i + 1) % self.decoder_sparse_step == 0
+                !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step == 0
             }
         }
     }
@@ -488,12 +501,16 @@ fn parse_rope_scaling(map: &Map<String, Value>, file: &Path) -> Result<Option<Ro
     let Some(rs) = map.get("rope_scaling").filter(|v| !v.is_null()) else {
         return Ok(None);
     };
-    let o = rs.as_object().ok_or_else(|| anyhow!("{}: rope_scaling must be an object or null (found {rs})", file.display()))?;
+    let o = rs
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: rope_scaling must be an object or null (found {rs})", file.display()))?;
     let kind = o.get("type").or_else(|| o.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str, default: f64| -> Result<f64> {
         match o.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| anyhow!("{}: rope_scaling.{key} must be a number (found {v})", file.display())),
+            Some(v) => {
+                v.as_f64().ok_or_else(|| anyhow!("{}: rope_scaling.{key} must be a number (found {v})", file.display()))
+            }
         }
     };
     Ok(match kind {
@@ -507,7 +524,10 @@ fn parse_rope_scaling(map: &Map<String, Value>, file: &Path) -> Result<Option<Ro
             mscale: num("mscale", 1.0)?,
             mscale_all_dim: num("mscale_all_dim", 0.0)?,
         }),
-        other => bail!("{}: rope_scaling type `{other}` is not supported for MLA models (expected yarn, linear or default)", file.display()),
+        other => bail!(
+            "{}: rope_scaling type `{other}` is not supported for MLA models (expected yarn, linear or default)",
+            file.display()
+        ),
     })
 }
 
@@ -515,9 +535,10 @@ fn parse_quant_params(v: &Map<String, Value>, file: &Path, at: &str) -> Result<Q
     let get = |key: &str, default: i64| -> Result<i32> {
         match v.get(key) {
             None => Ok(default as i32),
-            Some(x) => x.as_i64().map(|n| n as i32).ok_or_else(|| {
-                anyhow!("{}: {at}.{key} must be an integer (found {x})", file.display())
-            }),
+            Some(x) => x
+                .as_i64()
+                .map(|n| n as i32)
+                .ok_or_else(|| anyhow!("{}: {at}.{key} must be an integer (found {x})", file.display())),
         }
     };
     let (group_size, bits) = (get("group_size", 64)?, get("bits", 4)?);
@@ -543,13 +564,9 @@ fn parse_quantization(map: &Map<String, Value>, file: &Path) -> Result<QuantConf
     let Some(q) = map.get("quantization").or_else(|| map.get("quantization_config")) else {
         return Ok(QuantConfig::default());
     };
-    let q = q
-        .as_object()
-        .ok_or_else(|| anyhow!("{}: `quantization` must be an object (found {q})", file.display()))?;
-    let mut out = QuantConfig {
-        global: Some(parse_quant_params(q, file, "quantization")?),
-        overrides: BTreeMap::new(),
-    };
+    let q = q.as_object().ok_or_else(|| anyhow!("{}: `quantization` must be an object (found {q})", file.display()))?;
+    let mut out =
+        QuantConfig { global: Some(parse_quant_params(q, file, "quantization")?), overrides: BTreeMap::new() };
     for (key, value) in q {
         let at = format!("quantization.{key}");
         match value {
@@ -626,7 +643,10 @@ mod tests {
         let mut v = qwen3();
         v["num_experts_per_tok"] = json!("two");
         let e = ModelConfig::from_value(&v, Path::new("/m/config.json")).unwrap_err().to_string();
-        assert!(e.contains("/m/config.json") && e.contains("`num_experts_per_tok` must be an integer (found \"two\")"), "{e}");
+        assert!(
+            e.contains("/m/config.json") && e.contains("`num_experts_per_tok` must be an integer (found \"two\")"),
+            "{e}"
+        );
         let mut v = qwen3();
         v["num_key_value_heads"] = json!(3);
         let e = ModelConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();

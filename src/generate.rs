@@ -40,7 +40,13 @@ pub struct GenerateOptions {
 
 impl GenerateOptions {
     pub fn greedy(max_tokens: usize, eos_token_ids: Vec<u32>) -> Self {
-        GenerateOptions { max_tokens, sampler: SamplerConfig::default(), prefill_step: 2048, ignore_eos: false, eos_token_ids }
+        GenerateOptions {
+            max_tokens,
+            sampler: SamplerConfig::default(),
+            prefill_step: 2048,
+            ignore_eos: false,
+            eos_token_ids,
+        }
     }
 }
 

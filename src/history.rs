@@ -50,11 +50,8 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
 
 /// `--since` argument: a date (`2026-02-05`) or a date-time (RFC 3339 or naive UTC).
 pub fn parse_since(s: &str) -> Result<DateTime<Utc>> {
-    parse_timestamp(s).ok_or_else(|| {
-        anyhow!(
-            "cannot read {s:?} as a date (YYYY-MM-DD) or date-time (YYYY-MM-DDTHH:MM:SS[+00:00])"
-        )
-    })
+    parse_timestamp(s)
+        .ok_or_else(|| anyhow!("cannot read {s:?} as a date (YYYY-MM-DD) or date-time (YYYY-MM-DDTHH:MM:SS[+00:00])"))
 }
 
 impl HistoryQuery {
@@ -101,11 +98,7 @@ pub fn filter(entries: &[MatrixEntry], q: &HistoryQuery) -> Vec<MatrixEntry> {
 
 /// Python's `repr(str)`, which the original used to quote the query in the header.
 fn py_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::from(quote);
     for c in s.chars() {
         match c {
@@ -138,10 +131,7 @@ pub fn render_table(entries: &[MatrixEntry], q: &HistoryQuery, color: bool) -> S
         Some(s) => py_repr(s),
         None => "all models".into(),
     };
-    let mut out = format!(
-        "\n[matrix] History for {what} ({} entries)\n",
-        entries.len()
-    );
+    let mut out = format!("\n[matrix] History for {what} ({} entries)\n", entries.len());
     // Hardware line as in the original; the other lines are our filters.
     let filters = [
         ("Hardware", q.hardware.clone()),
@@ -161,11 +151,7 @@ pub fn render_table(entries: &[MatrixEntry], q: &HistoryQuery, color: bool) -> S
     let _ = write!(out, "\n{header}\n{}\n", "-".repeat(header.chars().count()));
     for e in entries {
         let ts: String = e.timestamp.chars().take(19).collect();
-        let patterns = if e.patterns_applied.is_empty() {
-            "(none)".to_string()
-        } else {
-            e.patterns_applied.join(",")
-        };
+        let patterns = if e.patterns_applied.is_empty() { "(none)".to_string() } else { e.patterns_applied.join(",") };
         let notes = e.notes.replace('\n', " ");
         // Pad before colouring so escape codes do not count toward the width.
         let fid = format!("{:>6}", e.fidelity);
@@ -202,10 +188,7 @@ pub fn render_json(entries: &[MatrixEntry]) -> String {
 pub fn plot(entries: &[MatrixEntry], path: &Path) -> Result<()> {
     use plotters::prelude::*;
 
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("svg") => {}
         Some("png") => bail!(
@@ -213,14 +196,8 @@ pub fn plot(entries: &[MatrixEntry], path: &Path) -> Result<()> {
              rasteriser to draw text into bitmaps); use a .svg path",
             path.display()
         ),
-        Some(other) => bail!(
-            "cannot write {}: unsupported plot extension '.{other}'; use .svg",
-            path.display()
-        ),
-        None => bail!(
-            "cannot write {}: no file extension; use .svg",
-            path.display()
-        ),
+        Some(other) => bail!("cannot write {}: unsupported plot extension '.{other}'; use .svg", path.display()),
+        None => bail!("cannot write {}: no file extension; use .svg", path.display()),
     }
 
     let models: HashSet<&str> = entries.iter().map(|e| e.model_id.as_str()).collect();
@@ -234,21 +211,14 @@ pub fn plot(entries: &[MatrixEntry], path: &Path) -> Result<()> {
             continue;
         }
         let p = sorted_patterns(&e.patterns_applied);
-        let mut label = if p.is_empty() {
-            "(none)".to_string()
-        } else {
-            p.join("+")
-        };
+        let mut label = if p.is_empty() { "(none)".to_string() } else { p.join("+") };
         if models.len() > 1 {
             label = format!("{}: {label}", short_model(&e.model_id));
         }
         // Days since the epoch: an f64 axis with our own date labels needs no plotters
         // datetime feature.
         let x = t.timestamp_millis() as f64 / 86_400_000.0;
-        series
-            .entry(label)
-            .or_default()
-            .push((x, e.decode_tps_patched));
+        series.entry(label).or_default().push((x, e.decode_tps_patched));
     }
     if series.is_empty() {
         bail!("nothing to plot: no entry has a timestamp and decode_tps_patched > 0");
@@ -279,11 +249,7 @@ pub fn plot(entries: &[MatrixEntry], path: &Path) -> Result<()> {
         .map_err(|e| draw_err(&e))?;
     let fmt_x = move |x: &f64| {
         let t = DateTime::<Utc>::from_timestamp_millis((x * 86_400_000.0) as i64);
-        let fmt = if span_days > 3.0 {
-            "%Y-%m-%d"
-        } else {
-            "%m-%d %H:%M"
-        };
+        let fmt = if span_days > 3.0 { "%Y-%m-%d" } else { "%m-%d %H:%M" };
         t.map(|t| t.format(fmt).to_string()).unwrap_or_default()
     };
     chart
@@ -300,12 +266,8 @@ pub fn plot(entries: &[MatrixEntry], path: &Path) -> Result<()> {
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
             .map_err(|e| draw_err(&e))?
             .label(label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| draw_err(&e))?;
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| draw_err(&e))?;
     }
     chart
         .configure_series_labels()
@@ -413,9 +375,8 @@ fn short_model(model_id: &str) -> &str {
 /// ledgers span several machines, and the fidelity verdict old→new (the original ignored
 /// fidelity, so a speedup that broke token identity looked like a win).
 pub fn diff(a_entries: &[MatrixEntry], b_entries: &[MatrixEntry]) -> String {
-    let index = |v: Vec<MatrixEntry>| -> HashMap<EntryKey, MatrixEntry> {
-        v.into_iter().map(|e| (e.key(), e)).collect()
-    };
+    let index =
+        |v: Vec<MatrixEntry>| -> HashMap<EntryKey, MatrixEntry> { v.into_iter().map(|e| (e.key(), e)).collect() };
     let (old, new) = (index(latest(a_entries)), index(latest(b_entries)));
     let mut keys: Vec<&EntryKey> = old.keys().chain(new.keys()).collect();
     keys.sort();
@@ -432,12 +393,7 @@ pub fn diff(a_entries: &[MatrixEntry], b_entries: &[MatrixEntry]) -> String {
         }
     };
     // Our own column, so it may widen to keep rows aligned (at least the original's 28).
-    let pw = keys
-        .iter()
-        .map(|k| pattern_cell(&k.2).len())
-        .max()
-        .unwrap_or(0)
-        .max(28);
+    let pw = keys.iter().map(|k| pattern_cell(&k.2).len()).max().unwrap_or(0).max(28);
 
     let hw_col = |h: &str| {
         if multi_hw {
@@ -458,20 +414,14 @@ pub fn diff(a_entries: &[MatrixEntry], b_entries: &[MatrixEntry]) -> String {
     let mut out = format!("\n{header}\n{}\n", "-".repeat(header.chars().count()));
     for key in keys {
         let (o, n) = (old.get(key), new.get(key));
-        let tps = |e: Option<&MatrixEntry>| {
-            e.map_or("--".into(), |e| format!("{:.1}", e.decode_tps_patched))
-        };
+        let tps = |e: Option<&MatrixEntry>| e.map_or("--".into(), |e| format!("{:.1}", e.decode_tps_patched));
         let change = match (o, n) {
             (Some(o), Some(n)) if o.decode_tps_patched > 0.0 => {
-                format!(
-                    "{:+.1}%",
-                    (n.decode_tps_patched / o.decode_tps_patched - 1.0) * 100.0
-                )
+                format!("{:+.1}%", (n.decode_tps_patched / o.decode_tps_patched - 1.0) * 100.0)
             }
             _ => "--".into(),
         };
-        let fid =
-            |e: Option<&MatrixEntry>| e.map_or_else(|| "--".to_string(), |e| e.fidelity.clone());
+        let fid = |e: Option<&MatrixEntry>| e.map_or_else(|| "--".to_string(), |e| e.fidelity.clone());
         let patterns = pattern_cell(&key.2);
         let _ = writeln!(
             out,
@@ -510,14 +460,8 @@ mod tests {
     }
 
     fn sample() -> Vec<MatrixEntry> {
-        let mut a = e(
-            "mlx-community/Qwen3-30B-A3B-4bit",
-            &["moe_mlp"],
-            "2026-02-05T15:16:38.1+00:00",
-            106.6,
-            115.0,
-            "PASS",
-        );
+        let mut a =
+            e("mlx-community/Qwen3-30B-A3B-4bit", &["moe_mlp"], "2026-02-05T15:16:38.1+00:00", 106.6, 115.0, "PASS");
         a.notes = "first\nrun".into();
         vec![
             e(
@@ -537,14 +481,7 @@ mod tests {
                 87.3,
                 "FAIL",
             ),
-            e(
-                "mlx-community/Qwen3-30B-A3B-4bit",
-                &[],
-                "2026-02-07T00:00:00+00:00",
-                100.0,
-                0.0,
-                "SKIP",
-            ),
+            e("mlx-community/Qwen3-30B-A3B-4bit", &[], "2026-02-07T00:00:00+00:00", 100.0, 0.0, "SKIP"),
         ]
     }
 
@@ -554,48 +491,22 @@ mod tests {
         let q = |f: fn(&mut HistoryQuery)| {
             let mut q = HistoryQuery::default();
             f(&mut q);
-            filter(&all, &q)
-                .iter()
-                .map(|e| e.timestamp[..10].to_string())
-                .collect::<Vec<_>>()
+            filter(&all, &q).iter().map(|e| e.timestamp[..10].to_string()).collect::<Vec<_>>()
         };
         // Sorted by time; "qwen3" matches the id, "mlx-community/glm" the full id.
-        assert_eq!(
-            q(|q| q.query = Some("QWEN3".into())),
-            ["2026-02-05", "2026-02-07"]
-        );
-        assert_eq!(
-            q(|q| q.query = Some("mlx-community/glm".into())),
-            ["2026-02-05", "2026-02-06"]
-        );
-        assert_eq!(
-            q(|q| q.pattern = Some("swiglu_mlp".into())),
-            ["2026-02-05", "2026-02-06"]
-        );
-        assert_eq!(
-            q(|q| q.since = Some(parse_since("2026-02-06").unwrap())),
-            ["2026-02-06", "2026-02-07"]
-        );
+        assert_eq!(q(|q| q.query = Some("QWEN3".into())), ["2026-02-05", "2026-02-07"]);
+        assert_eq!(q(|q| q.query = Some("mlx-community/glm".into())), ["2026-02-05", "2026-02-06"]);
+        assert_eq!(q(|q| q.pattern = Some("swiglu_mlp".into())), ["2026-02-05", "2026-02-06"]);
+        assert_eq!(q(|q| q.since = Some(parse_since("2026-02-06").unwrap())), ["2026-02-06", "2026-02-07"]);
         assert_eq!(q(|q| q.fidelity = Some("fail".into())), ["2026-02-05"]);
-        assert_eq!(
-            q(|q| q.hardware = Some("Apple M1 Pro 16GB".into())),
-            Vec::<String>::new()
-        );
+        assert_eq!(q(|q| q.hardware = Some("Apple M1 Pro 16GB".into())), Vec::<String>::new());
         assert!(parse_since("yesterday").is_err());
-        assert_eq!(
-            parse_timestamp("2026-02-05T01:01:40.104915+00:00")
-                .unwrap()
-                .timestamp(),
-            1_770_253_300
-        );
+        assert_eq!(parse_timestamp("2026-02-05T01:01:40.104915+00:00").unwrap().timestamp(), 1_770_253_300);
     }
 
     #[test]
     fn table_matches_original_layout() {
-        let q = HistoryQuery {
-            query: Some("qwen3".into()),
-            ..Default::default()
-        };
+        let q = HistoryQuery { query: Some("qwen3".into()), ..Default::default() };
         let rows = filter(&sample(), &q);
         let t = render_table(&rows, &q, false);
         let expected = "\n[matrix] History for 'qwen3' (2 entries)\n\n\
@@ -607,15 +518,8 @@ Timestamp              Decode     Base  Patched    Fid Patterns                 
         assert!(!t.contains('\x1b'));
         let c = render_table(&rows, &q, true);
         assert!(c.contains("\x1b[32m  PASS\x1b[0m moe_mlp"));
-        assert_eq!(
-            render_table(&[], &q, true),
-            "\n[matrix] No matching entries.\n"
-        );
-        let q2 = HistoryQuery {
-            query: Some("it's".into()),
-            hardware: Some("hw".into()),
-            ..Default::default()
-        };
+        assert_eq!(render_table(&[], &q, true), "\n[matrix] No matching entries.\n");
+        let q2 = HistoryQuery { query: Some("it's".into()), hardware: Some("hw".into()), ..Default::default() };
         assert!(render_table(&rows, &q2, false)
             .starts_with("\n[matrix] History for \"it's\" (2 entries)\n[matrix] Hardware: hw\n\n"));
     }
@@ -682,15 +586,10 @@ Timestamp              Decode     Base  Patched    Fid Patterns                 
                 .copied()
                 .unwrap_or_else(|| panic!("{m} {p}\n{d}"))
         };
-        assert!(row("GLM-4.7-Flash-4bit ", "moe_mlp,swiglu_mlp ")
-            .ends_with("92.4      101.6     +10.0%  PASS→PASS"));
-        assert!(row("GLM-4.7-Flash-4bit ", "moe_mlp,residual_norm")
-            .ends_with("87.3       87.3      +0.0%  FAIL→PASS"));
-        assert!(
-            row("Qwen3-30B-A3B-4bit ", "(none)").ends_with("0.0         --         --  SKIP→--")
-        );
-        assert!(row("New-Model ", "a_very_long_pattern_name,moe_mlp")
-            .ends_with("--       55.0         --  --→PASS"));
+        assert!(row("GLM-4.7-Flash-4bit ", "moe_mlp,swiglu_mlp ").ends_with("92.4      101.6     +10.0%  PASS→PASS"));
+        assert!(row("GLM-4.7-Flash-4bit ", "moe_mlp,residual_norm").ends_with("87.3       87.3      +0.0%  FAIL→PASS"));
+        assert!(row("Qwen3-30B-A3B-4bit ", "(none)").ends_with("0.0         --         --  SKIP→--"));
+        assert!(row("New-Model ", "a_very_long_pattern_name,moe_mlp").ends_with("--       55.0         --  --→PASS"));
         // A pattern set longer than 28 chars widens the column instead of shifting its row.
         let widths: HashSet<usize> = lines[1..]
             .iter()
@@ -710,25 +609,15 @@ Timestamp              Decode     Base  Patched    Fid Patterns                 
         plot(&sample(), &svg).unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
         assert!(text.starts_with("<svg"));
-        for needle in [
-            "Decode tok/s (patched)",
-            "Run time (UTC)",
-            "GLM-4.7-Flash-4bit: moe_mlp+swiglu_mlp",
-            "<polyline",
-        ] {
+        for needle in
+            ["Decode tok/s (patched)", "Run time (UTC)", "GLM-4.7-Flash-4bit: moe_mlp+swiglu_mlp", "<polyline"]
+        {
             assert!(text.contains(needle), "missing {needle}");
         }
-        let png = plot(&sample(), &dir.path().join("h.png"))
-            .unwrap_err()
-            .to_string();
+        let png = plot(&sample(), &dir.path().join("h.png")).unwrap_err().to_string();
         assert!(png.contains("PNG") && png.contains(".svg"), "{png}");
-        let gif = plot(&sample(), &dir.path().join("h.gif"))
-            .unwrap_err()
-            .to_string();
+        let gif = plot(&sample(), &dir.path().join("h.gif")).unwrap_err().to_string();
         assert!(gif.contains("'.gif'"), "{gif}");
-        assert!(
-            plot(&sample()[3..], &svg).is_err(),
-            "a SKIP row alone has nothing to plot"
-        );
+        assert!(plot(&sample()[3..], &svg).is_err(), "a SKIP row alone has nothing to plot");
     }
 }

@@ -101,10 +101,7 @@ pub struct MatrixEntry {
     pub git_commit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_source: Option<String>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "opt_f64_or_null"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "opt_f64_or_null")]
     pub cooldown_s: Option<f64>,
     /// Path of the repro capsule written for this run.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -168,11 +165,7 @@ impl MatrixEntry {
     /// `(model_id, hardware, sorted patterns)`; the original keyed by model and hardware
     /// only, so two pattern sets of one model overwrote each other.
     pub fn key(&self) -> EntryKey {
-        (
-            self.model_id.clone(),
-            self.hardware.clone(),
-            sorted_patterns(&self.patterns_applied),
-        )
+        (self.model_id.clone(), self.hardware.clone(), sorted_patterns(&self.patterns_applied))
     }
 
     /// The ledger line (without the trailing newline), byte-compatible with Python's
@@ -349,8 +342,7 @@ impl Ledger {
     /// line (readers report it) and ours is intact.
     pub fn append(&self, entry: &MatrixEntry) -> Result<()> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating ledger directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating ledger directory {}", dir.display()))?;
         }
         let mut file = OpenOptions::new()
             .read(true)
@@ -360,13 +352,10 @@ impl Ledger {
             .with_context(|| format!("opening ledger {}", self.path.display()))?;
         // Fully qualified: std has an inherent `File::lock` since Rust 1.89, and our MSRV
         // is older; fs4 gives the same flock on every supported toolchain.
-        fs4::FileExt::lock(&file)
-            .with_context(|| format!("locking ledger {}", self.path.display()))?;
+        fs4::FileExt::lock(&file).with_context(|| format!("locking ledger {}", self.path.display()))?;
 
         let mut buf = Vec::with_capacity(1024);
-        if !ends_with_newline(&mut file)
-            .with_context(|| format!("reading ledger {}", self.path.display()))?
-        {
+        if !ends_with_newline(&mut file).with_context(|| format!("reading ledger {}", self.path.display()))? {
             buf.push(b'\n');
         }
         buf.extend_from_slice(entry.to_line().as_bytes());
@@ -385,16 +374,12 @@ impl Ledger {
         let mut file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LedgerRead::default()),
-            Err(e) => {
-                return Err(e).with_context(|| format!("opening ledger {}", self.path.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("opening ledger {}", self.path.display())),
         };
         // Shared lock: never observe a zmlx writer's line half-written.
-        fs4::FileExt::lock_shared(&file)
-            .with_context(|| format!("locking ledger {}", self.path.display()))?;
+        fs4::FileExt::lock_shared(&file).with_context(|| format!("locking ledger {}", self.path.display()))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .with_context(|| format!("reading ledger {}", self.path.display()))?;
+        file.read_to_end(&mut bytes).with_context(|| format!("reading ledger {}", self.path.display()))?;
         drop(file);
         Ok(parse_ledger(&bytes))
     }
@@ -514,9 +499,7 @@ mod tests {
         assert_eq!(e.decode_speedup, 0.0);
         assert!(e.patterns_applied.is_empty() && e.notes.is_empty() && !e.custom_mlx);
         // Written back in full, as Python's to_dict would.
-        assert!(e
-            .to_line()
-            .contains(r#""fidelity":"SKIP","fidelity_detail":"","#));
+        assert!(e.to_line().contains(r#""fidelity":"SKIP","fidelity_detail":"","#));
     }
 
     #[test]
@@ -526,15 +509,10 @@ mod tests {
         e.cooldown_s = Some(2.5);
         e.capsule = Some("repro_capsules/x.json".into());
         let line = e.to_line();
-        assert!(line.ends_with(
-            r#""runs":3,"backend":"cpu","cooldown_s":2.5,"capsule":"repro_capsules/x.json"}"#
-        ));
+        assert!(line.ends_with(r#""runs":3,"backend":"cpu","cooldown_s":2.5,"capsule":"repro_capsules/x.json"}"#));
         assert_eq!(MatrixEntry::from_line(&line).unwrap(), e);
 
-        let future = EXAMPLE_LINE.replace(
-            r#""runs":3}"#,
-            r#""runs":3,"zeta":{"b":1,"a":[1.5e-07]},"alpha":null}"#,
-        );
+        let future = EXAMPLE_LINE.replace(r#""runs":3}"#, r#""runs":3,"zeta":{"b":1,"a":[1.5e-07]},"alpha":null}"#);
         let f = MatrixEntry::from_line(&future).unwrap();
         assert_eq!(f.extra.keys().collect::<Vec<_>>(), ["zeta", "alpha"]);
         assert_eq!(f.to_line(), future);
@@ -568,14 +546,8 @@ mod tests {
              1.7976931348623157e+308,2.5e-07,92.0,-1.0]"
         );
         let mut m = Map::new();
-        m.insert(
-            "n".into(),
-            Value::from("a\u{2014}b\x7f\x01\"\\/\n\u{1F600}"),
-        );
-        assert_eq!(
-            to_python_json(&m).unwrap(),
-            r#"{"n":"a\u2014b\u007f\u0001\"\\/\n\ud83d\ude00"}"#
-        );
+        m.insert("n".into(), Value::from("a\u{2014}b\x7f\x01\"\\/\n\u{1F600}"));
+        assert_eq!(to_python_json(&m).unwrap(), r#"{"n":"a\u2014b\u007f\u0001\"\\/\n\ud83d\ude00"}"#);
         // ...and serde_json reads the escapes back.
         let back: Map<String, Value> = serde_json::from_str(&to_python_json(&m).unwrap()).unwrap();
         assert_eq!(back, m);
@@ -594,10 +566,7 @@ mod tests {
             if !f.is_finite() {
                 continue;
             }
-            let e = MatrixEntry {
-                decode_tps_patched: f,
-                ..MatrixEntry::default()
-            };
+            let e = MatrixEntry { decode_tps_patched: f, ..MatrixEntry::default() };
             let back = MatrixEntry::from_line(&e.to_line()).unwrap();
             assert_eq!(back.decode_tps_patched.to_bits(), f.to_bits(), "{f:e}");
         }
@@ -605,54 +574,26 @@ mod tests {
 
     #[test]
     fn non_finite_floats_are_written_as_null_and_read_back_as_nan() {
-        let e = MatrixEntry {
-            decode_speedup: f64::INFINITY,
-            ..MatrixEntry::default()
-        };
+        let e = MatrixEntry { decode_speedup: f64::INFINITY, ..MatrixEntry::default() };
         let line = e.to_line();
         assert!(line.contains(r#""decode_speedup":null"#));
-        assert!(MatrixEntry::from_line(&line)
-            .unwrap()
-            .decode_speedup
-            .is_nan());
+        assert!(MatrixEntry::from_line(&line).unwrap().decode_speedup.is_nan());
     }
 
     #[test]
     fn ledger_path_resolution() {
         let root = Path::new("/repo");
-        assert_eq!(
-            ledger_path_from(root, None),
-            PathBuf::from("/repo/benchmarks/matrix.jsonl")
-        );
-        assert_eq!(
-            ledger_path_from(root, Some("".into())),
-            PathBuf::from("/repo/benchmarks/matrix.jsonl")
-        );
-        assert_eq!(
-            ledger_path_from(root, Some("/x/l.jsonl".into())),
-            PathBuf::from("/x/l.jsonl")
-        );
-        assert_eq!(
-            resolve_ledger_path(Some(Path::new("a.jsonl")), root),
-            PathBuf::from("a.jsonl")
-        );
+        assert_eq!(ledger_path_from(root, None), PathBuf::from("/repo/benchmarks/matrix.jsonl"));
+        assert_eq!(ledger_path_from(root, Some("".into())), PathBuf::from("/repo/benchmarks/matrix.jsonl"));
+        assert_eq!(ledger_path_from(root, Some("/x/l.jsonl".into())), PathBuf::from("/x/l.jsonl"));
+        assert_eq!(resolve_ledger_path(Some(Path::new("a.jsonl")), root), PathBuf::from("a.jsonl"));
     }
 
     #[test]
     fn latest_is_keyed_by_model_hardware_and_pattern_set() {
-        let a1 = entry(
-            "m/a",
-            &["moe_mlp", "swiglu_mlp"],
-            "2026-01-01T00:00:00",
-            90.0,
-        );
+        let a1 = entry("m/a", &["moe_mlp", "swiglu_mlp"], "2026-01-01T00:00:00", 90.0);
         let b = entry("m/a", &["moe_mlp"], "2026-01-02T00:00:00", 85.0);
-        let a2 = entry(
-            "m/a",
-            &["swiglu_mlp", "moe_mlp"],
-            "2026-01-03T00:00:00",
-            95.0,
-        );
+        let a2 = entry("m/a", &["swiglu_mlp", "moe_mlp"], "2026-01-03T00:00:00", 95.0);
         let l = latest(&[a1, b.clone(), a2.clone()]);
         assert_eq!(l, vec![a2, b]);
     }
@@ -679,10 +620,7 @@ mod tests {
         let before = std::fs::read(&ledger.path).unwrap();
 
         let r = ledger.read().unwrap();
-        assert_eq!(
-            r.entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-            [1, 2, 3]
-        );
+        assert_eq!(r.entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(r.bad_lines.len(), 1);
         assert_eq!(r.bad_lines[0].0, 4);
         assert!(r.bad_lines[0].1.contains("torn"), "{}", r.bad_lines[0].1);
@@ -690,20 +628,14 @@ mod tests {
         let next = entry("m/next", &["moe_mlp"], "t", 7.0);
         ledger.append(&next).unwrap();
         let after = std::fs::read(&ledger.path).unwrap();
-        assert!(
-            after.starts_with(&before),
-            "earlier bytes must never be rewritten"
-        );
+        assert!(after.starts_with(&before), "earlier bytes must never be rewritten");
         assert!(after.ends_with(b"\n"));
         let r = ledger.read().unwrap();
         assert_eq!(r.entries.len(), 4);
         assert_eq!(r.entries[3], (5, next));
         assert_eq!(r.bad_lines.len(), 1);
         assert_eq!(r.bad_lines[0].0, 4);
-        assert!(
-            !r.bad_lines[0].1.contains("torn"),
-            "line 4 is no longer the last line"
-        );
+        assert!(!r.bad_lines[0].1.contains("torn"), "line 4 is no longer the last line");
     }
 
     #[test]
@@ -711,20 +643,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("matrix.jsonl");
         let good = |i: usize| entry("m/a", &[], "t", i as f64).to_line();
-        let text = format!(
-            "{}\n{}\n{{\"model_id\":\"x\",\"runs\":\n\n{}\n{}\n",
-            good(1),
-            good(2),
-            good(4),
-            good(5)
-        );
+        let text = format!("{}\n{}\n{{\"model_id\":\"x\",\"runs\":\n\n{}\n{}\n", good(1), good(2), good(4), good(5));
         std::fs::write(&path, &text).unwrap();
         let r = Ledger::new(&path).read().unwrap();
         // Line 4 is blank: skipped, not an error.
-        assert_eq!(
-            r.entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-            [1, 2, 5, 6]
-        );
+        assert_eq!(r.entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2, 5, 6]);
         assert_eq!(r.entries[2].1.decode_tps_patched, 4.0);
         assert_eq!(r.bad_lines.len(), 1);
         assert_eq!(r.bad_lines[0].0, 3);
@@ -761,10 +684,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("matrix.jsonl");
         // Test names omit the crate name that module_path! starts with.
-        let name = format!(
-            "{}::append_worker",
-            module_path!().split_once("::").unwrap().1
-        );
+        let name = format!("{}::append_worker", module_path!().split_once("::").unwrap().1);
         let exe = std::env::current_exe().unwrap();
         let children: Vec<_> = (0..WORKERS)
             .map(|w| {
@@ -794,10 +714,7 @@ mod tests {
             .iter()
             .map(|(_, e)| {
                 let mut it = e.notes.split(' ');
-                (
-                    it.next().unwrap().to_string(),
-                    it.next().unwrap().to_string(),
-                )
+                (it.next().unwrap().to_string(), it.next().unwrap().to_string())
             })
             .collect();
         assert_eq!(seen.len(), WORKERS * LINES_PER_WORKER);

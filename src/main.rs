@@ -8,9 +8,9 @@ use zmlx::config::Family;
 use zmlx::generate::{generate, GenerateOptions, SamplerConfig};
 use zmlx::mlx_env;
 use zmlx::model::{dtype_name, DtypeChoice, Model};
-use zmlx::synth::{synthesize, Layout, Preset, StoreDtype, SynthOptions};
 use zmlx::patterns::{self, SelectionRequest};
 use zmlx::run::RunOptions;
+use zmlx::synth::{synthesize, Layout, Preset, StoreDtype, SynthOptions};
 use zmlx::tokenizer::TextTokenizer;
 use zmlx::validate::{render, validate, ValidateOptions, DEFAULT_PROMPT};
 
@@ -135,7 +135,8 @@ impl ValidateArgs {
         let (prompt, prompt_source) = match (&self.prompt, &self.prompt_file) {
             (Some(p), _) => (p.clone(), "--prompt".to_string()),
             (None, Some(f)) => (
-                std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read --prompt-file {}: {e}", f.display()))?,
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read --prompt-file {}: {e}", f.display()))?,
                 f.display().to_string(),
             ),
             (None, None) => (DEFAULT_PROMPT.to_string(), "default".to_string()),
@@ -369,7 +370,10 @@ fn run_generate(a: &GenerateArgs) -> Result<i32> {
         println!();
         println!("==========");
         println!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, stats.prompt_tps);
-        println!("Generation: {} tokens, {:.3} tokens-per-sec ({})", stats.generation_tokens, stats.generation_tps, stats.finish_reason);
+        println!(
+            "Generation: {} tokens, {:.3} tokens-per-sec ({})",
+            stats.generation_tokens, stats.generation_tps, stats.finish_reason
+        );
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
     }
     Ok(0)
@@ -504,4 +508,3 @@ fn format_error(e: &anyhow::Error) -> String {
     }
     s
 }
-

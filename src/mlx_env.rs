@@ -123,7 +123,10 @@ pub fn init() -> Result<Backend> {
     install_error_handler();
     check_version()?;
     if let Ok(v) = std::env::var(MEMORY_LIMIT_VAR) {
-        let gb: f64 = v.trim().parse().map_err(|_| anyhow::anyhow!("{MEMORY_LIMIT_VAR}={v}: expected a number of GB, e.g. 60"))?;
+        let gb: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{MEMORY_LIMIT_VAR}={v}: expected a number of GB, e.g. 60"))?;
         mlx_rs::memory::set_memory_limit((gb * 1e9) as usize)?;
     }
     Ok(Backend::detect())

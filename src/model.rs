@@ -10,9 +10,9 @@ use mlx_rs::{transforms::eval, Array, Dtype};
 use crate::cache::KvCache;
 use crate::config::{Family, ModelConfig};
 use crate::mlx_env::Backend;
-use crate::moe::MoeBlock;
 use crate::models;
-use crate::nn::{Embedding, LoadCtx, Linear, RmsNorm};
+use crate::moe::MoeBlock;
+use crate::nn::{Embedding, Linear, LoadCtx, RmsNorm};
 use crate::slots::{AttentionSlot, MlpSlot, Slot};
 use crate::weights::WeightStore;
 

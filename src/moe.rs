@@ -5,8 +5,10 @@ use std::rc::Rc;
 use anyhow::Result;
 use mlx_rs::{ops, stop_gradient, Array};
 
-use crate::kernels::{moe_combine_reference, moe_router_reference, sigmoid_router_reference, swiglu_reference, RouterKind, SigmoidRouting};
-use crate::nn::{LoadCtx, Linear, SwitchLinear};
+use crate::kernels::{
+    moe_combine_reference, moe_router_reference, sigmoid_router_reference, swiglu_reference, RouterKind, SigmoidRouting,
+};
+use crate::nn::{Linear, LoadCtx, SwitchLinear};
 use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MlpSlot, RouterSlot, Routing, Slot};
 
 /// Softmax-family routers (Mixtral, Qwen2-MoE, Qwen3-MoE): a gate Linear, then the family's

@@ -186,9 +186,9 @@ impl SwitchLinear {
     pub fn forward(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
         Ok(match &self.weight {
             Weight::Float(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, sorted)?,
-            Weight::Quant(q) => ops::gather_qmm(
-                x, &q.weight, &q.scales, &q.biases, None, idx, true, q.q.group_size, q.q.bits, sorted,
-            )?,
+            Weight::Quant(q) => {
+                ops::gather_qmm(x, &q.weight, &q.scales, &q.biases, None, idx, true, q.q.group_size, q.q.bits, sorted)?
+            }
         })
     }
 }
@@ -230,7 +230,14 @@ impl Rope {
 
     /// mlx-lm's YarnRoPE: frequencies from the correction range, computed with MLX f32 ops.
     pub fn yarn(dims: i32, traditional: bool, base: f64, y: &crate::config::RopeScaling) -> Result<Rope> {
-        let crate::config::RopeScaling::Yarn { factor, original_max_position_embeddings: orig, beta_fast, beta_slow, mscale, mscale_all_dim } = *y
+        let crate::config::RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: orig,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+        } = *y
         else {
             bail!("Rope::yarn needs yarn scaling parameters");
         };
@@ -254,7 +261,14 @@ impl Rope {
         let den = freq_inter.multiply(&mask)?.add(freq_extra.multiply(f(1.0).subtract(&mask)?)?)?;
         let freqs = num.divide(&den)?;
         freqs.eval()?;
-        Ok(Rope { dims, traditional, base: base as f32, scale: 1.0, freqs: Some(freqs), pre_scale: (ratio != 1.0).then_some(ratio) })
+        Ok(Rope {
+            dims,
+            traditional,
+            base: base as f32,
+            scale: 1.0,
+            freqs: Some(freqs),
+            pre_scale: (ratio != 1.0).then_some(ratio),
+        })
     }
 
     pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
@@ -290,7 +304,9 @@ impl MultiLinear {
                     x.matmul(w)?
                 }
             }
-            Weight::Quant(q) => ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?,
+            Weight::Quant(q) => {
+                ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?
+            }
         })
     }
 }

@@ -30,7 +30,9 @@ pub const GIT_COMMIT: &str = env!("ZMLX_GIT_COMMIT");
 
 /// The original's family names, from model_type.
 fn family_name(model_type: &str) -> &'static str {
-    for (needle, fam) in [("glm", "glm"), ("qwen", "qwen"), ("deepseek", "deepseek"), ("kimi", "kimi"), ("mixtral", "mixtral")] {
+    for (needle, fam) in
+        [("glm", "glm"), ("qwen", "qwen"), ("deepseek", "deepseek"), ("kimi", "kimi"), ("mixtral", "mixtral")]
+    {
         if model_type.contains(needle) {
             return fam;
         }
@@ -135,7 +137,11 @@ pub fn capsule_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, c
             modules_patched: r.patch_report.modules_patched() as u64,
             stats: stats(&r.patched),
         },
-        summary: Summary { decode_speedup: r4(r.decode_speedup), prefill_change: r4(r.prefill_change), ..Default::default() },
+        summary: Summary {
+            decode_speedup: r4(r.decode_speedup),
+            prefill_change: r4(r.prefill_change),
+            ..Default::default()
+        },
         notes: notes.to_owned(),
         ..Default::default()
     };

@@ -12,8 +12,8 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     pub fn load(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
         let mut eos_token_ids = config_eos.to_vec();
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {

@@ -17,7 +17,8 @@ use crate::patterns::{self, PatchReport, Selection};
 use crate::tokenizer::TextTokenizer;
 
 /// The original's default validation prompt.
-pub const DEFAULT_PROMPT: &str = "Explain the key differences between TCP and UDP protocols, including their use cases, \
+pub const DEFAULT_PROMPT: &str =
+    "Explain the key differences between TCP and UDP protocols, including their use cases, \
 reliability guarantees, and performance characteristics. Be thorough and precise.";
 
 #[derive(Debug, Clone)]
@@ -130,7 +131,12 @@ pub fn median(v: &[f64]) -> f64 {
 fn one_run(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Result<RunResult> {
     mlx_env::reset_peak_memory();
     let (ids, stats): (Vec<u32>, GenerationStats) = generate(model, prompt, opts, |_| Ok(()))?;
-    Ok(RunResult { token_ids: ids, prompt_tps: stats.prompt_tps, decode_tps: stats.generation_tps, peak_mem_gb: stats.peak_memory_gb })
+    Ok(RunResult {
+        token_ids: ids,
+        prompt_tps: stats.prompt_tps,
+        decode_tps: stats.generation_tps,
+        peak_mem_gb: stats.peak_memory_gb,
+    })
 }
 
 fn config_result(patterns: Vec<String>, modules_patched: usize, runs: Vec<RunResult>) -> ConfigResult {
@@ -231,7 +237,11 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         for patched in order {
             set(&mut model, patched)?;
             let run = one_run(&model, &prompt, &gen)?;
-            if patched { patched_runs.push(run) } else { base_runs.push(run) }
+            if patched {
+                patched_runs.push(run)
+            } else {
+                base_runs.push(run)
+            }
             cooldown();
         }
     }
@@ -245,7 +255,8 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         None => None,
         Some((run, index)) => {
             let (b, p) = (&b_ids[run], &p_ids[run]);
-            let text = |t: Option<&u32>| t.map(|t| tok.decode(&[*t]).unwrap_or_default()).unwrap_or_else(|| "<end>".into());
+            let text =
+                |t: Option<&u32>| t.map(|t| tok.decode(&[*t]).unwrap_or_default()).unwrap_or_else(|| "<end>".into());
             let mut d = Divergence {
                 run,
                 index,
@@ -305,23 +316,39 @@ fn arbiter(dir: &Path, backend: Backend, seq: &[u32], b: Option<u32>, p: Option<
     let values = logits.as_slice::<f32>();
     let at = |t: Option<u32>| t.map(|t| values[t as usize]).unwrap_or(f32::NEG_INFINITY);
     let (bl, pl) = (at(b), at(p));
-    let closer = if bl > pl { "baseline" } else if pl > bl { "patched" } else { "tie" };
+    let closer = if bl > pl {
+        "baseline"
+    } else if pl > bl {
+        "patched"
+    } else {
+        "tie"
+    };
     Ok(Arbiter { f32_argmax, baseline_logit: bl, patched_logit: pl, closer: closer.into() })
 }
 
 /// The human-readable report (the original's layout, plus the divergence detail).
 pub fn render(r: &ValidationReport) -> String {
     let bar = "=".repeat(60);
-    let pats = if r.selection.names.is_empty() { "[] (no patches)".to_string() } else { format!("{:?}", r.selection.names) };
+    let pats =
+        if r.selection.names.is_empty() { "[] (no patches)".to_string() } else { format!("{:?}", r.selection.names) };
     let mut s = format!("{bar}\nVALIDATION REPORT\n{bar}\nModel: {}\nPatterns: {pats}\n", r.model.display());
     s += &format!("Backend: {}, compute dtype {}\n", r.backend.name(), r.dtype);
-    s += &format!("Tokens: {} greedy (temp=0), {} runs, prompt {} tokens ({})\n\n", r.max_tokens, r.runs, r.prompt_tokens, r.prompt_source);
+    s += &format!(
+        "Tokens: {} greedy (temp=0), {} runs, prompt {} tokens ({})\n\n",
+        r.max_tokens, r.runs, r.prompt_tokens, r.prompt_source
+    );
     let f = &r.fidelity;
     s += &format!("FIDELITY: {}/{} tokens identical  [{}]\n", f.matched, f.total, f.verdict);
     if let Some(d) = &f.first_divergence {
         s += &format!(
             "  First divergence at token {} (run {}): baseline {:?} {:?} vs patched {:?} {:?}\n{}",
-            d.index, d.run + 1, d.baseline_token, d.baseline_text, d.patched_token, d.patched_text, d.context_diff
+            d.index,
+            d.run + 1,
+            d.baseline_token,
+            d.baseline_text,
+            d.patched_token,
+            d.patched_text,
+            d.context_diff
         );
         if let Some(l) = &d.logit_max_abs_diff {
             let shown: Vec<String> = l.iter().map(|x| format!("{x:.3e}")).collect();
@@ -337,7 +364,10 @@ pub fn render(r: &ValidationReport) -> String {
     s += &format!("\nPERFORMANCE (median of {} runs):\n", r.runs);
     s += &format!("  {:<10} | {:>12} | {:>12} | {:>9}\n", "Config", "Prompt tok/s", "Decode tok/s", "Peak Mem");
     for (name, c) in [("Baseline", &r.baseline), ("Patched", &r.patched)] {
-        s += &format!("  {name:<10} | {:>12.1} | {:>12.1} | {:>6.3} GB\n", c.median_prompt_tps, c.median_decode_tps, c.peak_mem_gb);
+        s += &format!(
+            "  {name:<10} | {:>12.1} | {:>12.1} | {:>6.3} GB\n",
+            c.median_prompt_tps, c.median_decode_tps, c.peak_mem_gb
+        );
     }
     s += &format!("  {:<10} | decode {:.3}x, prefill {:+.1}%\n", "Speedup", r.decode_speedup, r.prefill_change * 100.0);
     s += &format!("{}\n", r.patch_report.summary());

@@ -28,12 +28,17 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            anyhow!("{}: expected a `weight_map` object of tensor name -> file", index.display())
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: expected a `weight_map` object of tensor name -> file", index.display()))?;
         let mut files: Vec<PathBuf> = map
             .values()
-            .map(|f| f.as_str().map(|s| dir.join(s)).ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display())))
+            .map(|f| {
+                f.as_str()
+                    .map(|s| dir.join(s))
+                    .ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display()))
+            })
             .collect::<Result<_>>()?;
         files.sort();
         files.dedup();
@@ -111,8 +116,8 @@ impl WeightStore {
         let mut origin = HashMap::new();
         for file in checkpoint_files(dir)? {
             let names = validate_file(&file)?;
-            let loaded = Array::load_safetensors(&file)
-                .map_err(|e| anyhow!("MLX could not read {}: {e}", file.display()))?;
+            let loaded =
+                Array::load_safetensors(&file).map_err(|e| anyhow!("MLX could not read {}: {e}", file.display()))?;
             if loaded.len() != names.len() {
                 bail!("{}: MLX read {} tensors but the header lists {}", file.display(), loaded.len(), names.len());
             }
@@ -149,10 +154,7 @@ impl WeightStore {
 
     /// Where `name` is stored, for messages.
     pub fn file_of(&self, name: &str) -> String {
-        self.origin
-            .get(name)
-            .map(|o| o.file.display().to_string())
-            .unwrap_or_else(|| self.dir.display().to_string())
+        self.origin.get(name).map(|o| o.file.display().to_string()).unwrap_or_else(|| self.dir.display().to_string())
     }
 
     /// Removes and returns a tensor; a missing one is an error naming the checkpoint.
@@ -196,12 +198,7 @@ impl WeightStore {
         if self.tensors.is_empty() {
             return Ok(());
         }
-        let extra: Vec<String> = self
-            .tensors
-            .keys()
-            .take(5)
-            .map(|k| format!("`{k}` ({})", self.file_of(k)))
-            .collect();
+        let extra: Vec<String> = self.tensors.keys().take(5).map(|k| format!("`{k}` ({})", self.file_of(k))).collect();
         bail!(
             "{} unexpected tensor(s) in the checkpoint, e.g. {}; the config.json does not describe these weights \
              (wrong model_type or num_hidden_layers?)",
@@ -214,7 +211,11 @@ impl WeightStore {
 /// Float dtype check with a message naming the tensor.
 pub fn expect_float(store: &WeightStore, name: &str, a: &Array) -> Result<()> {
     if !matches!(a.dtype(), Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16) {
-        bail!("{}: tensor `{name}` has dtype {:?}, expected a float (f32, f16 or bf16)", store.file_of(name), a.dtype());
+        bail!(
+            "{}: tensor `{name}` has dtype {:?}, expected a float (f32, f16 or bf16)",
+            store.file_of(name),
+            a.dtype()
+        );
     }
     Ok(())
 }

@@ -56,7 +56,10 @@ fn unknown_model_type() {
     edit_config(d.path(), |c| c["model_type"] = "llama4_moe".into());
     let err = generate_fails(d.path());
     assert!(err.contains("config.json") && err.contains("unsupported model_type `llama4_moe`"), "{err}");
-    assert!(err.contains("mixtral, qwen2_moe, qwen3_moe, glm4_moe, glm4_moe_lite, deepseek_v3"), "lists the supported families: {err}");
+    assert!(
+        err.contains("mixtral, qwen2_moe, qwen3_moe, glm4_moe, glm4_moe_lite, deepseek_v3"),
+        "lists the supported families: {err}"
+    );
 }
 
 #[test]
@@ -123,7 +126,10 @@ fn missing_hf_expert_tensor() {
         w.remove("model.layers.1.block_sparse_moe.experts.5.w3.weight");
     });
     let err = generate_fails(d.path());
-    assert!(err.contains("`model.layers.1.block_sparse_moe.experts.5.w3.weight` is missing") && err.contains("expert 0"), "{err}");
+    assert!(
+        err.contains("`model.layers.1.block_sparse_moe.experts.5.w3.weight` is missing") && err.contains("expert 0"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -131,7 +137,10 @@ fn shape_mismatch() {
     let d = fresh(Family::Mixtral, None);
     edit_config(d.path(), |c| c["intermediate_size"] = 96.into());
     let err = generate_fails(d.path());
-    assert!(err.contains("model.safetensors") && err.contains("has shape") && err.contains("expected [8, 96, 128]"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("has shape") && err.contains("expected [8, 96, 128]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,9 +169,14 @@ fn bad_quantization_entry() {
     assert!(err.contains("config.json") && err.contains("quantization.bits is 7"), "{err}");
 
     let d = fresh(Family::Qwen3Moe, Some(4));
-    edit_config(d.path(), |c| c["quantization"]["model.layers.0.mlp.gate"] = serde_json::json!({"group_size": 64, "bits": 4}));
+    edit_config(d.path(), |c| {
+        c["quantization"]["model.layers.0.mlp.gate"] = serde_json::json!({"group_size": 64, "bits": 4})
+    });
     let err = generate_fails(d.path());
-    assert!(err.contains("quantization.model.layers.0.mlp.gate says bits 4") && err.contains("tensors have bits 8"), "{err}");
+    assert!(
+        err.contains("quantization.model.layers.0.mlp.gate says bits 4") && err.contains("tensors have bits 8"),
+        "{err}"
+    );
 
     let d = fresh(Family::Qwen3Moe, Some(4));
     edit_config(d.path(), |c| c["quantization"]["mode"] = "mxfp4".into());
@@ -229,14 +243,22 @@ fn mtp_layers_are_dropped_as_mlx_lm_does() {
         w.insert("model.layers.3.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
         w.insert("model.layers.3.mlp.experts.0.up_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).args(["generate", "--max-tokens", "2", "--model"]).arg(d.path()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
+        .args(["generate", "--max-tokens", "2", "--model"])
+        .arg(d.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // DeepSeek-V3 drops only its hard-coded layer 61, so another stray layer is an error.
     let d = fresh(Family::DeepseekV3, None);
     edit_weights(d.path(), |w| {
         w.insert("model.layers.61.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).args(["generate", "--max-tokens", "2", "--model"]).arg(d.path()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
+        .args(["generate", "--max-tokens", "2", "--model"])
+        .arg(d.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     edit_weights(d.path(), |w| {
         w.insert("model.layers.3.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));

@@ -25,7 +25,12 @@ fn check(family: Family, quantize: Option<i32>, dtype: DtypeChoice, names: &[&st
     assert!(report.modules_patched() > 0, "{family}: {names:?} patched nothing:\n{}", report.summary());
     for (p, want) in prompts.iter().zip(&base) {
         let got = greedy_ids(&model, p, TOKENS, true).unwrap();
-        assert_eq!(&got, want, "{family} q={quantize:?} {dtype:?} {names:?}: first divergence at {:?}", first_divergence(&got, want));
+        assert_eq!(
+            &got,
+            want,
+            "{family} q={quantize:?} {dtype:?} {names:?}: first divergence at {:?}",
+            first_divergence(&got, want)
+        );
     }
     patterns::unpatch(&mut model);
     assert_eq!(greedy_ids(&model, &prompts[0], TOKENS, true).unwrap(), base[0], "unpatch restores");
@@ -72,13 +77,26 @@ fn patch_report_names_swapped_modules() {
     let sel = Selection { names: vec!["swiglu_mlp".into(), "moe_mlp".into()], source: "test".into() };
     let r = patterns::patch(&mut model, &sel).unwrap();
     // Tiny qwen3: layers 0 and 2 are MoE, layer 1 dense (mlp_only_layers = [1]).
-    assert_eq!(r.patterns["swiglu_mlp"].patched, ["model.layers.0.mlp.switch_mlp", "model.layers.1.mlp", "model.layers.2.mlp.switch_mlp"]);
-    assert_eq!(r.patterns["moe_mlp"].patched, ["model.layers.0.mlp.gate", "model.layers.0.mlp.combine", "model.layers.2.mlp.gate", "model.layers.2.mlp.combine"]);
+    assert_eq!(
+        r.patterns["swiglu_mlp"].patched,
+        ["model.layers.0.mlp.switch_mlp", "model.layers.1.mlp", "model.layers.2.mlp.switch_mlp"]
+    );
+    assert_eq!(
+        r.patterns["moe_mlp"].patched,
+        [
+            "model.layers.0.mlp.gate",
+            "model.layers.0.mlp.combine",
+            "model.layers.2.mlp.gate",
+            "model.layers.2.mlp.combine"
+        ]
+    );
     assert_eq!(model.layers[0].attention.patched_by(), None);
     patterns::unpatch(&mut model);
     for l in &model.layers {
         if let zmlx::model::LayerMlp::Moe(b) = &l.mlp {
-            assert!(b.router.patched_by().is_none() && b.experts.patched_by().is_none() && b.combine.patched_by().is_none());
+            assert!(
+                b.router.patched_by().is_none() && b.experts.patched_by().is_none() && b.combine.patched_by().is_none()
+            );
         }
     }
 }

@@ -14,7 +14,7 @@ fn rand(shape: &[i32], seed: u64, scale: f32, dtype: Dtype) -> Array {
 }
 
 fn bit_equal(a: &Array, b: &Array) -> bool {
-    a.shape() == b.shape() && a.dtype() == b.dtype() && a.array_eq(b, true).unwrap().item::<bool>()
+    a.shape() == b.shape() && a.dtype() == b.dtype() && ops::array_eq(a, b, true).unwrap().item_cast::<bool>()
 }
 
 /// Puts NaN, +inf, -inf, -0.0 and huge values at fixed positions of a 1-D view.
@@ -24,7 +24,12 @@ fn with_specials(a: &Array) -> Array {
     let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 88.0, -88.0, 1e-30];
     let idx: Vec<i32> = (0..specials.len() as i32).map(|i| (i * 7) % n).collect();
     let vals = Array::from_slice(&specials[..idx.len()], &[idx.len() as i32]).as_dtype(a.dtype()).unwrap();
-    let out = ops::indexing::scatter_single(&flat, Array::from_slice(&idx, &[idx.len() as i32]), &vals.reshape(&[idx.len() as i32, 1]).unwrap(), 0);
+    let out = ops::indexing::scatter_single(
+        &flat,
+        Array::from_slice(&idx, &[idx.len() as i32]),
+        vals.reshape(&[idx.len() as i32, 1]).unwrap(),
+        0,
+    );
     out.unwrap().reshape(a.shape()).unwrap()
 }
 
@@ -38,7 +43,10 @@ fn swiglu_bit_exact() {
             let (want, got) = (kernels::swiglu_reference(&g, &u).unwrap(), kernels::swiglu(&g, &u).unwrap());
             assert!(bit_equal(&want, &got), "swiglu {shape:?} {dt:?}");
             let (gs, us) = (with_specials(&g), with_specials(&u));
-            assert!(bit_equal(&kernels::swiglu_reference(&gs, &us).unwrap(), &kernels::swiglu(&gs, &us).unwrap()), "specials {dt:?}");
+            assert!(
+                bit_equal(&kernels::swiglu_reference(&gs, &us).unwrap(), &kernels::swiglu(&gs, &us).unwrap()),
+                "specials {dt:?}"
+            );
         }
     }
 }
@@ -59,7 +67,8 @@ fn swiglu_non_contiguous_and_errors() {
 fn moe_combine_act_mode_bit_exact() {
     let _g = mlx_lock();
     // (leading shape, k, D): decode (1 token), prefill (many tokens), k = 1, k = E-like 16.
-    let cases = [(vec![1, 1], 2, 128), (vec![1, 1], 8, 2048), (vec![1, 37], 4, 96), (vec![2, 3], 1, 64), (vec![1, 5], 16, 32)];
+    let cases =
+        [(vec![1, 1], 2, 128), (vec![1, 1], 8, 2048), (vec![1, 37], 4, 96), (vec![2, 3], 1, 64), (vec![1, 5], 16, 32)];
     for (i, (lead, k, d)) in cases.iter().enumerate() {
         for &dt in &DTYPES {
             let mut ys = lead.clone();
@@ -69,7 +78,10 @@ fn moe_combine_act_mode_bit_exact() {
             let y = rand(&ys, i as u64, 1.0, dt);
             let w = ops::softmax_axis(rand(&ws, 50 + i as u64, 2.0, dt), -1, true).unwrap();
             let want = kernels::moe_combine_reference(&y, &w).unwrap();
-            assert!(bit_equal(&want, &kernels::moe_combine(&y, &w, CombineMode::Act).unwrap()), "combine {ys:?} {dt:?}");
+            assert!(
+                bit_equal(&want, &kernels::moe_combine(&y, &w, CombineMode::Act).unwrap()),
+                "combine {ys:?} {dt:?}"
+            );
             let (ys2, ws2) = (with_specials(&y), with_specials(&w));
             let want = kernels::moe_combine_reference(&ys2, &ws2).unwrap();
             assert!(bit_equal(&want, &kernels::moe_combine(&ys2, &ws2, CombineMode::Act).unwrap()), "specials {dt:?}");
@@ -89,10 +101,11 @@ fn moe_combine_mixed_dtypes_and_f32_modes() {
     // f32 accumulation of bf16 inputs: equal to the f32 reference cast back (tolerance 0).
     let yb = rand(&[2, 4, 8, 128], 9, 1.0, Dtype::Bfloat16);
     let wb = rand(&[2, 4, 8], 10, 0.5, Dtype::Bfloat16);
-    let f32_ref = kernels::moe_combine_reference(&yb.as_dtype(Dtype::Float32).unwrap(), &wb.as_dtype(Dtype::Float32).unwrap())
-        .unwrap()
-        .as_dtype(Dtype::Bfloat16)
-        .unwrap();
+    let f32_ref =
+        kernels::moe_combine_reference(&yb.as_dtype(Dtype::Float32).unwrap(), &wb.as_dtype(Dtype::Float32).unwrap())
+            .unwrap()
+            .as_dtype(Dtype::Bfloat16)
+            .unwrap();
     for mode in [CombineMode::F32, CombineMode::F32NoFma] {
         let got = kernels::moe_combine(&yb, &wb, mode).unwrap();
         assert!(bit_equal(&f32_ref, &got), "{mode:?}");
@@ -130,7 +143,12 @@ fn gpu_sources_are_embedded_and_use_the_reference_arguments() {
 fn check_router(logits: &Array, kind: kernels::RouterKind, k: i32, what: &str) {
     let (ri, rw) = kernels::moe_router_reference(logits, kind, k).unwrap();
     let (fi, fw) = kernels::moe_router(logits, kind, k).unwrap();
-    assert!(bit_equal(&ri, &fi), "{what}: indices (slot order) differ\nref {:?}\nfused {:?}", ri.as_slice::<u32>(), fi.as_slice::<u32>());
+    assert!(
+        bit_equal(&ri, &fi),
+        "{what}: indices (slot order) differ\nref {:?}\nfused {:?}",
+        ri.as_slice::<u32>(),
+        fi.as_slice::<u32>()
+    );
     assert!(bit_equal(&rw, &fw), "{what}: weights differ");
 }
 
@@ -140,7 +158,14 @@ fn moe_router_bit_exact_all_kinds() {
     let _g = mlx_lock();
     let kinds = [TopKThenSoftmax, SoftmaxThenTopK { norm: true }, SoftmaxThenTopK { norm: false }, SoftmaxThenTopKDesc];
     // (rows shape, E, k): decode, prefill, k = 1, k = E, Qwen3-like 128/8.
-    let cases = [(vec![1, 1], 8, 2), (vec![1, 40], 16, 4), (vec![2, 3], 8, 1), (vec![1, 6], 8, 8), (vec![1, 9], 128, 8), (vec![1, 3], 60, 4)];
+    let cases = [
+        (vec![1, 1], 8, 2),
+        (vec![1, 40], 16, 4),
+        (vec![2, 3], 8, 1),
+        (vec![1, 6], 8, 8),
+        (vec![1, 9], 128, 8),
+        (vec![1, 3], 60, 4),
+    ];
     for (i, (lead, e, k)) in cases.iter().enumerate() {
         let mut shape = lead.clone();
         shape.push(*e);
@@ -180,7 +205,12 @@ fn moe_router_ties_nan_inf() {
 fn check_sigmoid_router(logits: &Array, bias: &Array, p: &kernels::SigmoidRouting, what: &str) {
     let (ri, rw) = kernels::sigmoid_router_reference(logits, bias, p).unwrap();
     let (fi, fw) = kernels::sigmoid_router(logits, bias, p).unwrap();
-    assert!(bit_equal(&ri, &fi), "{what}: indices differ\nref {:?}\nfused {:?}", ri.as_slice::<u32>(), fi.as_slice::<u32>());
+    assert!(
+        bit_equal(&ri, &fi),
+        "{what}: indices differ\nref {:?}\nfused {:?}",
+        ri.as_slice::<u32>(),
+        fi.as_slice::<u32>()
+    );
     assert!(bit_equal(&rw, &fw), "{what}: weights differ");
 }
 
@@ -189,7 +219,16 @@ fn sigmoid_router_bit_exact() {
     let _g = mlx_lock();
     // (E, k, n_group, topk_group): DeepSeek-V3-like 256/8/8/4, GLM 64/4/1/1 and 128/8, Kimi 384/8/1/1,
     // tiny 16/4/4/2, k = 1 and k = E.
-    let configs = [(256, 8, 8, 4), (64, 4, 1, 1), (128, 8, 1, 1), (384, 8, 1, 1), (16, 4, 4, 2), (16, 1, 4, 2), (8, 8, 2, 1), (16, 4, 4, 4)];
+    let configs = [
+        (256, 8, 8, 4),
+        (64, 4, 1, 1),
+        (128, 8, 1, 1),
+        (384, 8, 1, 1),
+        (16, 4, 4, 2),
+        (16, 1, 4, 2),
+        (8, 8, 2, 1),
+        (16, 4, 4, 4),
+    ];
     for (i, (e, k, ng, tg)) in configs.iter().enumerate() {
         for (lead, dt) in [(vec![1, 1], Dtype::Float32), (vec![1, 33], Dtype::Bfloat16), (vec![2, 5], Dtype::Float16)] {
             let mut shape = lead.clone();
@@ -197,7 +236,14 @@ fn sigmoid_router_bit_exact() {
             let logits = rand(&shape, 500 + i as u64, 2.0, dt);
             let bias = rand(&[*e], 600 + i as u64, 0.1, Dtype::Float32);
             for (norm, eps) in [(true, None), (true, Some(1e-20)), (false, None)] {
-                let p = kernels::SigmoidRouting { k: *k, n_group: *ng, topk_group: *tg, norm_topk_prob: norm, renorm_eps: eps, routed_scaling_factor: 2.5 };
+                let p = kernels::SigmoidRouting {
+                    k: *k,
+                    n_group: *ng,
+                    topk_group: *tg,
+                    norm_topk_prob: norm,
+                    renorm_eps: eps,
+                    routed_scaling_factor: 2.5,
+                };
                 check_sigmoid_router(&logits, &bias, &p, &format!("{p:?} {shape:?} {dt:?}"));
             }
         }
@@ -214,11 +260,25 @@ fn sigmoid_router_ties_and_negative_bias() {
     for bias_shift in [0.0f32, -0.8] {
         let bias = rand(&[16], 92, 0.05, Dtype::Float32).add(Array::from_f32(bias_shift)).unwrap();
         for (k, ng, tg) in [(4, 4, 2), (4, 4, 1), (6, 8, 3), (1, 2, 1)] {
-            let p = kernels::SigmoidRouting { k, n_group: ng, topk_group: tg, norm_topk_prob: true, renorm_eps: None, routed_scaling_factor: 1.8 };
+            let p = kernels::SigmoidRouting {
+                k,
+                n_group: ng,
+                topk_group: tg,
+                norm_topk_prob: true,
+                renorm_eps: None,
+                routed_scaling_factor: 1.8,
+            };
             check_sigmoid_router(&logits, &bias, &p, &format!("ties shift {bias_shift} {p:?}"));
         }
     }
-    let p = kernels::SigmoidRouting { k: 4, n_group: 3, topk_group: 1, norm_topk_prob: true, renorm_eps: None, routed_scaling_factor: 1.0 };
+    let p = kernels::SigmoidRouting {
+        k: 4,
+        n_group: 3,
+        topk_group: 1,
+        norm_topk_prob: true,
+        renorm_eps: None,
+        routed_scaling_factor: 1.0,
+    };
     let e = kernels::sigmoid_router(&logits, &rand(&[16], 1, 0.1, Dtype::Float32), &p).unwrap_err().to_string();
     assert!(e.contains("n_group | E"), "{e}");
 }

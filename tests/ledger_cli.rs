@@ -11,7 +11,12 @@ use zmlx::config::Family;
 const PYTHON_LINE: &str = r#"{"model_id":"mlx-community/GLM-4.7-Flash-4bit","model_family":"glm","architecture":"moe","patterns_applied":["moe_mlp","swiglu_mlp"],"hardware":"Apple M4 Max 36GB","notes":"Control: current best patch set (no RoPE fusion). capsule=benchmarks/repro_capsules/glm47_flash_control_m4max_20260205.json","macos_version":"26.1","mlx_version":"0.30.4.dev20260204+2f324cc","zmlx_version":"0.8.0","zmlx_commit":"c6df299","python_version":"3.14.2","custom_mlx":true,"timestamp":"2026-02-05T01:01:40.104915+00:00","fidelity":"PASS","fidelity_detail":"200/200 tokens identical","modules_patched":47,"decode_tps_baseline":86.6,"decode_tps_patched":92.4,"decode_speedup":1.067,"decode_runs_baseline":[86.4,86.6,86.8],"decode_runs_patched":[92.5,92.4,92.0],"prefill_tps_baseline":275.5,"prefill_tps_patched":279.4,"prefill_change":0.0142,"peak_mem_baseline_gb":16.91,"peak_mem_patched_gb":16.91,"max_tokens":200,"gen_tokens":200,"runs":3}"#;
 
 fn zmlx(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).current_dir(cwd).env_remove("ZMLX_LEDGER").args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
+        .current_dir(cwd)
+        .env_remove("ZMLX_LEDGER")
+        .args(args)
+        .output()
+        .unwrap();
     let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!e.contains("panicked"), "{e}");
     (out.status.code().unwrap_or(-1), o, e)
@@ -31,10 +36,41 @@ fn run_records_and_history_reads_python_lines() {
     let ledger = w.join("benchmarks/matrix.jsonl");
     std::fs::write(&ledger, format!("{PYTHON_LINE}\n")).unwrap();
 
-    let (code, out, _) = zmlx(w, &["run", m, "--patterns", "swiglu_mlp", "moe_mlp", "--runs", "1", "--max-tokens", "12", "--notes", "fused", "--capsule"]);
+    let (code, out, _) = zmlx(
+        w,
+        &[
+            "run",
+            m,
+            "--patterns",
+            "swiglu_mlp",
+            "moe_mlp",
+            "--runs",
+            "1",
+            "--max-tokens",
+            "12",
+            "--notes",
+            "fused",
+            "--capsule",
+        ],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("[matrix] Result: PASS | decode "), "{out}");
-    let (code, out, _) = zmlx(w, &["run", m, "--patterns", "debug_drop_expert", "--allow-unsafe", "--runs", "1", "--max-tokens", "12", "--notes", "wrong on purpose"]);
+    let (code, out, _) = zmlx(
+        w,
+        &[
+            "run",
+            m,
+            "--patterns",
+            "debug_drop_expert",
+            "--allow-unsafe",
+            "--runs",
+            "1",
+            "--max-tokens",
+            "12",
+            "--notes",
+            "wrong on purpose",
+        ],
+    );
     assert_eq!(code, 1, "FAIL exits 1: {out}");
 
     let text = std::fs::read_to_string(&ledger).unwrap();
@@ -57,7 +93,12 @@ fn run_records_and_history_reads_python_lines() {
 
     let (code, out, _) = zmlx(w, &["history"]);
     assert_eq!(code, 0);
-    assert!(out.contains("(3 entries)") && out.contains("Control: current best patch set") && out.contains("wrong on purpose"), "{out}");
+    assert!(
+        out.contains("(3 entries)")
+            && out.contains("Control: current best patch set")
+            && out.contains("wrong on purpose"),
+        "{out}"
+    );
     let (_, out, _) = zmlx(w, &["history", "glm"]);
     assert!(out.contains("History for 'glm' (1 entries)"), "{out}");
     let (_, out, _) = zmlx(w, &["history", "--fidelity", "FAIL", "--json"]);

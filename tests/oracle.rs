@@ -28,7 +28,8 @@ fn check(family: Family, quantize: Option<i32>, layout: Layout, seed: u64, dtype
         let distinct: std::collections::BTreeSet<_> = got.iter().collect();
         assert!(distinct.len() > 4, "{family}: degenerate output {got:?} (synth weights should make tokens vary)");
         assert_eq!(
-            got, &want.token_ids,
+            got,
+            &want.token_ids,
             "{family} q={quantize:?} {layout:?} seed {seed} {dtype:?}: first divergence at {:?} for {prompt:?}",
             first_divergence(got, &want.token_ids)
         );

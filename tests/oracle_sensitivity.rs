@@ -9,8 +9,8 @@ use common::*;
 use mlx_rs::ops::indexing::{Ellipsis, IntoStrideBy, TryIndexOp};
 use mlx_rs::{ops, Array};
 use zmlx::config::Family;
-use zmlx::model::{DtypeChoice, Model};
 use zmlx::kernels::RouterKind;
+use zmlx::model::{DtypeChoice, Model};
 use zmlx::moe::SoftmaxRouter;
 use zmlx::slots::{RouterSlot, Routing};
 
@@ -47,7 +47,10 @@ impl RouterSlot for FullSoftmaxMixtral {
     }
 }
 
-fn swap_routers(model: &mut Model, make: &dyn Fn(&Rc<dyn RouterSlot>) -> Rc<dyn RouterSlot>) {
+/// Builds a (wrong) router from the stock one.
+type MakeRouter = dyn Fn(&Rc<dyn RouterSlot>) -> Rc<dyn RouterSlot>;
+
+fn swap_routers(model: &mut Model, make: &MakeRouter) {
     for (_, block) in model.moe_blocks_mut() {
         let stock = block.router.stock().clone();
         block.router.swap(make(&stock), "test-wrong-router");
@@ -61,14 +64,16 @@ fn restore_routers(model: &mut Model) {
 }
 
 /// Runs stock (must equal mlx-lm), wrong (must differ somewhere), restored (must equal again).
-fn assert_detects(family: Family, quantize: Option<i32>, dtype: DtypeChoice, make: &dyn Fn(&Rc<dyn RouterSlot>) -> Rc<dyn RouterSlot>) {
+fn assert_detects(family: Family, quantize: Option<i32>, dtype: DtypeChoice, make: &MakeRouter) {
     let _g = mlx_lock();
     let dir = tempfile::tempdir().unwrap();
     synth_into(dir.path(), &synth_opts(family, quantize, 7));
     let oracle_dtype = if dtype == DtypeChoice::Bf16 { "bf16" } else { "f32" };
-    let want: Vec<Vec<u32>> = oracle(dir.path(), &PROMPTS, TOKENS, oracle_dtype).into_iter().map(|r| r.token_ids).collect();
+    let want: Vec<Vec<u32>> =
+        oracle(dir.path(), &PROMPTS, TOKENS, oracle_dtype).into_iter().map(|r| r.token_ids).collect();
     let (mut model, tok) = load(dir.path(), dtype);
-    let ids = |m: &Model| -> Vec<Vec<u32>> { zmlx_greedy(m, &tok, &PROMPTS, TOKENS).into_iter().map(|x| x.1).collect() };
+    let ids =
+        |m: &Model| -> Vec<Vec<u32>> { zmlx_greedy(m, &tok, &PROMPTS, TOKENS).into_iter().map(|x| x.1).collect() };
 
     assert_eq!(ids(&model), want, "{family}: stock slots must match mlx-lm");
     swap_routers(&mut model, make);
@@ -159,7 +164,8 @@ fn glm4_moe_lite_non_traditional_rope_is_detected() {
     synth_into(dir.path(), &synth_opts(Family::Glm4MoeLite, None, 7));
     let want: Vec<Vec<u32>> = oracle(dir.path(), &PROMPTS, TOKENS, "f32").into_iter().map(|r| r.token_ids).collect();
     let (mut model, tok) = load(dir.path(), DtypeChoice::F32);
-    let ids = |m: &Model| -> Vec<Vec<u32>> { zmlx_greedy(m, &tok, &PROMPTS, TOKENS).into_iter().map(|x| x.1).collect() };
+    let ids =
+        |m: &Model| -> Vec<Vec<u32>> { zmlx_greedy(m, &tok, &PROMPTS, TOKENS).into_iter().map(|x| x.1).collect() };
     assert_eq!(ids(&model), want);
     for layer in &mut model.layers {
         let stock = layer.attention.stock().clone();

@@ -40,7 +40,8 @@ fn sharded_checkpoint_loads_like_a_single_file() {
         .collect();
     assert!(shards.len() > 2, "expected several shards, got {}", shards.len());
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(many.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(many.path().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     assert!(index["weight_map"]["lm_head.weight"].as_str().unwrap().starts_with("model-0000"));
     let prompt = [5u32, 17, 300, 42];
     let (m1, _) = load(one.path(), DtypeChoice::F32);

@@ -43,7 +43,8 @@ fn pass_fail_and_error_exit_codes() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("FIDELITY: 48/48 tokens identical  [PASS]"), "{out}");
 
-    let (code, out, _) = zmlx(&[&common[..], &["--patterns", "debug_drop_expert", "--allow-unsafe", "--json"]].concat());
+    let (code, out, _) =
+        zmlx(&[&common[..], &["--patterns", "debug_drop_expert", "--allow-unsafe", "--json"]].concat());
     assert_eq!(code, 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["fidelity"]["verdict"], "FAIL");

@@ -20,10 +20,11 @@ correctness() {
   for fam in $FAMILIES; do
     for q in none 4; do
       d=$W/$fam-tiny-$q; qa=(); [ $q = none ] || qa=(--quantize $q)
-      [ -f $d/config.json ] || zmlx synth --family $fam --out $d "${qa[@]}" 2>/dev/null
+      [ -f $d/config.json ] || zmlx synth --family $fam --out $d "${qa[@]}" 2>>"$OUT/errors.log"
       ours=$(zmlx generate --model $d --max-tokens 64 --ignore-eos --json --prompt "Explain the key differences between TCP and UDP." 2>$W/err.txt)
       theirs=$($ZMLX_ORACLE_PYTHON tests/oracle/mlx_lm_oracle.py --model $d --max-tokens 64 --ignore-eos --dtype native \
                --prompt "Explain the key differences between TCP and UDP." 2>$W/oerr.txt)
+      { echo "== $fam q=$q zmlx"; tail -5 $W/err.txt; echo "== $fam q=$q mlx-lm"; tail -5 $W/oerr.txt; } >> "$OUT/errors.log"
       python3 - "$fam" "$q" "$ours" "$theirs" >> "$OUT/oracle.jsonl" <<'PY'
 import json, sys
 fam, q, ours, theirs = sys.argv[1:5]
@@ -41,7 +42,7 @@ PY
     d=$W/$fam-tiny-4
     zmlx run $d --patterns $(safe_patterns $fam) --runs 2 --max-tokens 64 --ledger $LEDGER \
       --capsule $OUT/capsules/ --notes "GPU fidelity: safe patterns vs stock, tiny 4-bit" > $W/run.txt 2>&1
-    log "fidelity $fam: $(grep -E 'FIDELITY|Result' $W/run.txt | tr '\n' ' ')"
+    log "fidelity $fam: $(grep -E 'FIDELITY|Result|error' $W/run.txt | tr '\n' ' ')"
   done
   tar czf "$OUT/capsules.tgz" -C "$OUT" capsules && rm -rf "$OUT/capsules"
 }
@@ -62,7 +63,7 @@ PY
   for fam in ${SPEED_FAMILIES:-$FAMILIES}; do
     for q in none 4; do
       d=$W/$fam-bench-$q; qa=(); [ $q = none ] || qa=(--quantize $q)
-      [ -f $d/config.json ] || zmlx synth --family $fam --preset bench --out $d "${qa[@]}" 2>/dev/null
+      [ -f $d/config.json ] || zmlx synth --family $fam --preset bench --out $d "${qa[@]}" 2>>"$OUT/errors.log"
       zmlx run $d --patterns $(safe_patterns $fam) --runs 3 --max-tokens 128 --ledger $LEDGER \
         --notes "GPU bench: family preset candidates vs stock, bench $q" > $W/run.txt 2>&1
       log "bench $fam q=$q: $(grep -E 'Result' $W/run.txt)"

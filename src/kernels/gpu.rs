@@ -54,52 +54,61 @@ impl GpuKernel {
         }
         let mut res = unsafe { mlx_sys::mlx_vector_array_new() };
         let stream = Stream::thread_local_or_default();
+        // The CUDA and Metal entry points of mlx-c have the same shape; only the names differ.
+        macro_rules! launch {
+            ($new:ident, $second:expr, $cfg_new:ident, $cfg_free:ident, $out:ident, $grid:ident, $group:ident,
+             $t_dtype:ident, $t_int:ident, $t_bool:ident, $apply:ident, $free:ident) => {{
+                let k =
+                    mlx_sys::$new(name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, $second);
+                let cfg = mlx_sys::$cfg_new();
+                for (shape, dt) in outputs {
+                    mlx_sys::$out(cfg, shape.as_ptr(), shape.len(), (*dt).into());
+                }
+                mlx_sys::$grid(cfg, grid.0, grid.1, grid.2);
+                mlx_sys::$group(cfg, threads.0, threads.1, threads.2);
+                for ((_, arg), n) in template.iter().zip(&tnames) {
+                    match arg {
+                        TemplateArg::Dtype(d) => mlx_sys::$t_dtype(cfg, n.as_ptr(), (*d).into()),
+                        TemplateArg::Int(i) => mlx_sys::$t_int(cfg, n.as_ptr(), *i),
+                        TemplateArg::Bool(b) => mlx_sys::$t_bool(cfg, n.as_ptr(), *b),
+                    };
+                }
+                let st = mlx_sys::$apply(&mut res, k, ins, cfg, stream.as_ptr());
+                mlx_sys::$cfg_free(cfg);
+                mlx_sys::$free(k);
+                st
+            }};
+        }
         let status = unsafe {
             match backend {
-                Backend::Cuda => {
-                    let k = mlx_sys::mlx_fast_cuda_kernel_new(
-                        name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, 0,
-                    );
-                    let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
-                    for (shape, dt) in outputs {
-                        mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, shape.as_ptr(), shape.len(), (*dt).into());
-                    }
-                    mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, grid.2);
-                    mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads.0, threads.1, threads.2);
-                    for ((_, arg), n) in template.iter().zip(&tnames) {
-                        match arg {
-                            TemplateArg::Dtype(d) => mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, n.as_ptr(), (*d).into()),
-                            TemplateArg::Int(i) => mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, n.as_ptr(), *i),
-                            TemplateArg::Bool(b) => mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_bool(cfg, n.as_ptr(), *b),
-                        };
-                    }
-                    let st = mlx_sys::mlx_fast_cuda_kernel_apply(&mut res, k, ins, cfg, stream.as_ptr());
-                    mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
-                    mlx_sys::mlx_fast_cuda_kernel_free(k);
-                    st
-                }
-                Backend::Metal => {
-                    let k = mlx_sys::mlx_fast_metal_kernel_new(
-                        name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, false,
-                    );
-                    let cfg = mlx_sys::mlx_fast_metal_kernel_config_new();
-                    for (shape, dt) in outputs {
-                        mlx_sys::mlx_fast_metal_kernel_config_add_output_arg(cfg, shape.as_ptr(), shape.len(), (*dt).into());
-                    }
-                    mlx_sys::mlx_fast_metal_kernel_config_set_grid(cfg, grid.0, grid.1, grid.2);
-                    mlx_sys::mlx_fast_metal_kernel_config_set_thread_group(cfg, threads.0, threads.1, threads.2);
-                    for ((_, arg), n) in template.iter().zip(&tnames) {
-                        match arg {
-                            TemplateArg::Dtype(d) => mlx_sys::mlx_fast_metal_kernel_config_add_template_arg_dtype(cfg, n.as_ptr(), (*d).into()),
-                            TemplateArg::Int(i) => mlx_sys::mlx_fast_metal_kernel_config_add_template_arg_int(cfg, n.as_ptr(), *i),
-                            TemplateArg::Bool(b) => mlx_sys::mlx_fast_metal_kernel_config_add_template_arg_bool(cfg, n.as_ptr(), *b),
-                        };
-                    }
-                    let st = mlx_sys::mlx_fast_metal_kernel_apply(&mut res, k, ins, cfg, stream.as_ptr());
-                    mlx_sys::mlx_fast_metal_kernel_config_free(cfg);
-                    mlx_sys::mlx_fast_metal_kernel_free(k);
-                    st
-                }
+                Backend::Cuda => launch!(
+                    mlx_fast_cuda_kernel_new,
+                    0,
+                    mlx_fast_cuda_kernel_config_new,
+                    mlx_fast_cuda_kernel_config_free,
+                    mlx_fast_cuda_kernel_config_add_output_arg,
+                    mlx_fast_cuda_kernel_config_set_grid,
+                    mlx_fast_cuda_kernel_config_set_thread_group,
+                    mlx_fast_cuda_kernel_config_add_template_arg_dtype,
+                    mlx_fast_cuda_kernel_config_add_template_arg_int,
+                    mlx_fast_cuda_kernel_config_add_template_arg_bool,
+                    mlx_fast_cuda_kernel_apply,
+                    mlx_fast_cuda_kernel_free
+                ),
+                Backend::Metal => launch!(
+                    mlx_fast_metal_kernel_new,
+                    false,
+                    mlx_fast_metal_kernel_config_new,
+                    mlx_fast_metal_kernel_config_free,
+                    mlx_fast_metal_kernel_config_add_output_arg,
+                    mlx_fast_metal_kernel_config_set_grid,
+                    mlx_fast_metal_kernel_config_set_thread_group,
+                    mlx_fast_metal_kernel_config_add_template_arg_dtype,
+                    mlx_fast_metal_kernel_config_add_template_arg_int,
+                    mlx_fast_metal_kernel_config_add_template_arg_bool,
+                    mlx_fast_metal_kernel_apply,
+                    mlx_fast_metal_kernel_free
+                ),
                 Backend::Cpu => 1,
             }
         };
@@ -110,7 +119,12 @@ impl GpuKernel {
         }
         if status != 0 {
             unsafe { mlx_sys::mlx_vector_array_free(res) };
-            return Err(anyhow!("{} kernel `{}` failed: {}", backend.name(), self.name, crate::mlx_env::take_last_error()));
+            return Err(anyhow!(
+                "{} kernel `{}` failed: {}",
+                backend.name(),
+                self.name,
+                crate::mlx_env::take_last_error()
+            ));
         }
         let n = unsafe { mlx_sys::mlx_vector_array_size(res) };
         let mut out = Vec::with_capacity(n);

@@ -15,8 +15,18 @@ use crate::mlx_env::{raw_array, Backend};
 use gpu::{GpuKernel, TemplateArg};
 
 extern "C" {
-    fn zmlx_cpu_swiglu(res: *mut mlx_sys::mlx_array, gate: mlx_sys::mlx_array, up: mlx_sys::mlx_array, s: mlx_sys::mlx_stream) -> c_int;
-    fn zmlx_cpu_moe_combine(res: *mut mlx_sys::mlx_array, y: mlx_sys::mlx_array, w: mlx_sys::mlx_array, s: mlx_sys::mlx_stream) -> c_int;
+    fn zmlx_cpu_swiglu(
+        res: *mut mlx_sys::mlx_array,
+        gate: mlx_sys::mlx_array,
+        up: mlx_sys::mlx_array,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
+    fn zmlx_cpu_moe_combine(
+        res: *mut mlx_sys::mlx_array,
+        y: mlx_sys::mlx_array,
+        w: mlx_sys::mlx_array,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
 }
 
 const CUDA_HEADER: &str = include_str!("../../kernels/cuda/header.cuh");
@@ -35,7 +45,7 @@ fn check_float(op: &str, a: &Array) -> Result<()> {
 }
 
 fn threads_for(n: usize) -> i32 {
-    (n.min(256)).max(1) as i32
+    n.clamp(1, 256) as i32
 }
 
 // ---------------------------------------------------------------- swiglu
@@ -72,7 +82,14 @@ pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
         b => {
             let k = if b == Backend::Cuda { &SWIGLU_CUDA } else { &SWIGLU_METAL };
             let n = gate.size();
-            let out = k.apply(b, &[gate, up], &[("T", TemplateArg::Dtype(gate.dtype()))], (n as i32, 1, 1), (threads_for(n), 1, 1), &[(gate.shape(), gate.dtype())])?;
+            let out = k.apply(
+                b,
+                &[gate, up],
+                &[("T", TemplateArg::Dtype(gate.dtype()))],
+                (n as i32, 1, 1),
+                (threads_for(n), 1, 1),
+                &[(gate.shape(), gate.dtype())],
+            )?;
             Ok(out.into_iter().next().unwrap())
         }
     }
@@ -144,7 +161,9 @@ pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
     }
     let t = if y.dtype() == w.dtype() { y.dtype() } else { Dtype::Float32 };
     match (backend(), mode) {
-        (Backend::Cpu, CombineMode::Act) => Ok(raw_array(|res, s| unsafe { zmlx_cpu_moe_combine(res, y.as_ptr(), w.as_ptr(), s) })?),
+        (Backend::Cpu, CombineMode::Act) => {
+            Ok(raw_array(|res, s| unsafe { zmlx_cpu_moe_combine(res, y.as_ptr(), w.as_ptr(), s) })?)
+        }
         (Backend::Cpu, _) => {
             // Products rounded to f32 and summed in order: the act kernel on f32 inputs.
             let (yf, wf) = (y.as_dtype(Dtype::Float32)?, w.as_dtype(Dtype::Float32)?);
@@ -164,7 +183,8 @@ pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
                 ("D", TemplateArg::Int(d)),
                 ("MODE", TemplateArg::Int(mode.index())),
             ];
-            let out = kern.apply(b, &[&yt, &wt], &template, (n as i32, 1, 1), (threads_for(n), 1, 1), &[(&shape, t)])?;
+            let out =
+                kern.apply(b, &[&yt, &wt], &template, (n as i32, 1, 1), (threads_for(n), 1, 1), &[(&shape, t)])?;
             Ok(out.into_iter().next().unwrap())
         }
     }
@@ -210,7 +230,8 @@ pub fn moe_router_reference(logits: &Array, kind: RouterKind, k: i32) -> Result<
     use mlx_rs::stop_gradient;
     Ok(match kind {
         RouterKind::TopKThenSoftmax => {
-            let inds = stop_gradient(&ops::argpartition_axis(logits.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+            let inds =
+                stop_gradient(&ops::argpartition_axis(logits.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
             let w = ops::softmax_axis(logits.take_along_axis(&inds, -1)?, -1, true)?;
             (inds, w)
         }
@@ -259,7 +280,8 @@ pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Ar
     match backend() {
         Backend::Cpu => {
             let mut w = unsafe { mlx_sys::mlx_array_new() };
-            let idx = raw_array(|res, s| unsafe { zmlx_cpu_moe_router(res, &mut w, logits.as_ptr(), code, k, norm, s) });
+            let idx =
+                raw_array(|res, s| unsafe { zmlx_cpu_moe_router(res, &mut w, logits.as_ptr(), code, k, norm, s) });
             let w = unsafe { Array::from_ptr(w) };
             Ok((idx?, w))
         }
@@ -275,7 +297,14 @@ pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Ar
                 ("KIND", TemplateArg::Int(code)),
                 ("NORM", TemplateArg::Bool(norm)),
             ];
-            let out = kern.apply(b, &[logits], &template, (rows as i32, 1, 1), (threads_for(rows), 1, 1), &[(&shape, Dtype::Uint32), (&shape, logits.dtype())])?;
+            let out = kern.apply(
+                b,
+                &[logits],
+                &template,
+                (rows as i32, 1, 1),
+                (threads_for(rows), 1, 1),
+                &[(&shape, Dtype::Uint32), (&shape, logits.dtype())],
+            )?;
             let mut it = out.into_iter();
             Ok((it.next().unwrap(), it.next().unwrap()))
         }
@@ -363,15 +392,30 @@ pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result
     check_float("sigmoid_router", gates)?;
     let e = if gates.ndim() > 0 { gates.dim(-1) } else { 0 };
     if p.k < 1 || p.k > e || p.n_group < 1 || e % p.n_group != 0 || p.topk_group < 1 || p.topk_group > p.n_group {
-        bail!("sigmoid_router: need 1 <= k <= E, n_group | E and 1 <= topk_group <= n_group (k {}, E {e}, groups {}/{})", p.k, p.n_group, p.topk_group);
+        bail!(
+            "sigmoid_router: need 1 <= k <= E, n_group | E and 1 <= topk_group <= n_group (k {}, E {e}, groups {}/{})",
+            p.k,
+            p.n_group,
+            p.topk_group
+        );
     }
     match backend() {
         Backend::Cpu => {
             let mut w = unsafe { mlx_sys::mlx_array_new() };
             let idx = raw_array(|res, s| unsafe {
                 zmlx_cpu_sigmoid_router(
-                    res, &mut w, gates.as_ptr(), bias.as_ptr(), p.k, p.n_group, p.topk_group, p.norm_topk_prob,
-                    p.renorm_eps.unwrap_or(0.0), p.renorm_eps.is_some(), p.routed_scaling_factor, s,
+                    res,
+                    &mut w,
+                    gates.as_ptr(),
+                    bias.as_ptr(),
+                    p.k,
+                    p.n_group,
+                    p.topk_group,
+                    p.norm_topk_prob,
+                    p.renorm_eps.unwrap_or(0.0),
+                    p.renorm_eps.is_some(),
+                    p.routed_scaling_factor,
+                    s,
                 )
             });
             let w = unsafe { Array::from_ptr(w) };
@@ -396,7 +440,14 @@ pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result
             // signature; the body reads them from the two trailing elements of `bias`.
             let extra = Array::from_slice(&[p.renorm_eps.unwrap_or(0.0), p.routed_scaling_factor], &[2]);
             let bias_ext = ops::concatenate(&[bias, extra], 0)?;
-            let out = kern.apply(b, &[gates, &bias_ext], &template, (rows as i32, 1, 1), (threads_for(rows), 1, 1), &[(&shape, Dtype::Uint32), (&shape, Dtype::Float32)])?;
+            let out = kern.apply(
+                b,
+                &[gates, &bias_ext],
+                &template,
+                (rows as i32, 1, 1),
+                (threads_for(rows), 1, 1),
+                &[(&shape, Dtype::Uint32), (&shape, Dtype::Float32)],
+            )?;
             let mut it = out.into_iter();
             Ok((it.next().unwrap(), it.next().unwrap()))
         }

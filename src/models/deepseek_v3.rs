@@ -10,19 +10,15 @@ use mlx_rs::{ops, Array};
 
 use crate::attention_mla::MlaAttention;
 use crate::config::ModelConfig;
-use crate::model::{slot, DecoderLayer};
-use crate::nn::{LoadCtx, RmsNorm};
+use crate::model::DecoderLayer;
+use crate::nn::LoadCtx;
 use crate::weights::WeightStore;
 
 pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     let c = ctx.config.clone();
-    let p = format!("model.layers.{i}");
-    Ok(DecoderLayer {
-        attention: slot(Rc::new(MlaAttention::load(ctx, &format!("{p}.self_attn"), &c)?) as Rc<_>),
-        mlp: super::sigmoid_moe::load_mlp(ctx, i)?,
-        input_layernorm: RmsNorm::load(ctx, &format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        post_attention_layernorm: RmsNorm::load(ctx, &format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-    })
+    let attention = Rc::new(MlaAttention::load(ctx, &format!("model.layers.{i}.self_attn"), &c)?);
+    let mlp = super::sigmoid_moe::load_mlp(ctx, i)?;
+    super::decoder_layer(ctx, i, attention, mlp)
 }
 
 /// HF checkpoints (and pre-0.30.6 conversions) hold `kv_b_proj` `[H·(nope+v), kv_lora_rank]`;

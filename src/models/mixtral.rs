@@ -6,10 +6,10 @@ use anyhow::Result;
 
 use crate::attention::{GqaAttention, GqaShape};
 use crate::config::ModelConfig;
-use crate::model::{slot, DecoderLayer, LayerMlp};
 use crate::kernels::RouterKind;
+use crate::model::{slot, DecoderLayer, LayerMlp};
 use crate::moe::{MoeBlock, SoftmaxRouter, SwitchGlu, WeightedSumCombine};
-use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
+use crate::nn::{Linear, LoadCtx};
 use crate::weights::WeightStore;
 
 /// HF checkpoints hold `experts.{e}.w1/w2/w3` (+ scales/biases when quantized): stack them.
@@ -23,7 +23,13 @@ pub fn sanitize(c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
             for k in ["weight", "scales", "biases"] {
                 if store.contains(&format!("{prefix}.experts.0.{hf}.{k}")) {
                     let into = format!("{prefix}.switch_mlp.{ours}.{k}");
-                    super::stack_experts(store, &format!("{prefix}.experts"), &format!("{hf}.{k}"), c.num_experts, &into)?;
+                    super::stack_experts(
+                        store,
+                        &format!("{prefix}.experts"),
+                        &format!("{hf}.{k}"),
+                        c.num_experts,
+                        &into,
+                    )?;
                 }
             }
         }
@@ -33,33 +39,22 @@ pub fn sanitize(c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
 
 pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     let c = ctx.config.clone();
-    let p = format!("model.layers.{i}");
-    let shape = GqaShape {
-        hidden: c.hidden_size,
-        n_heads: c.num_attention_heads,
-        n_kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        bias: false,
-        qk_norm_eps: None,
-        rope: Rope::plain(c.head_dim, c.rope_traditional, c.rope_theta),
-    };
-    let moe = format!("{p}.block_sparse_moe");
+    let moe = format!("model.layers.{i}.block_sparse_moe");
+    let attention =
+        Rc::new(GqaAttention::load(ctx, &format!("model.layers.{i}.self_attn"), &GqaShape::from_config(&c))?);
     let router = SoftmaxRouter {
         gate: Linear::load(ctx, &format!("{moe}.gate"), c.hidden_size, c.num_experts, false)?,
         kind: RouterKind::TopKThenSoftmax,
         k: c.num_experts_per_tok,
     };
-    let experts = SwitchGlu::load(ctx, &format!("{moe}.switch_mlp"), c.num_experts, c.hidden_size, c.intermediate_size)?;
-    Ok(DecoderLayer {
-        input_layernorm: RmsNorm::load(ctx, &format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        post_attention_layernorm: RmsNorm::load(ctx, &format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        attention: slot(Rc::new(GqaAttention::load(ctx, &format!("{p}.self_attn"), &shape)?)),
-        mlp: LayerMlp::Moe(MoeBlock {
-            path: moe.clone(),
-            router: slot(Rc::new(router)),
-            experts: slot(Rc::new(experts)),
-            combine: slot(Rc::new(WeightedSumCombine { cast_back: false })),
-            shared: None,
-        }),
-    })
+    let experts =
+        SwitchGlu::load(ctx, &format!("{moe}.switch_mlp"), c.num_experts, c.hidden_size, c.intermediate_size)?;
+    let mlp = LayerMlp::Moe(MoeBlock {
+        path: moe,
+        router: slot(Rc::new(router)),
+        experts: slot(Rc::new(experts)),
+        combine: slot(Rc::new(WeightedSumCombine { cast_back: false })),
+        shared: None,
+    });
+    super::decoder_layer(ctx, i, attention, mlp)
 }

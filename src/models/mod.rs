@@ -64,6 +64,27 @@ pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     }
 }
 
+/// A pre-norm decoder layer around the given attention and MLP (every family's layout).
+fn decoder_layer(
+    ctx: &mut LoadCtx,
+    i: i32,
+    attention: std::rc::Rc<dyn crate::slots::AttentionSlot>,
+    mlp: crate::model::LayerMlp,
+) -> Result<DecoderLayer> {
+    let (d, eps) = (ctx.config.hidden_size, ctx.config.rms_norm_eps);
+    Ok(DecoderLayer {
+        input_layernorm: crate::nn::RmsNorm::load(ctx, &format!("model.layers.{i}.input_layernorm"), d, eps)?,
+        post_attention_layernorm: crate::nn::RmsNorm::load(
+            ctx,
+            &format!("model.layers.{i}.post_attention_layernorm"),
+            d,
+            eps,
+        )?,
+        attention: crate::model::slot(attention),
+        mlp,
+    })
+}
+
 /// Removes every tensor whose name matches (mlx-lm's sanitize drop rules).
 fn drop_where(store: &mut WeightStore, pred: impl Fn(&str) -> bool) {
     let names: Vec<String> = store.names().filter(|k| pred(k)).cloned().collect();
@@ -104,7 +125,8 @@ fn stack_experts(store: &mut WeightStore, prefix: &str, suffix: &str, experts: i
             })
         })
         .collect::<Result<_>>()?;
-    let stacked = ops::stack(&parts, 0).map_err(|e| anyhow!("stacking `{prefix}.*.{suffix}`: {e} (do all experts have the same shape?)"))?;
+    let stacked = ops::stack(&parts, 0)
+        .map_err(|e| anyhow!("stacking `{prefix}.*.{suffix}`: {e} (do all experts have the same shape?)"))?;
     store.insert(into.to_owned(), stacked, &first);
     Ok(())
 }

@@ -9,43 +9,31 @@ use crate::attention::{GqaAttention, GqaShape};
 use crate::kernels::RouterKind;
 use crate::model::{slot, DecoderLayer, LayerMlp};
 use crate::moe::{DenseMlp, GatedSharedExpert, MoeBlock, SoftmaxRouter, SwitchGlu, WeightedSumCombine};
-use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
+use crate::nn::{Linear, LoadCtx};
 
 pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     let c = ctx.config.clone();
-    let p = format!("model.layers.{i}");
-    let shape = GqaShape {
-        hidden: c.hidden_size,
-        n_heads: c.num_attention_heads,
-        n_kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        bias: true,
-        qk_norm_eps: None,
-        rope: Rope::plain(c.head_dim, c.rope_traditional, c.rope_theta),
-    };
-    let attention = slot(Rc::new(GqaAttention::load(ctx, &format!("{p}.self_attn"), &shape)?) as Rc<_>);
-    let mlp = format!("{p}.mlp");
+    let attention =
+        Rc::new(GqaAttention::load(ctx, &format!("model.layers.{i}.self_attn"), &GqaShape::from_config(&c))?);
+    let mlp = format!("model.layers.{i}.mlp");
     let router = SoftmaxRouter {
         gate: Linear::load(ctx, &format!("{mlp}.gate"), c.hidden_size, c.num_experts, false)?,
         kind: RouterKind::SoftmaxThenTopKDesc,
         k: c.num_experts_per_tok,
     };
-    let experts = SwitchGlu::load(ctx, &format!("{mlp}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
+    let experts =
+        SwitchGlu::load(ctx, &format!("{mlp}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
     let width = c.shared_expert_intermediate_size.unwrap_or(c.moe_intermediate_size);
     let shared = GatedSharedExpert {
         mlp: DenseMlp::load(ctx, &format!("{mlp}.shared_expert"), c.hidden_size, width)?,
         gate: Linear::load(ctx, &format!("{mlp}.shared_expert_gate"), c.hidden_size, 1, false)?,
     };
-    Ok(DecoderLayer {
-        input_layernorm: RmsNorm::load(ctx, &format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        post_attention_layernorm: RmsNorm::load(ctx, &format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        attention,
-        mlp: LayerMlp::Moe(MoeBlock {
-            path: mlp.clone(),
-            router: slot(Rc::new(router)),
-            experts: slot(Rc::new(experts)),
-            combine: slot(Rc::new(WeightedSumCombine { cast_back: false })),
-            shared: Some(slot(Rc::new(shared))),
-        }),
-    })
+    let block = LayerMlp::Moe(MoeBlock {
+        path: mlp,
+        router: slot(Rc::new(router)),
+        experts: slot(Rc::new(experts)),
+        combine: slot(Rc::new(WeightedSumCombine { cast_back: false })),
+        shared: Some(slot(Rc::new(shared))),
+    });
+    super::decoder_layer(ctx, i, attention, block)
 }

@@ -7,10 +7,10 @@ use anyhow::Result;
 
 use crate::attention::{GqaAttention, GqaShape};
 use crate::config::ModelConfig;
-use crate::model::{slot, DecoderLayer, LayerMlp};
 use crate::kernels::RouterKind;
+use crate::model::{slot, DecoderLayer, LayerMlp};
 use crate::moe::{DenseMlp, MoeBlock, SoftmaxRouter, SwitchGlu, WeightedSumCombine};
-use crate::nn::{LoadCtx, Linear, RmsNorm, Rope};
+use crate::nn::{Linear, LoadCtx};
 use crate::weights::WeightStore;
 
 /// HF checkpoints hold `mlp.experts.{e}.{up,down,gate}_proj.weight`; mlx-lm stacks only `.weight`.
@@ -20,7 +20,13 @@ pub fn sanitize(c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
         for n in ["up_proj", "down_proj", "gate_proj"] {
             if store.contains(&format!("{prefix}.experts.0.{n}.weight")) {
                 let into = format!("{prefix}.switch_mlp.{n}.weight");
-                super::stack_experts(store, &format!("{prefix}.experts"), &format!("{n}.weight"), c.num_experts, &into)?;
+                super::stack_experts(
+                    store,
+                    &format!("{prefix}.experts"),
+                    &format!("{n}.weight"),
+                    c.num_experts,
+                    &into,
+                )?;
             }
         }
     }
@@ -29,28 +35,24 @@ pub fn sanitize(c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
 
 pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     let c = ctx.config.clone();
-    let p = format!("model.layers.{i}");
-    let shape = GqaShape {
-        hidden: c.hidden_size,
-        n_heads: c.num_attention_heads,
-        n_kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        bias: false,
-        qk_norm_eps: Some(c.rms_norm_eps),
-        rope: Rope::plain(c.head_dim, false, c.rope_theta),
-    };
-    let attention = slot(Rc::new(GqaAttention::load(ctx, &format!("{p}.self_attn"), &shape)?) as Rc<_>);
-    let mlp_path = format!("{p}.mlp");
+    let attention =
+        Rc::new(GqaAttention::load(ctx, &format!("model.layers.{i}.self_attn"), &GqaShape::from_config(&c))?);
+    let mlp_path = format!("model.layers.{i}.mlp");
     let mlp = if c.is_moe_layer(i) {
         let router = SoftmaxRouter {
             gate: Linear::load(ctx, &format!("{mlp_path}.gate"), c.hidden_size, c.num_experts, false)?,
             kind: RouterKind::SoftmaxThenTopK { norm: c.norm_topk_prob },
             k: c.num_experts_per_tok,
         };
-        let experts =
-            SwitchGlu::load(ctx, &format!("{mlp_path}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
+        let experts = SwitchGlu::load(
+            ctx,
+            &format!("{mlp_path}.switch_mlp"),
+            c.num_experts,
+            c.hidden_size,
+            c.moe_intermediate_size,
+        )?;
         LayerMlp::Moe(MoeBlock {
-            path: mlp_path.clone(),
+            path: mlp_path,
             router: slot(Rc::new(router)),
             experts: slot(Rc::new(experts)),
             combine: slot(Rc::new(WeightedSumCombine { cast_back: true })),
@@ -59,10 +61,5 @@ pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     } else {
         LayerMlp::Dense(slot(Rc::new(DenseMlp::load(ctx, &mlp_path, c.hidden_size, c.intermediate_size)?)))
     };
-    Ok(DecoderLayer {
-        input_layernorm: RmsNorm::load(ctx, &format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        post_attention_layernorm: RmsNorm::load(ctx, &format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-        attention,
-        mlp,
-    })
+    super::decoder_layer(ctx, i, attention, mlp)
 }

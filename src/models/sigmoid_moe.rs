@@ -28,9 +28,15 @@ pub fn load_mlp(ctx: &mut LoadCtx, i: i32) -> Result<LayerMlp> {
             routed_scaling_factor: c.routed_scaling_factor,
         },
     };
-    let experts = SwitchGlu::load(ctx, &format!("{mlp}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
+    let experts =
+        SwitchGlu::load(ctx, &format!("{mlp}.switch_mlp"), c.num_experts, c.hidden_size, c.moe_intermediate_size)?;
     let shared = match c.n_shared_experts {
-        Some(n) => Some(slot(Rc::new(DenseMlp::load(ctx, &format!("{mlp}.shared_experts"), c.hidden_size, c.moe_intermediate_size * n)?) as Rc<_>)),
+        Some(n) => Some(slot(Rc::new(DenseMlp::load(
+            ctx,
+            &format!("{mlp}.shared_experts"),
+            c.hidden_size,
+            c.moe_intermediate_size * n,
+        )?) as Rc<_>)),
         None => None,
     };
     Ok(LayerMlp::Moe(MoeBlock {

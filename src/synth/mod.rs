@@ -207,7 +207,13 @@ struct Spec {
 fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
     let mut v = Vec::new();
     let sp = |name: String, shape: Vec<i32>, std: f32, mean: f32, quantizable: bool| Spec {
-        name, shape, std, mean, quantizable, bits_override: None, dtype: None,
+        name,
+        shape,
+        std,
+        mean,
+        quantizable,
+        bits_override: None,
+        dtype: None,
     };
     let lin = |v: &mut Vec<Spec>, name: &str, out: i32, inp: i32, std_scale: f32, bias: bool| {
         v.push(sp(format!("{name}.weight"), vec![out, inp], std_scale / (inp as f32).sqrt(), 0.0, true));
@@ -251,15 +257,43 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
                     }
                     None => lin(&mut v, &format!("{a}.q_proj"), h * qk, d, 1.0, false),
                 }
-                lin(&mut v, &format!("{a}.kv_a_proj_with_mqa"), m.kv_lora_rank + m.qk_rope_head_dim, d, 1.0, c.attention_bias);
+                lin(
+                    &mut v,
+                    &format!("{a}.kv_a_proj_with_mqa"),
+                    m.kv_lora_rank + m.qk_rope_head_dim,
+                    d,
+                    1.0,
+                    c.attention_bias,
+                );
                 norm(&mut v, format!("{a}.kv_a_layernorm"), m.kv_lora_rank);
                 let std = 1.0 / (m.kv_lora_rank as f32).sqrt();
                 match layout {
                     Layout::Mlx => {
-                        v.push(Spec { std: 1.0 / (m.qk_nope_head_dim as f32).sqrt(), ..sp(format!("{a}.embed_q.weight"), vec![h, m.kv_lora_rank, m.qk_nope_head_dim], 0.0, 0.0, true) });
-                        v.push(sp(format!("{a}.unembed_out.weight"), vec![h, m.v_head_dim, m.kv_lora_rank], std, 0.0, true));
+                        v.push(Spec {
+                            std: 1.0 / (m.qk_nope_head_dim as f32).sqrt(),
+                            ..sp(
+                                format!("{a}.embed_q.weight"),
+                                vec![h, m.kv_lora_rank, m.qk_nope_head_dim],
+                                0.0,
+                                0.0,
+                                true,
+                            )
+                        });
+                        v.push(sp(
+                            format!("{a}.unembed_out.weight"),
+                            vec![h, m.v_head_dim, m.kv_lora_rank],
+                            std,
+                            0.0,
+                            true,
+                        ));
                     }
-                    Layout::Hf => v.push(sp(format!("{a}.kv_b_proj.weight"), vec![h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank], std, 0.0, true)),
+                    Layout::Hf => v.push(sp(
+                        format!("{a}.kv_b_proj.weight"),
+                        vec![h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
+                        std,
+                        0.0,
+                        true,
+                    )),
                 }
                 lin(&mut v, &format!("{a}.o_proj"), d, h * m.v_head_dim, 1.0, c.attention_bias);
             }
@@ -271,7 +305,10 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         }
         if c.family.sigmoid_router() {
             v.push(sp(format!("{moe}.gate.weight"), vec![e, d], 2.0 / (d as f32).sqrt(), 0.0, false));
-            v.push(Spec { dtype: Some(Dtype::Float32), ..sp(format!("{moe}.gate.e_score_correction_bias"), vec![e], 0.1, 0.0, false) });
+            v.push(Spec {
+                dtype: Some(Dtype::Float32),
+                ..sp(format!("{moe}.gate.e_score_correction_bias"), vec![e], 0.1, 0.0, false)
+            });
         } else {
             // A wide router init makes routing decisive (clear top-k margins).
             lin(&mut v, &format!("{moe}.gate"), e, d, 4.0, false);
@@ -287,7 +324,13 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         };
         for (ours, hf, out, inp) in names {
             match layout {
-                Layout::Mlx => v.push(sp(format!("{moe}.switch_mlp.{ours}.weight"), vec![e, out, inp], 1.0 / (inp as f32).sqrt(), 0.0, true)),
+                Layout::Mlx => v.push(sp(
+                    format!("{moe}.switch_mlp.{ours}.weight"),
+                    vec![e, out, inp],
+                    1.0 / (inp as f32).sqrt(),
+                    0.0,
+                    true,
+                )),
                 Layout::Hf => {
                     for x in 0..e {
                         lin(&mut v, &format!("{moe}.experts.{x}.{hf}"), out, inp, 1.0, false);
@@ -329,7 +372,8 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
     let mut tensors: Vec<(String, Array)> = Vec::new();
     for s in specs(&parsed, o.layout) {
         let key = tensor_key(o.seed, &s.name)?;
-        let w = random::normal::<f32>(&s.shape[..], s.mean, s.std, &key)?.as_dtype(s.dtype.unwrap_or(o.dtype.dtype()))?;
+        let w =
+            random::normal::<f32>(&s.shape[..], s.mean, s.std, &key)?.as_dtype(s.dtype.unwrap_or(o.dtype.dtype()))?;
         let inp = *s.shape.last().unwrap();
         let bits = s.bits_override.or(o.quantize);
         match (o.quantize, bits) {
@@ -363,7 +407,8 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
 
     let files = write_shards(out, &tensors, o.max_shard_bytes)?;
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize).map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
+    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize)
+        .map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
     if tok.eos_token_id != 0 {
         bail!("internal: synthesized tokenizer has eos id {}, config says 0", tok.eos_token_id);
     }
@@ -396,7 +441,11 @@ fn write_shards(out: &Path, tensors: &[(String, Array)], max_bytes: u64) -> Resu
     let mut files = Vec::new();
     let mut weight_map = serde_json::Map::new();
     for (i, g) in groups.iter().enumerate() {
-        let name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
         let path = out.join(&name);
         Array::save_safetensors(g.iter().map(|(k, a)| (k.as_str(), a)), &meta, &path)
             .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;

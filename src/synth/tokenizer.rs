@@ -21,8 +21,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -60,9 +60,7 @@ pub struct TokenizerInfo {
 /// [`MIN_VOCAB_SIZE`] (259).
 pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, String> {
     if vocab_size < MIN_VOCAB_SIZE {
-        return Err(format!(
-            "vocab_size {vocab_size} is below the minimum {MIN_VOCAB_SIZE} (3 specials + 256 bytes)"
-        ));
+        return Err(format!("vocab_size {vocab_size} is below the minimum {MIN_VOCAB_SIZE} (3 specials + 256 bytes)"));
     }
     let mut tok = train(vocab_size)?;
 
@@ -70,16 +68,11 @@ pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, S
     // tokens so the id space matches the requested (embedding) size exactly.
     let trained = tok.get_vocab_size(true);
     let num_merges = trained - MIN_VOCAB_SIZE;
-    let reserved: Vec<AddedToken> = (0..vocab_size - trained)
-        .map(|i| AddedToken::from(format!("<|reserved_{i}|>"), true))
-        .collect();
-    tok.add_special_tokens(reserved)
-        .map_err(|e| format!("adding reserved tokens failed: {e}"))?;
+    let reserved: Vec<AddedToken> =
+        (0..vocab_size - trained).map(|i| AddedToken::from(format!("<|reserved_{i}|>"), true)).collect();
+    tok.add_special_tokens(reserved).map_err(|e| format!("adding reserved tokens failed: {e}"))?;
 
-    let id = |t: &str| {
-        tok.token_to_id(t)
-            .ok_or_else(|| format!("missing special token {t}"))
-    };
+    let id = |t: &str| tok.token_to_id(t).ok_or_else(|| format!("missing special token {t}"));
     let info = TokenizerInfo {
         vocab_size: tok.get_vocab_size(true),
         num_merges,
@@ -89,15 +82,11 @@ pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, S
         im_end_token_id: id(IM_END_TOKEN)?,
     };
     if info.vocab_size != vocab_size {
-        return Err(format!(
-            "built {} tokens, wanted {vocab_size}",
-            info.vocab_size
-        ));
+        return Err(format!("built {} tokens, wanted {vocab_size}", info.vocab_size));
     }
 
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    tok.save(dir.join("tokenizer.json"), true)
-        .map_err(|e| format!("write tokenizer.json: {e}"))?;
+    tok.save(dir.join("tokenizer.json"), true).map_err(|e| format!("write tokenizer.json: {e}"))?;
     let config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": null,
@@ -111,8 +100,7 @@ pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, S
         "chat_template": CHAT_TEMPLATE,
     });
     let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())? + "\n";
-    std::fs::write(dir.join("tokenizer_config.json"), text)
-        .map_err(|e| format!("write tokenizer_config.json: {e}"))?;
+    std::fs::write(dir.join("tokenizer_config.json"), text).map_err(|e| format!("write tokenizer_config.json: {e}"))?;
     Ok(info)
 }
 
@@ -122,10 +110,7 @@ fn train(vocab_size: usize) -> Result<Tokenizer, String> {
     let byte_level = ByteLevel::default().add_prefix_space(false).use_regex(true);
     // Seeding all 256 byte chars makes every UTF-8 input encodable (no unk).
     let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
-    let specials = SPECIAL_TOKENS
-        .iter()
-        .map(|t| AddedToken::from(*t, true))
-        .collect();
+    let specials = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(0)
@@ -136,11 +121,8 @@ fn train(vocab_size: usize) -> Result<Tokenizer, String> {
         .into();
 
     let mut tok = Tokenizer::new(BPE::default());
-    tok.with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level));
-    tok.train(&mut trainer, CORPUS.split_inclusive('\n'))
-        .map_err(|e| format!("BPE training failed: {e}"))?;
+    tok.with_pre_tokenizer(Some(byte_level)).with_post_processor(Some(byte_level)).with_decoder(Some(byte_level));
+    tok.train(&mut trainer, CORPUS.split_inclusive('\n')).map_err(|e| format!("BPE training failed: {e}"))?;
     Ok(tok)
 }
 
@@ -210,10 +192,7 @@ mod tests {
         let info = write_tokenizer(&a, 512).unwrap();
         assert_eq!(write_tokenizer(&b, 512).unwrap(), info);
         assert_eq!(read(&a), read(&b));
-        assert_eq!(
-            (info.vocab_size, info.eos_token_id, info.im_end_token_id),
-            (512, 0, 2)
-        );
+        assert_eq!((info.vocab_size, info.eos_token_id, info.im_end_token_id), (512, 0, 2));
         // Beyond the corpus' merges the vocab is padded with reserved tokens.
         assert_eq!(write_tokenizer(&a, 3000).unwrap().vocab_size, 3000);
         assert!(write_tokenizer(&a, MIN_VOCAB_SIZE - 1).is_err());

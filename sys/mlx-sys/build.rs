@@ -27,9 +27,7 @@ fn fail(msg: &str) -> ! {
 /// Runs scripts/setup.sh once if the inputs are missing, so a plain `cargo build` works on a
 /// fresh clone; an explicit env override is never "repaired".
 fn ensure_inputs(root: &Path, mlxc: &Path, mlx: &Path, overridden: bool) {
-    let ok = |mlxc: &Path, mlx: &Path| {
-        mlxc.join("CMakeLists.txt").exists() && mlx.join("mlx/lib/libmlx.so").exists()
-    };
+    let ok = |mlxc: &Path, mlx: &Path| mlxc.join("CMakeLists.txt").exists() && mlx.join("mlx/lib/libmlx.so").exists();
     if ok(mlxc, mlx) || overridden {
         return;
     }
@@ -60,8 +58,7 @@ fn mlxc_pinned_version(mlxc: &Path) -> String {
 
 fn header_version(mlx: &Path) -> String {
     let path = mlx.join("mlx/include/mlx/version.h");
-    let text = fs::read_to_string(&path)
-        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", path.display())));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", path.display())));
     let get = |name: &str| {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(&format!("#define {name} ")).map(|v| v.trim().to_owned()))

@@ -21,10 +21,8 @@ pub fn mlx_lock() -> MutexGuard<'static, ()> {
     g
 }
 
-pub const PROMPTS: [&str; 2] = [
-    "Explain the key differences between TCP and UDP protocols.",
-    "Once upon a time, in a kitchen full of bread,",
-];
+pub const PROMPTS: [&str; 2] =
+    ["Explain the key differences between TCP and UDP protocols.", "Once upon a time, in a kitchen full of bread,"];
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,7 +57,12 @@ pub fn oracle(model: &Path, prompts: &[&str], max_tokens: usize, dtype: &str) ->
         cmd.arg("--prompt").arg(p);
     }
     let out = cmd.output().expect("running the mlx-lm oracle");
-    assert!(out.status.success(), "mlx-lm oracle failed on {}:\n{}", model.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mlx-lm oracle failed on {}:\n{}",
+        model.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oracle JSON");
     assert_eq!(v["mlx_version"], "0.32.2", "oracle must run the same libmlx version");
     v["results"]
@@ -81,7 +84,12 @@ pub fn load(model_dir: &Path, dtype: DtypeChoice) -> (Model, TextTokenizer) {
 }
 
 /// zmlx greedy tokens (ignoring EOS, like the oracle call) for each prompt.
-pub fn zmlx_greedy(model: &Model, tok: &TextTokenizer, prompts: &[&str], max_tokens: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+pub fn zmlx_greedy(
+    model: &Model,
+    tok: &TextTokenizer,
+    prompts: &[&str],
+    max_tokens: usize,
+) -> Vec<(Vec<u32>, Vec<u32>)> {
     prompts
         .iter()
         .map(|p| {
