@@ -10,7 +10,7 @@ fn main() {
 
     let include = std::env::var("DEP_MLX_INCLUDE").expect("mlx-sys publishes its include dirs");
     let mut build = cc::Build::new();
-    build.cpp(true).std("c++20").opt_level(2).pic(true).warnings(false).flag("-ffp-contract=off");
+    build.cpp(true).std("c++20").opt_level(3).pic(true).warnings(false).flag("-ffp-contract=off");
     for dir in include.split(':') {
         build.include(dir);
     }
