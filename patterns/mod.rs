@@ -102,16 +102,6 @@ pub struct Selection {
     pub source: String,
 }
 
-impl Selection {
-    pub fn none() -> Selection {
-        Selection { names: vec![], source: "--patterns".into() }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-}
-
 /// Inputs to selection, separated from the process environment so it can be tested.
 pub struct SelectionRequest<'a> {
     pub patterns: Option<&'a [String]>,

@@ -44,11 +44,6 @@ impl Family {
     pub fn sigmoid_router(self) -> bool {
         matches!(self, Family::Glm4Moe | Family::Glm4MoeLite | Family::DeepseekV3)
     }
-
-    /// Multi-head latent attention.
-    pub fn mla(self) -> bool {
-        matches!(self, Family::Glm4MoeLite | Family::DeepseekV3)
-    }
 }
 
 impl serde::Serialize for Family {

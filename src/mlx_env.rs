@@ -10,16 +10,23 @@ use mlx_rs::{Array, Stream};
 
 thread_local!(static LAST_ERR: RefCell<Option<String>> = const { RefCell::new(None) });
 
-unsafe extern "C" fn record_error(msg: *const c_char, _data: *mut c_void) {
+extern "C" {
+    /// mlx-rs's own handler (`#[no_mangle]`): it stashes the message its wrappers report.
+    fn default_mlx_error_handler(msg: *const c_char, data: *mut c_void);
+}
+
+unsafe extern "C" fn record_error(msg: *const c_char, data: *mut c_void) {
     let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
     LAST_ERR.with(|e| *e.borrow_mut() = Some(text));
+    // Chain, so errors from mlx-rs's own ops keep their MLX message too.
+    unsafe { default_mlx_error_handler(msg, data) };
 }
 
 static INIT: Once = Once::new();
 
 /// Installs our error handler (mlx-c's default one calls `exit`). mlx-rs installs its own lazily
-/// on first use, so we first trigger that and then install ours on top; ours only records the
-/// message, and both mlx-rs's wrappers and ours turn a non-zero status into an `Err`.
+/// on first use, so we first trigger that and then install ours on top; ours records the message
+/// for raw calls and forwards it to mlx-rs's, so both kinds of call report MLX's own text.
 fn install_error_handler() {
     INIT.call_once(|| {
         let _ = mlx_rs::memory::active_memory();
@@ -158,6 +165,15 @@ mod tests {
         let err = check_version_of("0.32.4", "0.32.2").unwrap_err().to_string();
         assert!(err.contains("MLX 0.32.4") && err.contains("built for MLX 0.32.2"), "{err}");
         assert!(err.contains("mlx-cpu==0.32.2"), "the message says how to get the right one: {err}");
+    }
+
+    #[test]
+    fn mlx_rs_op_errors_keep_the_mlx_message() {
+        install_error_handler();
+        let a = Array::from_slice(&[1.0f32, 2.0, 3.0], &[1, 3]);
+        let err = a.matmul(&a).unwrap_err();
+        assert!(!err.what().contains("failed with status"), "message lost: {}", err.what());
+        assert!(err.what().contains("matmul"), "{}", err.what());
     }
 
     #[test]

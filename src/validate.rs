@@ -231,12 +231,19 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         }
     }
     let (mut base_runs, mut patched_runs) = (vec![], vec![]);
+    // Hidden automatically when stderr is not a terminal.
+    let bar = indicatif::ProgressBar::new(2 * opts.runs as u64).with_style(
+        indicatif::ProgressStyle::with_template("runs {bar:30} {pos}/{len} {msg} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     for r in 0..opts.runs {
         // ABBA: alternate which configuration goes first, so drift hits both alike.
         let order = if r % 2 == 0 { [false, true] } else { [true, false] };
         for patched in order {
             set(&mut model, patched)?;
+            bar.set_message(if patched { "patched" } else { "baseline" });
             let run = one_run(&model, &prompt, &gen)?;
+            bar.inc(1);
             if patched {
                 patched_runs.push(run)
             } else {
@@ -245,6 +252,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
             cooldown();
         }
     }
+    bar.finish_and_clear();
     patterns::unpatch(&mut model);
 
     let b_ids: Vec<Vec<u32>> = base_runs.iter().map(|r| r.token_ids.clone()).collect();

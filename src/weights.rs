@@ -133,17 +133,6 @@ impl WeightStore {
         Ok(WeightStore { tensors, origin, dir: dir.to_path_buf() })
     }
 
-    /// A store built from arrays in memory (tests, synth round-trips).
-    pub fn from_arrays(dir: &Path, arrays: impl IntoIterator<Item = (String, Array)>) -> WeightStore {
-        let mut tensors = BTreeMap::new();
-        let mut origin = HashMap::new();
-        for (k, v) in arrays {
-            origin.insert(k.clone(), Origin { file: dir.join("<memory>") });
-            tensors.insert(k, v);
-        }
-        WeightStore { tensors, origin, dir: dir.to_path_buf() }
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -15,13 +15,14 @@ fn check(family: Family, quantize: Option<i32>, layout: Layout, seed: u64, dtype
     let mut o = synth_opts(family, quantize, seed);
     o.layout = layout;
     synth_into(dir.path(), &o);
-    let (model, tok) = load(dir.path(), dtype);
-    let ours = zmlx_greedy(&model, &tok, &PROMPTS, TOKENS);
     let oracle_dtype = match dtype {
         DtypeChoice::Bf16 => "bf16",
         _ => "f32",
     };
-    let theirs = oracle(dir.path(), &PROMPTS, TOKENS, oracle_dtype);
+    let child = oracle_spawn(dir.path(), &PROMPTS, TOKENS, oracle_dtype);
+    let (model, tok) = load(dir.path(), dtype);
+    let ours = zmlx_greedy(&model, &tok, &PROMPTS, TOKENS);
+    let theirs = oracle_wait(dir.path(), child);
     for ((prompt, (ids, got)), want) in PROMPTS.iter().zip(&ours).zip(&theirs) {
         assert_eq!(ids, &want.prompt_ids, "{family} prompt tokenization differs for {prompt:?}");
         assert_eq!(got.len(), TOKENS);

@@ -82,6 +82,11 @@ impl SynthOptions {
     }
 }
 
+/// Decoder layers of the bench preset: the real per-layer shapes are what decode speed depends
+/// on; two layers (one dense + one MoE where the family starts dense) keep the oracle tests on
+/// bench checkpoints inside the test command's time budget.
+const BENCH_LAYERS: i32 = 2;
+
 /// config.json of a synthesized checkpoint: realistic keys for the family, small (tiny) or
 /// real-per-layer (bench) dimensions, chosen to exercise each family's special features.
 fn config_json(o: &SynthOptions) -> Value {
@@ -90,7 +95,7 @@ fn config_json(o: &SynthOptions) -> Value {
     let mut c = match o.family {
         Family::Mixtral => json!({
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-            "num_hidden_layers": if tiny { 2 } else { 4 },
+            "num_hidden_layers": if tiny { 2 } else { BENCH_LAYERS },
             "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 4 },
             "intermediate_size": if tiny { 128 } else { 5632 },
             "num_local_experts": 8, "num_experts_per_tok": 2,
@@ -99,7 +104,7 @@ fn config_json(o: &SynthOptions) -> Value {
         }),
         Family::Qwen2Moe => json!({
             "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-            "num_hidden_layers": if tiny { 2 } else { 4 },
+            "num_hidden_layers": if tiny { 2 } else { BENCH_LAYERS },
             "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 16 },
             "intermediate_size": if tiny { 256 } else { 5632 },
             "num_experts": if tiny { 16 } else { 60 }, "num_experts_per_tok": 4,
@@ -110,7 +115,7 @@ fn config_json(o: &SynthOptions) -> Value {
         }),
         Family::Qwen3Moe => json!({
             "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
             "num_attention_heads": if tiny { 4 } else { 32 }, "num_key_value_heads": if tiny { 2 } else { 4 },
             "head_dim": if tiny { 32 } else { 128 },
             "intermediate_size": if tiny { 256 } else { 6144 },
@@ -122,7 +127,7 @@ fn config_json(o: &SynthOptions) -> Value {
         }),
         Family::Glm4Moe => json!({
             "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
-            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
             "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 4 },
             "head_dim": if tiny { 64 } else { 128 }, "partial_rotary_factor": 0.5,
             "attention_bias": true, "use_qk_norm": true,
@@ -136,7 +141,7 @@ fn config_json(o: &SynthOptions) -> Value {
         }),
         Family::Glm4MoeLite => json!({
             "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
-            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
             "num_attention_heads": if tiny { 4 } else { 20 }, "num_key_value_heads": if tiny { 4 } else { 20 },
             "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
             "qk_nope_head_dim": if tiny { 64 } else { 192 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },
@@ -151,7 +156,7 @@ fn config_json(o: &SynthOptions) -> Value {
         }),
         Family::DeepseekV3 => json!({
             "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-            "num_hidden_layers": if tiny { 3 } else { 4 },
+            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
             "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 4 } else { 16 },
             "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
             "qk_nope_head_dim": if tiny { 64 } else { 128 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },

@@ -138,7 +138,6 @@ fn main() {
     println!("cargo:include={}:{}", include.display(), mlxc.display());
     println!("cargo:version={pinned}");
     println!("cargo:rustc-env=ZMLX_MLX_BUILD_VERSION={pinned}");
-    println!("cargo:rustc-env=ZMLX_MLX_BUILD_LIBDIR={}", libdir.display());
 
     let mut headers: Vec<PathBuf> = fs::read_dir(mlxc.join("mlx/c"))
         .unwrap()

@@ -49,6 +49,11 @@ pub struct OracleRun {
 
 /// Greedy tokens from mlx-lm 0.32.0 for each prompt (`--ignore-eos`: exactly `max_tokens`).
 pub fn oracle(model: &Path, prompts: &[&str], max_tokens: usize, dtype: &str) -> Vec<OracleRun> {
+    oracle_wait(model, oracle_spawn(model, prompts, max_tokens, dtype))
+}
+
+/// Starts the oracle in its own process, so zmlx can run on the other core meanwhile.
+pub fn oracle_spawn(model: &Path, prompts: &[&str], max_tokens: usize, dtype: &str) -> std::process::Child {
     let script = repo_root().join("tests/oracle/mlx_lm_oracle.py");
     let mut cmd = Command::new(oracle_python());
     cmd.arg(&script).arg("--model").arg(model).arg("--max-tokens").arg(max_tokens.to_string());
@@ -56,7 +61,12 @@ pub fn oracle(model: &Path, prompts: &[&str], max_tokens: usize, dtype: &str) ->
     for p in prompts {
         cmd.arg("--prompt").arg(p);
     }
-    let out = cmd.output().expect("running the mlx-lm oracle");
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.spawn().expect("running the mlx-lm oracle")
+}
+
+pub fn oracle_wait(model: &Path, child: std::process::Child) -> Vec<OracleRun> {
+    let out = child.wait_with_output().expect("waiting for the mlx-lm oracle");
     assert!(
         out.status.success(),
         "mlx-lm oracle failed on {}:\n{}",

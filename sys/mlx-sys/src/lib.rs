@@ -8,5 +8,3 @@ include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 
 /// MLX version this crate was compiled against (mlx-c's pinned tag), e.g. "0.32.2".
 pub const MLX_BUILD_VERSION: &str = env!("ZMLX_MLX_BUILD_VERSION");
-/// Directory holding the libmlx this crate was linked against.
-pub const MLX_BUILD_LIBDIR: &str = env!("ZMLX_MLX_BUILD_LIBDIR");
