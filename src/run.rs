@@ -60,7 +60,13 @@ fn stats(c: &ConfigResult) -> ConfigStats {
     }
 }
 
-pub fn entry_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, capsule: Option<&Path>) -> MatrixEntry {
+pub fn entry_for(
+    r: &ValidationReport,
+    notes: &str,
+    cooldown_s: f64,
+    hw: &hardware::Hardware,
+    capsule: Option<&Path>,
+) -> MatrixEntry {
     let commit = GIT_COMMIT.to_owned();
     MatrixEntry {
         model_id: r.model.display().to_string(),
@@ -95,7 +101,7 @@ pub fn entry_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, cap
         libmlx_version: Some(mlx_env::runtime_mlx_version()),
         git_commit: Some(commit),
         prompt_source: Some(r.prompt_source.clone()),
-        cooldown_s: Some(0.0),
+        cooldown_s: Some(cooldown_s),
         capsule: capsule.map(|p| p.display().to_string()),
         ..Default::default()
     }
@@ -155,8 +161,7 @@ pub fn run(model_dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
         Some(dest) => Some(capsule::write_capsule(dest, &capsule_for(&report, &opts.notes, &hw, &opts.command_line))?),
         None => None,
     };
-    let mut entry = entry_for(&report, &opts.notes, &hw, capsule.as_deref());
-    entry.cooldown_s = Some(opts.validate.cooldown_s);
+    let entry = entry_for(&report, &opts.notes, opts.validate.cooldown_s, &hw, capsule.as_deref());
     Ledger::new(&opts.ledger).append(&entry)?;
     Ok(RunOutcome { report, entry, capsule })
 }
