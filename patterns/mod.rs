@@ -4,6 +4,7 @@
 //! per-pattern `ZMLX_<NAME>=0|1`.
 mod debug_drop_expert;
 pub mod deepseek_router;
+pub mod downproj_combine;
 pub mod moe_mlp;
 pub mod swiglu_mlp;
 
@@ -80,6 +81,7 @@ pub fn registry() -> Vec<Box<dyn Pattern>> {
         Box::new(swiglu_mlp::SwigluMlp),
         Box::new(moe_mlp::MoeMlp),
         Box::new(deepseek_router::DeepseekRouter),
+        Box::new(downproj_combine::DownprojCombine),
         Box::new(debug_drop_expert::DebugDropExpert),
     ]
 }

@@ -58,6 +58,11 @@ impl CombineSlot for FusedCombine {
         Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
     }
 
+    fn plain_weighted_sum(&self) -> Option<bool> {
+        // The act mode is bit-identical to the stock sum on CPU (tests/kernels.rs).
+        (self.mode == CombineMode::Act && kernels::backend() == crate::mlx_env::Backend::Cpu).then_some(self.cast_back)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

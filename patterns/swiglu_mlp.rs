@@ -1,6 +1,9 @@
 //! `swiglu_mlp` (safe): the gated activation `silu(gate) * up` of every expert MLP (SwitchGLU),
-//! dense MLP and shared expert runs as one fused kernel instead of three MLX ops.
-//! Bit-identical on CPU (tests/kernels.rs), token-identical (tests/fidelity.rs).
+//! dense MLP and shared expert runs as one fused kernel instead of three MLX ops; for a decode
+//! step with quantized experts (2/4/8-bit, f32 activations on CPU) the gathered gate and up
+//! mat-vecs run inside the same kernel (`qmv_swiglu`; other calls use the activation kernel,
+//! counted in `fallbacks`). Bit-identical on CPU (tests/kernels.rs), token-identical
+//! (tests/fidelity.rs).
 use std::any::Any;
 use std::rc::Rc;
 
@@ -12,6 +15,10 @@ use crate::config::Family;
 use crate::kernels;
 use crate::model::{LayerMlp, Model};
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
+use crate::fallbacks;
+use crate::kernels::experts;
+use crate::moe::SORT_THRESHOLD;
+use crate::nn::Weight;
 use crate::slots::{ActivationSlot, ExpertsSlot, MlpSlot};
 
 pub struct SwigluMlp;
@@ -32,6 +39,64 @@ pub struct FusedSwiGlu;
 impl ActivationSlot for FusedSwiGlu {
     fn forward(&self, gate: &Array, up: &Array) -> Result<Array> {
         kernels::swiglu(gate, up)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// SwitchGLU whose decode step runs gate/up/SwiGLU as one `qmv_swiglu` kernel.
+pub struct FusedSwitchGlu {
+    /// The stock experts with the fused activation (used wherever `qmv_swiglu` does not apply).
+    pub inner: SwitchGlu,
+}
+
+impl FusedSwitchGlu {
+    /// h `[T, k, I]` from the fused kernel, or the reason it does not apply to this call.
+    fn fused_hidden(&self, x: &Array, indices: &Array) -> Result<std::result::Result<Array, String>> {
+        let (Weight::Quant(g), Weight::Quant(u)) = (&self.inner.gate_proj.weight, &self.inner.up_proj.weight) else {
+            return Ok(Err("float experts".into()));
+        };
+        if indices.size() >= SORT_THRESHOLD {
+            return Ok(Err("prefill (sorted gather path)".into()));
+        }
+        if let Some(why) = experts::unsupported(x.dtype(), &[g, u]) {
+            return Ok(Err(why));
+        }
+        let (k, d) = (indices.dim(-1), x.dim(-1));
+        let t = indices.size() as i32 / k;
+        Ok(Ok(experts::qmv_swiglu(&x.reshape(&[t, d])?, &indices.reshape(&[t, k])?, g, u)?))
+    }
+}
+
+impl ExpertsSlot for FusedSwitchGlu {
+    fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let h = match self.fused_hidden(x, indices)? {
+            Ok(h) => h,
+            Err(why) => {
+                fallbacks::fallback("swiglu_mlp.experts", &why);
+                return self.inner.forward(x, indices);
+            }
+        };
+        fallbacks::fused("swiglu_mlp.experts");
+        let (t, k) = (h.dim(0), h.dim(1));
+        let idx = indices.reshape(&[t, k])?;
+        let y = self.inner.down_proj.forward(&h.expand_dims(-2)?, &idx, false)?;
+        let mut shape = indices.shape().to_vec();
+        shape.push(x.dim(-1));
+        Ok(y.reshape(&shape)?)
+    }
+
+    fn hidden(&self, x: &Array, indices: &Array) -> Result<Option<Array>> {
+        match self.fused_hidden(x, indices)? {
+            Ok(h) => {
+                fallbacks::fused("swiglu_mlp.experts");
+                Ok(Some(h))
+            }
+            // Not counted here: the caller falls back to `forward`, which counts.
+            Err(_) => self.inner.hidden(x, indices),
+        }
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -62,8 +127,8 @@ impl Pattern for SwigluMlp {
                     let stock = block.experts.stock().clone();
                     match stock.as_any().downcast_ref::<SwitchGlu>() {
                         Some(s) => {
-                            let fused: Rc<dyn ExpertsSlot> =
-                                Rc::new(SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() });
+                            let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
+                            let fused: Rc<dyn ExpertsSlot> = Rc::new(FusedSwitchGlu { inner });
                             block.experts.swap(fused, INFO.name);
                             out.patched.push(format!("{}.switch_mlp", block.path));
                         }

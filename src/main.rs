@@ -84,6 +84,14 @@ struct GenerateArgs {
     /// Print one JSON object (ids, text, statistics) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Patterns to apply (`none` for none); default: ZMLX_PATTERNS, else the family preset.
+    #[arg(long, num_args = 1..)]
+    patterns: Option<Vec<String>>,
+    #[arg(long, num_args = 1..)]
+    exclude: Vec<String>,
+    /// Allow patterns of class `unsafe`.
+    #[arg(long)]
+    allow_unsafe: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -324,7 +332,23 @@ fn parse_family(s: &str) -> Result<Family, String> {
 
 fn run_generate(a: &GenerateArgs) -> Result<i32> {
     let backend = mlx_env::init()?;
-    let (model, info) = Model::load(&a.model, a.dtype, backend)?;
+    let (mut model, info) = Model::load(&a.model, a.dtype, backend)?;
+    let env = patterns::relevant_env();
+    let selection = patterns::resolve(&SelectionRequest {
+        patterns: a.patterns.as_deref(),
+        exclude: &a.exclude,
+        family: model.family(),
+        allow_unsafe: a.allow_unsafe,
+        env: &env,
+    })?;
+    let report = patterns::patch(&mut model, &selection)?;
+    if !a.json {
+        eprintln!("[zmlx] patterns ({}): {}", selection.source, if selection.names.is_empty() { "none".into() } else { selection.names.join(", ") });
+        if !selection.names.is_empty() {
+            eprintln!("[zmlx] {}", report.summary().replace('\n', "\n[zmlx] "));
+        }
+    }
+    zmlx::fallbacks::reset();
     let tok = TextTokenizer::load(&a.model, &model.config.eos_token_ids)?;
     let prompt = tok.encode(&a.prompt)?;
     let mut opts = GenerateOptions::greedy(a.max_tokens, tok.eos_token_ids.clone());
@@ -364,6 +388,7 @@ fn run_generate(a: &GenerateArgs) -> Result<i32> {
             "model": a.model, "family": model.family().model_type(), "backend": backend.name(),
             "dtype": dtype_name(model.dtype), "prompt_ids": prompt, "token_ids": tokens, "text": text,
             "stats": stats, "load_seconds": info.seconds,
+            "patterns": selection.names, "patch_report": report, "pattern_calls": zmlx::fallbacks::snapshot(),
         });
         println!("{v}");
     } else {
@@ -375,6 +400,9 @@ fn run_generate(a: &GenerateArgs) -> Result<i32> {
             stats.generation_tokens, stats.generation_tps, stats.finish_reason
         );
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
+        for line in zmlx::fallbacks::summary() {
+            println!("Pattern calls: {line}");
+        }
     }
     Ok(0)
 }
@@ -417,6 +445,9 @@ fn run_demo(dir: &Path, max_tokens: usize) -> Result<i32> {
         dtype: DtypeChoice::Auto,
         ignore_eos: true,
         json: false,
+        patterns: None,
+        exclude: vec![],
+        allow_unsafe: false,
     })?;
     // Validate the fused patterns against the stock model and record the run in a ledger next
     // to the default checkpoint (ZMLX_LEDGER overrides), then show that ledger's history.

@@ -84,6 +84,10 @@ impl CombineSlot for WeightedSumCombine {
         Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
     }
 
+    fn plain_weighted_sum(&self) -> Option<bool> {
+        Some(self.cast_back)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -137,6 +141,19 @@ impl ExpertsSlot for SwitchGlu {
             y = ops::unflatten(y.take_axis(&inv, 0)?, 0, indices.shape())?;
         }
         Ok(y.squeeze_axes(&[-2])?)
+    }
+
+    fn hidden(&self, x: &Array, indices: &Array) -> Result<Option<Array>> {
+        if indices.size() >= SORT_THRESHOLD {
+            return Ok(None);
+        }
+        let (k, d) = (indices.dim(-1), x.dim(-1));
+        let t = (indices.size() as i32) / k;
+        let xe = x.reshape(&[t, 1, 1, d])?;
+        let idx = indices.reshape(&[t, k])?;
+        let up = self.up_proj.forward(&xe, &idx, false)?;
+        let gate = self.gate_proj.forward(&xe, &idx, false)?;
+        Ok(Some(self.activation.forward(&gate, &up)?.squeeze_axes(&[-2])?))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -206,8 +223,7 @@ pub struct MoeBlock {
 impl MoeBlock {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let r = self.router.get().route(x)?;
-        let y = self.experts.get().forward(x, &r.indices)?;
-        let mut out = self.combine.get().forward(&y, &r.weights)?;
+        let mut out = self.experts.get().forward_combined(x, &r, self.combine.get())?;
         if let Some(shared) = &self.shared {
             out = out.add(shared.get().forward(x)?)?;
         }

@@ -30,6 +30,15 @@ pub trait RouterSlot: Any {
 /// The gathered expert MLP: `x` `[B, L, D]`, indices `[B, L, k]` → `[B, L, k, D]`.
 pub trait ExpertsSlot: Any {
     fn forward(&self, x: &Array, indices: &Array) -> Result<Array>;
+    /// The activations fed to the down projection, `[B·L, k, I]`, where the implementation can
+    /// produce them exactly as its `forward` does (unsorted decode path); None otherwise.
+    fn hidden(&self, _x: &Array, _indices: &Array) -> Result<Option<Array>> {
+        Ok(None)
+    }
+    /// Experts and combine together; implementations that fuse the two override this.
+    fn forward_combined(&self, x: &Array, routing: &Routing, combine: &dyn CombineSlot) -> Result<Array> {
+        combine.forward(&self.forward(x, &routing.indices)?, &routing.weights)
+    }
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -42,6 +51,12 @@ pub trait ActivationSlot: Any {
 /// Weighted sum of the k expert outputs: `y` `[B, L, k, D]`, weights `[B, L, k]` → `[B, L, D]`.
 pub trait CombineSlot: Any {
     fn forward(&self, y: &Array, weights: &Array) -> Result<Array>;
+    /// `Some(cast_back)` when this is exactly `(y * w[..., None]).sum(-2)` accumulated from 0
+    /// in slot order in the promoted dtype (then cast to y's dtype if `cast_back`): a fused
+    /// down-projection + combine may then stand in for it bit-exactly.
+    fn plain_weighted_sum(&self) -> Option<bool> {
+        None
+    }
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -64,6 +79,11 @@ impl<T: ?Sized> Slot<T> {
     }
 
     pub fn get(&self) -> &T {
+        &self.active
+    }
+
+    /// The implementation that runs now (a pattern may wrap it).
+    pub fn get_rc(&self) -> &Rc<T> {
         &self.active
     }
 

@@ -2,6 +2,7 @@
 //! implementation (an MLX primitive in kernels/cpu/, one graph node), a CUDA body
 //! (kernels/cuda/, run through MLX's cuda_kernel) and a Metal body (kernels/metal/, same
 //! algorithm and reduction order as the CUDA one). The entry point picks by backend.
+pub mod experts;
 pub mod gpu;
 
 use std::ffi::c_int;

@@ -1,0 +1,318 @@
+// Decode-step expert kernels for the CPU backend, as MLX primitives (one graph node each):
+//   qmv_swiglu:  h[t, j, :] = silu(W_gate[e] x_t) * (W_up[e] x_t),      e = idx[t, j]
+//   qmv_combine: out[t, :]  = sum_j  (W_down[e] h[t, j]) * w[t, j]        (never materialises [k, D])
+// W is MLX affine-quantized (bits 2/4/8, any group size) with float32 scales/biases and float32
+// activations — MLX's default CPU compute dtype here.
+//
+// Bit-identity: MLX 0.32's CPU quantized matmul (`_qmm_t`, simd width 1 on x86) computes every
+// output row as ONE sequential float sum   sum = sum + x[k] * (scale * q[k] + bias)   over k.
+// We keep exactly that per-row op sequence (no FMA: -ffp-contract=off, and no fma target) but run
+// 8 rows per vector lane-wise, 4 vectors interleaved to hide the add latency, on several threads.
+// The combine then accumulates y * w from 0 in slot order j = 0..k-1 (MLX's strided sum over
+// axis -2); the activation uses MLX's own scalar functors. So the result is bit-identical to
+// gather_qmm -> swiglu -> gather_qmm -> (y * w).sum(-2), which tests/kernels.rs checks.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/cpu/unary_ops.h"
+#include "mlx/backend/cpu/binary_ops.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+#include "mlx/c/error.h"
+#include "mlx/c/private/array.h"
+#include "mlx/c/private/stream.h"
+
+#include "qmv_rows.h"
+
+namespace mx = mlx::core;
+namespace dt = mlx::core::detail;
+
+namespace {
+
+// Worker threads: ZMLX_CPU_THREADS, else the hardware's (at most 8).
+int thread_count() {
+  static int n = [] {
+    if (const char* v = std::getenv("ZMLX_CPU_THREADS")) {
+      int t = std::atoi(v);
+      if (t >= 1) return std::min(t, 64);
+    }
+    unsigned h = std::thread::hardware_concurrency();
+    return int(std::clamp(h == 0 ? 1u : h, 1u, 8u));
+  }();
+  return n;
+}
+
+// Runs f(begin, end) over [0, n) split in contiguous ranges, one per thread. f must not throw.
+template <class F>
+void parallel_for(size_t n, F&& f) {
+  size_t t = std::min<size_t>(thread_count(), n);
+  if (t <= 1) {
+    f(size_t(0), n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  size_t step = (n + t - 1) / t;
+  for (size_t i = 1; i < t; ++i) {
+    size_t b = i * step, e = std::min(n, b + step);
+    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
+  }
+  f(size_t(0), std::min(n, step));
+  for (auto& th : pool) th.join();
+}
+
+bool use_avx2() {
+  static bool v = [] {
+    if (const char* e = std::getenv("ZMLX_CPU_ISA"); e && std::string(e) == "base") return false;
+    return bool(__builtin_cpu_supports("avx2"));
+  }();
+  return v;
+}
+
+bool qmv_rows(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int K, int gs, float* out) {
+  return use_avx2() ? zmlx_qmv_rows_avx2(bits, x, m, r0, r1, K, gs, out)
+                    : zmlx_qmv_rows_base(bits, x, m, r0, r1, K, gs, out);
+}
+
+bool qmv_accum(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int K, int gs, float w, float* acc) {
+  return use_avx2() ? zmlx_qmv_accum_avx2(bits, x, m, r0, r1, K, gs, w, acc)
+                    : zmlx_qmv_accum_base(bits, x, m, r0, r1, K, gs, w, acc);
+}
+
+// Rows per work item: a multiple of 32 so the interleaved path does the bulk.
+constexpr int CHUNK = 64;
+
+// Stacked expert matrices [E, rows, K] (packed), scales/biases [E, rows, K / gs].
+struct ExpertMats {
+  const uint8_t* w;
+  const float* s;
+  const float* b;
+  long rows, row_bytes, groups, experts;
+  ZmlxQMat at(uint32_t e) const {
+    return ZmlxQMat{w + long(e) * rows * row_bytes, s + long(e) * rows * groups, b + long(e) * rows * groups,
+                    row_bytes, groups};
+  }
+};
+
+ExpertMats expert_mats(const mx::array& w, const mx::array& s, const mx::array& b) {
+  return ExpertMats{w.data<uint8_t>(), s.data<float>(), b.data<float>(), w.shape(1), long(w.shape(2)) * 4,
+                    s.shape(2), w.shape(0)};
+}
+
+// Tokens whose indices are all in range; others produce NaN rows (MLX itself does not check).
+bool indices_ok(const uint32_t* idx, int k, long experts) {
+  for (int j = 0; j < k; ++j)
+    if (idx[j] >= uint64_t(experts)) return false;
+  return true;
+}
+
+void run_swiglu(int bits, const float* x, const uint32_t* idx, float* out, int tokens, int k, int K, int gs,
+                const ExpertMats& gate, const ExpertMats& up) {
+  int n = int(gate.rows);
+  int chunks = (n + CHUNK - 1) / CHUNK;
+  parallel_for(size_t(tokens) * k * chunks, [&](size_t i0, size_t i1) {
+    float g[CHUNK], u[CHUNK];
+    for (size_t it = i0; it < i1; ++it) {
+      int c = int(it % chunks);
+      size_t tj = it / chunks;
+      int t = int(tj / k);
+      int r0 = c * CHUNK, r1 = std::min(n, r0 + CHUNK);
+      float* o = out + tj * n;
+      if (!indices_ok(idx + size_t(t) * k, k, gate.experts)) {
+        for (int r = r0; r < r1; ++r) o[r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const float* xt = x + size_t(t) * K;
+      qmv_rows(bits, xt, gate.at(idx[tj]), r0, r1, K, gs, g);
+      qmv_rows(bits, xt, up.at(idx[tj]), r0, r1, K, gs, u);
+      // mlx-lm's swiglu: (g * sigmoid(g)) * u, each step rounded, with MLX's own functors.
+      for (int r = r0; r < r1; ++r) {
+        float gv = g[r - r0];
+        o[r] = dt::Multiply{}(dt::Multiply{}(gv, dt::Sigmoid{}(gv)), u[r - r0]);
+      }
+    }
+  });
+}
+
+void run_combine(int bits, const float* h, const uint32_t* idx, const float* wts, float* out, int tokens, int k, int K,
+                 int gs, const ExpertMats& down) {
+  int n = int(down.rows);
+  int chunks = (n + CHUNK - 1) / CHUNK;
+  parallel_for(size_t(tokens) * chunks, [&](size_t i0, size_t i1) {
+    for (size_t it = i0; it < i1; ++it) {
+      int c = int(it % chunks), t = int(it / chunks);
+      int r0 = c * CHUNK, r1 = std::min(n, r0 + CHUNK);
+      float* o = out + size_t(t) * n + r0;
+      bool ok = indices_ok(idx + size_t(t) * k, k, down.experts);
+      for (int r = r0; r < r1; ++r) o[r - r0] = ok ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+      if (!ok) continue;
+      // (y * w).sum(-2): from 0, in slot order, product rounded before the add.
+      for (int j = 0; j < k; ++j) {
+        size_t tj = size_t(t) * k + j;
+        qmv_accum(bits, h + tj * K, down.at(idx[tj]), r0, r1, K, gs, wts[tj], o);
+      }
+    }
+  });
+}
+
+// A row-contiguous copy of a small, possibly strided input (activations, indices, weights).
+template <typename T>
+const T* dense(const mx::array& a, std::vector<T>& buf) {
+  if (a.flags().row_contiguous) return a.data<T>();
+  buf.resize(a.size());
+  std::vector<int> pos(a.ndim(), 0);
+  const T* src = a.data<T>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < a.ndim(); ++d) off += int64_t(pos[d]) * a.strides()[d];
+    buf[i] = src[off];
+    for (int d = a.ndim() - 1; d >= 0; --d) {
+      if (++pos[d] < a.shape(d)) break;
+      pos[d] = 0;
+    }
+  }
+  return buf.data();
+}
+
+// inputs: x [T, K] f32, idx [T, k] u32, wg, sg, bg, wu, su, bu  ->  h [T, k, N] f32
+class QmvSwiglu : public mx::UnaryPrimitive {
+ public:
+  QmvSwiglu(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_]() {
+      std::vector<float> xb;
+      std::vector<uint32_t> ib;
+      const float* x = dense(in[0], xb);
+      const uint32_t* idx = dense(in[1], ib);
+      int tokens = in[1].shape(0), k = in[1].shape(1), K = in[0].shape(1);
+      run_swiglu(bits, x, idx, o, tokens, k, K, gs, expert_mats(in[2], in[3], in[4]), expert_mats(in[5], in[6], in[7]));
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("zmlx qmv_swiglu: CPU-only primitive; GPU backends use the CUDA/Metal kernel");
+  }
+  const char* name() const override { return "ZmlxQmvSwiglu"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const QmvSwiglu&>(o);
+    return p.gs_ == gs_ && p.bits_ == bits_;
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+// inputs: h [T, k, K] f32, idx [T, k] u32, w [T, k] f32, wd, sd, bd  ->  out [T, N] f32
+class QmvCombine : public mx::UnaryPrimitive {
+ public:
+  QmvCombine(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_]() {
+      std::vector<float> hb, wb;
+      std::vector<uint32_t> ib;
+      const float* h = dense(in[0], hb);
+      const uint32_t* idx = dense(in[1], ib);
+      const float* w = dense(in[2], wb);
+      int tokens = in[1].shape(0), k = in[1].shape(1), K = in[0].shape(2);
+      run_combine(bits, h, idx, w, o, tokens, k, K, gs, expert_mats(in[3], in[4], in[5]));
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("zmlx qmv_combine: CPU-only primitive; GPU backends use the CUDA/Metal kernel");
+  }
+  const char* name() const override { return "ZmlxQmvCombine"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const QmvCombine&>(o);
+    return p.gs_ == gs_ && p.bits_ == bits_;
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+// Packed expert weights must be evaluated row-contiguous buffers: they are read in place.
+mx::array expert_weight(const mx::array& a, const mx::Stream& st) {
+  return a.flags().row_contiguous ? a : mx::contiguous(a, false, st);
+}
+
+void check_expert(const char* op, const mx::array& w, const mx::array& s, const mx::array& b, int K, int gs, int bits) {
+  if (w.ndim() != 3 || w.dtype() != mx::uint32 || s.ndim() != 3 || b.shape() != s.shape())
+    throw std::invalid_argument(std::string(op) + ": expected packed uint32 weights [E, N, K*bits/32] with scales/biases [E, N, K/group]");
+  if (s.dtype() != mx::float32 || b.dtype() != mx::float32)
+    throw std::invalid_argument(std::string(op) + ": scales and biases must be float32");
+  if (gs <= 0 || K % gs != 0 || gs % (32 / bits) != 0 || w.shape(2) * 32 != K * bits || s.shape(2) != K / gs ||
+      s.shape(0) != w.shape(0) || s.shape(1) != w.shape(1))
+    throw std::invalid_argument(std::string(op) + ": weight shapes do not match K, group size and bits");
+}
+
+template <class F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (std::exception& e) {
+    mlx_error("%s", e.what());
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" int zmlx_cpu_qmv_swiglu(mlx_array* res, const mlx_array x, const mlx_array idx, const mlx_array wg,
+                                   const mlx_array sg, const mlx_array bg, const mlx_array wu, const mlx_array su,
+                                   const mlx_array bu, int group_size, int bits, const mlx_stream s) {
+  return guarded([&] {
+    auto& st = mlx_stream_get_(s);
+    auto& x0 = mlx_array_get_(x);
+    auto& i0 = mlx_array_get_(idx);
+    if (bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("zmlx qmv_swiglu: bits must be 2, 4 or 8");
+    if (x0.ndim() != 2 || x0.dtype() != mx::float32) throw std::invalid_argument("zmlx qmv_swiglu: x must be float32 [T, K]");
+    if (i0.ndim() != 2 || i0.dtype() != mx::uint32 || i0.shape(0) != x0.shape(0))
+      throw std::invalid_argument("zmlx qmv_swiglu: indices must be uint32 [T, k]");
+    int K = x0.shape(1);
+    auto& g = mlx_array_get_(wg);
+    auto& u = mlx_array_get_(wu);
+    check_expert("zmlx qmv_swiglu (gate)", g, mlx_array_get_(sg), mlx_array_get_(bg), K, group_size, bits);
+    check_expert("zmlx qmv_swiglu (up)", u, mlx_array_get_(su), mlx_array_get_(bu), K, group_size, bits);
+    if (g.shape() != u.shape()) throw std::invalid_argument("zmlx qmv_swiglu: gate and up weights differ in shape");
+    std::vector<mx::array> ins = {x0, i0};
+    for (auto a : {wg, sg, bg, wu, su, bu}) ins.push_back(expert_weight(mlx_array_get_(a), st));
+    mx::Shape shape = {x0.shape(0), i0.shape(1), g.shape(1)};
+    mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvSwiglu>(st, group_size, bits), ins));
+  });
+}
+
+extern "C" int zmlx_cpu_qmv_combine(mlx_array* res, const mlx_array h, const mlx_array idx, const mlx_array w,
+                                    const mlx_array wd, const mlx_array sd, const mlx_array bd, int group_size, int bits,
+                                    const mlx_stream s) {
+  return guarded([&] {
+    auto& st = mlx_stream_get_(s);
+    auto& h0 = mlx_array_get_(h);
+    auto& i0 = mlx_array_get_(idx);
+    auto& w0 = mlx_array_get_(w);
+    if (bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("zmlx qmv_combine: bits must be 2, 4 or 8");
+    if (h0.ndim() != 3 || h0.dtype() != mx::float32) throw std::invalid_argument("zmlx qmv_combine: h must be float32 [T, k, K]");
+    if (i0.ndim() != 2 || i0.dtype() != mx::uint32 || i0.shape(0) != h0.shape(0) || i0.shape(1) != h0.shape(1))
+      throw std::invalid_argument("zmlx qmv_combine: indices must be uint32 [T, k] matching h");
+    if (w0.shape() != i0.shape() || w0.dtype() != mx::float32)
+      throw std::invalid_argument("zmlx qmv_combine: combine weights must be float32 [T, k]");
+    auto& d = mlx_array_get_(wd);
+    check_expert("zmlx qmv_combine (down)", d, mlx_array_get_(sd), mlx_array_get_(bd), h0.shape(2), group_size, bits);
+    std::vector<mx::array> ins = {h0, i0, w0};
+    for (auto a : {wd, sd, bd}) ins.push_back(expert_weight(mlx_array_get_(a), st));
+    mx::Shape shape = {h0.shape(0), d.shape(1)};
+    mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvCombine>(st, group_size, bits), ins));
+  });
+}
