@@ -107,10 +107,11 @@ impl Pattern for DownprojCombine {
                 out.skipped.push((path, "float experts (the fused kernel is for quantized 2/4/8-bit experts)".into()));
                 continue;
             };
-            if let Some(why) = experts::unsupported(mlx_rs::Dtype::Float32, &[down]) {
-                out.skipped.push((path, why));
+            if ![2, 4, 8].contains(&down.q.bits) {
+                out.skipped.push((path, format!("{}-bit experts (the kernel has 2/4/8)", down.q.bits)));
                 continue;
             }
+            // Activation dtype and backend are checked per call (fallbacks are counted).
             let inner = Rc::new(FusedDownCombine { inner: block.experts.get_rc().clone(), down: down.clone() });
             block.experts.swap(inner, INFO.name);
             out.patched.push(path);

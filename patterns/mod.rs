@@ -5,6 +5,7 @@
 mod debug_drop_expert;
 pub mod deepseek_router;
 pub mod downproj_combine;
+pub mod glm47_rope;
 pub mod moe_mlp;
 pub mod swiglu_mlp;
 
@@ -82,6 +83,7 @@ pub fn registry() -> Vec<Box<dyn Pattern>> {
         Box::new(moe_mlp::MoeMlp),
         Box::new(deepseek_router::DeepseekRouter),
         Box::new(downproj_combine::DownprojCombine),
+        Box::new(glm47_rope::Glm47Rope),
         Box::new(debug_drop_expert::DebugDropExpert),
     ]
 }
@@ -90,10 +92,25 @@ pub fn pattern_names() -> Vec<&'static str> {
     registry().iter().map(|p| p.info().name).collect()
 }
 
-/// The default pattern set per family: only `safe` patterns, chosen from ledger measurements.
-/// Empty until a fused pattern has been measured faster with identical tokens on that family.
-pub fn family_preset(_family: Family) -> Vec<&'static str> {
-    vec![]
+/// The default pattern set per family: only `safe` patterns, chosen from the CPU bench ledger
+/// (benchmarks/matrix-cpu.jsonl; HANDOFF.md has the numbers): on 4-bit checkpoints the fused
+/// expert kernels (`swiglu_mlp` + `downproj_combine`) carry the decode speedup; the routers and
+/// the combine are bit-exact and never slower. GPU backends get no preset: there the router and
+/// combine kernels are not bit-identical to MLX's CUDA ops (HANDOFF.md, GPU section).
+pub fn family_preset(family: Family) -> Vec<&'static str> {
+    if crate::kernels::backend() != crate::mlx_env::Backend::Cpu {
+        return vec![];
+    }
+    let router = if family.sigmoid_router() { "deepseek_router" } else { "moe_mlp" };
+    let mut names = vec!["swiglu_mlp", router, "downproj_combine"];
+    if family.sigmoid_router() {
+        // The sigmoid families keep moe_mlp for its combine kernel.
+        names.insert(1, "moe_mlp");
+    }
+    if matches!(family, Family::Glm4MoeLite | Family::DeepseekV3) {
+        names.push("glm47_rope");
+    }
+    names
 }
 
 /// A resolved selection: pattern names in registry order.

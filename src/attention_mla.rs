@@ -90,8 +90,17 @@ impl MlaAttention {
     }
 }
 
-impl AttentionSlot for MlaAttention {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+/// The positional step: `(q_pe, k_pe, offset)` → `(rope(q_pe) * scale, rope(k_pe))`.
+pub type PeStep<'a> = &'a dyn Fn(&Array, &Array, i32) -> Result<(Array, Array)>;
+
+impl MlaAttention {
+    /// The stock positional step: RoPE of both parts, then the softmax scale on q.
+    pub fn stock_pe(&self, q_pe: &Array, k_pe: &Array, offset: i32) -> Result<(Array, Array)> {
+        crate::kernels::rope::rope_decode_reference(q_pe, k_pe, &self.rope, offset, self.scale)
+    }
+
+    /// The attention with a replaceable positional step (the `glm47_rope` pattern swaps it).
+    pub fn forward_with(&self, x: &Array, cache: &mut KvCache, pe: PeStep) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let d = &self.dims;
         let q = match &self.q {
@@ -107,13 +116,11 @@ impl AttentionSlot for MlaAttention {
         let k_pe = parts[1].reshape(&[b, l, 1, d.qk_rope_head_dim])?.transpose_axes(&[0, 2, 1, 3])?;
         let kv_latent = self.kv_a_layernorm.forward(&parts[0])?;
         let offset = cache.offset;
-        let q_pe = self.rope.forward(q_pe, offset)?;
-        let k_pe = self.rope.forward(&k_pe, offset)?;
+        let (q_pe_scaled, k_pe) = pe(q_pe, &k_pe, offset)?;
         let kv_latent = kv_latent.expand_dims(1)?;
         let (kv_latent, k_pe) = cache.update_and_fetch(&kv_latent, &k_pe)?;
 
-        let scale = Array::from_f32(self.scale).as_dtype(q_pe.dtype())?;
-        let mut pe_scores = q_pe.multiply(&scale)?.matmul(k_pe.swap_axes(-1, -2)?)?;
+        let mut pe_scores = q_pe_scaled.matmul(k_pe.swap_axes(-1, -2)?)?;
         if l > 1 {
             // Boolean causal mask [L, T] aligned to the end; masked scores get finfo.min, not -inf.
             let t = offset + l;
@@ -135,6 +142,12 @@ impl AttentionSlot for MlaAttention {
         };
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * d.v_head_dim])?;
         self.o_proj.forward(&out)
+    }
+}
+
+impl AttentionSlot for MlaAttention {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        self.forward_with(x, cache, &|q, k, o| self.stock_pe(q, k, o))
     }
 
     fn as_any(&self) -> &dyn Any {

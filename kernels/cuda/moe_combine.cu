@@ -13,8 +13,13 @@ int c = (int)(i % D);
 const T* yr = y + r * K * D + c;
 const T* wr = w + r * K;
 if (MODE == 0) {
+  // MLX runs the multiply and the sum as separate kernels: for float the product must not be
+  // contracted into an FMA with the add (nvcc contracts by default), hence the _rn intrinsics.
   T acc = T(0.0f);
-  for (int j = 0; j < K; ++j) acc = Add{}(acc, Multiply{}(yr[(long long)j * D], wr[j]));
+  for (int j = 0; j < K; ++j) {
+    if constexpr (sizeof(T) == 4) acc = __fadd_rn(acc, __fmul_rn(yr[(long long)j * D], wr[j]));
+    else acc = Add{}(acc, Multiply{}(yr[(long long)j * D], wr[j]));
+  }
   out[i] = acc;
 } else if (MODE == 1) {
   float acc = 0.0f;

@@ -57,6 +57,11 @@ pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
         return Some(format!("{}-bit weights (kernel has 2/4/8)", q.bits));
     }
     match backend() {
+        b @ (Backend::Cuda | Backend::Metal) if !super::gpu_experimental() => Some(format!(
+            "not bit-exact on {} (set {}=1 to run it anyway)",
+            b.name(),
+            super::GPU_EXPERIMENTAL_VAR
+        )),
         Backend::Cpu if x_dtype != Dtype::Float32 => {
             Some(format!("{x_dtype:?} activations (the CPU kernel is bit-exact for float32 only)"))
         }

@@ -4,6 +4,7 @@
 //! algorithm and reduction order as the CUDA one). The entry point picks by backend.
 pub mod experts;
 pub mod gpu;
+pub mod rope;
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
@@ -36,6 +37,14 @@ const CUDA_HEADER: &str = include_str!("../../kernels/cuda/header.cuh");
 pub fn backend() -> Backend {
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(Backend::detect)
+}
+
+/// Opt-in for GPU kernels whose results are within tolerance but not bit-identical to the stock
+/// ops there (`qmv_swiglu`, `qmv_combine`, `rope_decode`): patterns fall back without it.
+pub const GPU_EXPERIMENTAL_VAR: &str = "ZMLX_GPU_EXPERIMENTAL";
+
+pub fn gpu_experimental() -> bool {
+    std::env::var(GPU_EXPERIMENTAL_VAR).is_ok_and(|v| v == "1")
 }
 
 fn check_float(op: &str, a: &Array) -> Result<()> {

@@ -1,0 +1,80 @@
+//! `glm47_rope` (safe on CPU): the MLA decode step's positional part — YaRN pre-scale, RoPE of
+//! q_pe and k_pe, and the softmax scale on q_pe — as one kernel (`kernels::rope`), for
+//! GLM-4.7-Flash (`glm4_moe_lite`) and DeepSeek-V3 / Kimi-K2. Decode only: a prefill step (L > 1)
+//! runs the stock chain, counted in `fallbacks`. Bit-identical to MLX's rope on CPU
+//! (tests/kernels_rope.rs), token-identical (tests/fidelity.rs).
+use std::any::Any;
+use std::rc::Rc;
+
+use anyhow::Result;
+use mlx_rs::Array;
+
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use crate::attention_mla::MlaAttention;
+use crate::cache::KvCache;
+use crate::config::Family;
+use crate::fallbacks;
+use crate::kernels::{self, rope};
+use crate::mlx_env::Backend;
+use crate::model::Model;
+use crate::slots::AttentionSlot;
+
+pub struct Glm47Rope;
+
+static INFO: PatternInfo = PatternInfo {
+    name: "glm47_rope",
+    slot: SlotKind::Attention,
+    families: &[Family::Glm4MoeLite, Family::DeepseekV3],
+    class: SafetyClass::Safe,
+    decode_only: true,
+    env: &[],
+    description: "MLA decode: YaRN pre-scale + RoPE of q_pe/k_pe + softmax scale on q_pe in one kernel",
+};
+
+pub struct FusedRopeMla {
+    pub inner: MlaAttention,
+}
+
+impl AttentionSlot for FusedRopeMla {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let a = &self.inner;
+        self.inner.forward_with(x, cache, &|q, k, offset| {
+            if q.dim(2) != 1 {
+                fallbacks::fallback(INFO.name, "prefill (L > 1)");
+                return a.stock_pe(q, k, offset);
+            }
+            if kernels::backend() != Backend::Cpu && !kernels::gpu_experimental() {
+                fallbacks::fallback(INFO.name, "not bit-exact on this GPU backend (ZMLX_GPU_EXPERIMENTAL=1 runs it)");
+                return a.stock_pe(q, k, offset);
+            }
+            fallbacks::fused(INFO.name);
+            rope::rope_decode(q, k, &a.rope, offset, a.scale)
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Pattern for Glm47Rope {
+    fn info(&self) -> &PatternInfo {
+        &INFO
+    }
+
+    fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
+        let mut out = PatternOutcome::default();
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let path = format!("model.layers.{i}.self_attn");
+            let stock = layer.attention.stock().clone();
+            match stock.as_any().downcast_ref::<MlaAttention>() {
+                Some(m) => {
+                    layer.attention.swap(Rc::new(FusedRopeMla { inner: m.clone() }), INFO.name);
+                    out.patched.push(path);
+                }
+                None => out.skipped.push((path, "not multi-head latent attention".into())),
+            }
+        }
+        Ok(out)
+    }
+}
