@@ -3,7 +3,57 @@
 //! decode token and a 128-token prefill chunk. Each iteration builds the op and evaluates it.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mlx_rs::{ops, random, Array, Dtype};
-use zmlx::kernels::{self, CombineMode, RouterKind, SigmoidRouting};
+use zmlx::config::QuantParams;
+use zmlx::kernels::{self, experts, rope, CombineMode, RouterKind, SigmoidRouting};
+use zmlx::nn::{QWeight, Rope};
+
+/// 4-bit, group 64 stacked expert weights [E, N, K] (the bench checkpoints' quantization).
+fn qweight(e: i32, n: i32, k: i32, seed: u64) -> QWeight {
+    let w = rand(&[e, n, k], seed, Dtype::Float32).multiply(Array::from_f32(0.02)).unwrap();
+    let (weight, scales, biases) = ops::quantize(&w, 64, 4).unwrap();
+    mlx_rs::transforms::eval([&weight, &scales, &biases]).unwrap();
+    QWeight { weight, scales, biases, q: QuantParams { bits: 4, group_size: 64 } }
+}
+
+/// The decode-step expert and rope kernels (one token; qwen3 bench: 64 experts, top-8, hidden
+/// 2048, expert width 768; GLM-4.7-Flash-like MLA rope: 20 heads, rope dim 64).
+fn bench_decode_kernels(c: &mut Criterion) {
+    zmlx::mlx_env::init().unwrap();
+    let mut g = c.benchmark_group("kernels/decode");
+    let (gate, up, down) = (qweight(64, 768, 2048, 11), qweight(64, 768, 2048, 12), qweight(64, 2048, 768, 13));
+    let x = rand(&[1, 2048], 14, Dtype::Float32);
+    let idx = Array::from_slice(&[3u32, 9, 17, 22, 35, 41, 50, 63], &[1, 8]);
+    let w = ops::softmax_axis(rand(&[1, 8], 15, Dtype::Float32), -1, true).unwrap();
+    g.bench_function(BenchmarkId::new("qmv_swiglu", "reference"), |b| {
+        b.iter(|| experts::qmv_swiglu_reference(&x, &idx, &gate, &up).unwrap().eval().unwrap())
+    });
+    g.bench_function(BenchmarkId::new("qmv_swiglu", "fused"), |b| {
+        b.iter(|| experts::qmv_swiglu(&x, &idx, &gate, &up).unwrap().eval().unwrap())
+    });
+    let h = rand(&[1, 8, 768], 16, Dtype::Float32);
+    g.bench_function(BenchmarkId::new("qmv_combine", "reference"), |b| {
+        b.iter(|| experts::qmv_combine_reference(&h, &idx, &w, &down).unwrap().eval().unwrap())
+    });
+    g.bench_function(BenchmarkId::new("qmv_combine", "fused"), |b| {
+        b.iter(|| experts::qmv_combine(&h, &idx, &w, &down).unwrap().eval().unwrap())
+    });
+    let q = rand(&[1, 20, 1, 64], 17, Dtype::Float32);
+    let k = rand(&[1, 1, 1, 64], 18, Dtype::Float32);
+    let r = Rope::plain(64, true, 1_000_000.0);
+    g.bench_function(BenchmarkId::new("rope_decode", "reference"), |b| {
+        b.iter(|| {
+            let (a, bb) = rope::rope_decode_reference(&q, &k, &r, 700, 0.07).unwrap();
+            mlx_rs::transforms::eval([&a, &bb]).unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("rope_decode", "fused"), |b| {
+        b.iter(|| {
+            let (a, bb) = rope::rope_decode(&q, &k, &r, 700, 0.07).unwrap();
+            mlx_rs::transforms::eval([&a, &bb]).unwrap()
+        })
+    });
+    g.finish();
+}
 
 fn rand(shape: &[i32], seed: u64, dtype: Dtype) -> Array {
     let key = random::key(seed).unwrap();
@@ -81,6 +131,6 @@ fn bench(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = bench
+    targets = bench, bench_decode_kernels
 }
 criterion_main!(benches);

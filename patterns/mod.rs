@@ -6,6 +6,7 @@ mod debug_drop_expert;
 pub mod deepseek_router;
 pub mod downproj_combine;
 pub mod glm47_rope;
+pub mod qmv_linear;
 pub mod moe_mlp;
 pub mod swiglu_mlp;
 
@@ -39,6 +40,8 @@ pub enum SlotKind {
     Activation,
     Combine,
     SharedExpert,
+    /// Dense projections inside the attention, MLP and head slots.
+    Linear,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +87,7 @@ pub fn registry() -> Vec<Box<dyn Pattern>> {
         Box::new(deepseek_router::DeepseekRouter),
         Box::new(downproj_combine::DownprojCombine),
         Box::new(glm47_rope::Glm47Rope),
+        Box::new(qmv_linear::QmvLinear),
         Box::new(debug_drop_expert::DebugDropExpert),
     ]
 }
@@ -102,7 +106,7 @@ pub fn family_preset(family: Family) -> Vec<&'static str> {
         return vec![];
     }
     let router = if family.sigmoid_router() { "deepseek_router" } else { "moe_mlp" };
-    let mut names = vec!["swiglu_mlp", router, "downproj_combine"];
+    let mut names = vec!["swiglu_mlp", router, "downproj_combine", "qmv_linear"];
     if family.sigmoid_router() {
         // The sigmoid families keep moe_mlp for its combine kernel.
         names.insert(1, "moe_mlp");

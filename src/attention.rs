@@ -9,6 +9,7 @@ use crate::cache::KvCache;
 use crate::nn::{Linear, LoadCtx, RmsNorm, Rope};
 use crate::slots::AttentionSlot;
 
+#[derive(Clone)]
 pub struct GqaAttention {
     pub q_proj: Linear,
     pub k_proj: Linear,

@@ -13,7 +13,7 @@ use crate::mlx_env::Backend;
 use crate::models;
 use crate::moe::MoeBlock;
 use crate::nn::{Embedding, Linear, LoadCtx, RmsNorm};
-use crate::slots::{AttentionSlot, MlpSlot, Slot};
+use crate::slots::{AttentionSlot, HeadSlot, MlpSlot, Slot};
 use crate::weights::WeightStore;
 
 pub enum LayerMlp {
@@ -40,13 +40,29 @@ impl DecoderLayer {
     }
 }
 
+/// The stock output head (lm_head, or the tied embedding used as a linear map).
+#[derive(Clone)]
+pub struct OutputHead {
+    pub linear: Linear,
+}
+
+impl HeadSlot for OutputHead {
+    fn forward(&self, h: &Array) -> Result<Array> {
+        self.linear.forward(h)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 pub struct Model {
     pub config: ModelConfig,
     pub embed_tokens: Embedding,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    /// `None` when the output head is tied to the embedding.
-    pub lm_head: Option<Linear>,
+    /// lm_head, or the embedding as a linear map when tied.
+    pub head: Slot<dyn HeadSlot>,
     pub dtype: Dtype,
 }
 
@@ -127,14 +143,16 @@ impl Model {
         }
         let norm = RmsNorm::load(&mut ctx, "model.norm", config.hidden_size, config.rms_norm_eps)?;
         // Only Mixtral and Qwen3-MoE honour tie_word_embeddings in mlx-lm; the others always load lm_head.
-        let lm_head = if config.tie_word_embeddings {
-            None
+        let linear = if config.tie_word_embeddings {
+            // as_linear: the same op as a bias-free Linear over the embedding weight.
+            Linear { weight: embed_tokens.weight.clone(), bias: None, qmv: false }
         } else {
-            Some(Linear::load(&mut ctx, "lm_head", config.hidden_size, config.vocab_size, false)?)
+            Linear::load(&mut ctx, "lm_head", config.hidden_size, config.vocab_size, false)?
         };
+        let head = slot(Rc::new(OutputHead { linear }) as Rc<dyn HeadSlot>);
         flush(&mut ctx)?;
         bar.finish_and_clear();
-        Ok(Model { config, embed_tokens, layers, norm, lm_head, dtype })
+        Ok(Model { config, embed_tokens, layers, norm, head, dtype })
     }
 
     pub fn family(&self) -> Family {
@@ -157,14 +175,12 @@ impl Model {
     /// Logits `[B, L, V]` for `tokens` `[B, L]`.
     pub fn forward(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
         let h = self.hidden(tokens, caches)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
+        self.head.get().forward(&h)
     }
 
     /// Puts every slot back to the implementation it was loaded with.
     pub fn restore_all_slots(&mut self) {
+        self.head.restore();
         for layer in &mut self.layers {
             layer.attention.restore();
             match &mut layer.mlp {

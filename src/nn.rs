@@ -111,16 +111,33 @@ pub enum Weight {
 pub struct Linear {
     pub weight: Weight,
     pub bias: Option<Array>,
+    /// Decode rows of a quantized weight go through zmlx's bit-exact multi-threaded mat-vec
+    /// (`kernels::experts::qmv_linear`). Off as loaded; the `qmv_linear` pattern sets it on
+    /// copies of the slots it swaps in.
+    pub qmv: bool,
 }
 
 impl Linear {
     pub fn load(ctx: &mut LoadCtx, path: &str, inp: i32, out: i32, bias: bool) -> Result<Linear> {
         let weight = ctx.weight(path, &[], out, inp)?;
         let bias = if bias { Some(ctx.float(&format!("{path}.bias"), &[out])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, qmv: false })
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
+        if let (true, Weight::Quant(q)) = (self.qmv, &self.weight) {
+            match crate::kernels::experts::qmv_linear_unsupported(x, q) {
+                None => {
+                    crate::fallbacks::fused("qmv_linear");
+                    let y = crate::kernels::experts::qmv_linear(x, q)?;
+                    return Ok(match &self.bias {
+                        Some(b) => y.add(b)?,
+                        None => y,
+                    });
+                }
+                Some(why) => crate::fallbacks::fallback("qmv_linear", &why),
+            }
+        }
         Ok(match (&self.weight, &self.bias) {
             (Weight::Float(w), None) => x.matmul(w.t())?,
             (Weight::Float(w), Some(b)) => ops::addmm(b, x, w.t(), None, None)?,

@@ -66,6 +66,12 @@ pub trait MlpSlot: Any {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// The output head: final hidden states `[B, L, D]` → logits `[B, L, V]`.
+pub trait HeadSlot: Any {
+    fn forward(&self, h: &Array) -> Result<Array>;
+    fn as_any(&self) -> &dyn Any;
+}
+
 /// One slot: the stock implementation it was loaded with and the one that runs.
 pub struct Slot<T: ?Sized> {
     stock: Rc<T>,

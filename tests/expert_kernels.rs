@@ -140,3 +140,25 @@ fn expert_kernels_bit_exact_on_baseline_isa() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("1 passed"), "baseline-ISA run failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn qmv_linear_bit_exact_and_limits() {
+    let _g = mlx_lock();
+    for (n, k, bits, gs, rows) in [(200, 256, 4, 64, 1), (512, 128, 8, 32, 3), (44, 256, 2, 128, 8), (2048, 512, 4, 64, 2)] {
+        let w = qweight(1, n, k, gs, bits, n as u64);
+        let w = QWeight {
+            weight: w.weight.squeeze_axes(&[0]).unwrap(),
+            scales: w.scales.squeeze_axes(&[0]).unwrap(),
+            biases: w.biases.squeeze_axes(&[0]).unwrap(),
+            q: w.q,
+        };
+        let x = rand(&[1, rows, k], 7, 1.0);
+        let want = ops::quantized_matmul(&x, &w.weight, &w.scales, &w.biases, true, gs, bits).unwrap();
+        let got = experts::qmv_linear(&x, &w).unwrap();
+        assert!(bit_equal(&want, &got), "qmv_linear N={n} K={k} {bits}-bit g{gs} rows={rows}");
+    }
+    let w = qweight(1, 64, 128, 64, 4, 1);
+    let w = QWeight { weight: w.weight.squeeze_axes(&[0]).unwrap(), scales: w.scales.squeeze_axes(&[0]).unwrap(), biases: w.biases.squeeze_axes(&[0]).unwrap(), q: w.q };
+    let e = experts::qmv_linear(&rand(&[1, 9, 128], 1, 1.0), &w).unwrap_err().to_string();
+    assert!(e.contains("prefill"), "{e}");
+}

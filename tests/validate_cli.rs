@@ -75,7 +75,13 @@ fn selection_precedence_and_env_switches() {
     let e = env(&[("ZMLX_PATTERNS", "debug_drop_expert")]);
     assert!(req(Some(&none), &e, true).unwrap().names.is_empty(), "--patterns beats ZMLX_PATTERNS");
     assert_eq!(req(None, &e, true).unwrap().names, ["debug_drop_expert"]);
-    assert!(req(None, &env(&[]), true).unwrap().names.is_empty(), "presets are empty until a pattern is proven");
+    let preset = req(None, &env(&[]), false).unwrap();
+    assert_eq!(preset.source, "preset");
+    assert_eq!(preset.names, zmlx::patterns::family_preset(Family::Qwen3Moe), "no selection = the family preset");
+    assert!(!preset.names.is_empty() && !preset.names.iter().any(|n| n == "debug_drop_expert"), "{:?}", preset.names);
+    let ex = vec!["moe_mlp".to_string()];
+    let r = resolve(&SelectionRequest { patterns: None, exclude: &ex, family: Family::Qwen3Moe, allow_unsafe: false, env: &env(&[]) });
+    assert!(!r.unwrap().names.contains(&"moe_mlp".to_string()), "--exclude removes a preset pattern");
     let e = env(&[("ZMLX_PATTERNS", "debug_drop_expert"), ("ZMLX_DEBUG_DROP_EXPERT", "0")]);
     assert!(req(None, &e, true).unwrap().names.is_empty(), "ZMLX_<NAME>=0 switches a pattern off");
     let e = env(&[("ZMLX_DEBUG_DROP_EXPERT", "maybe")]);

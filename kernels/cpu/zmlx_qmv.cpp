@@ -242,6 +242,43 @@ class QmvCombine : public mx::UnaryPrimitive {
   int gs_, bits_;
 };
 
+// inputs: x [T, K] f32, w [N, K*bits/32] u32, s, b [N, K/gs] f32  ->  out [T, N] f32
+// (quantized_matmul(x, w, transpose=true) for a few rows: each row is `_qmm_t`'s sum).
+class QmvLinear : public mx::UnaryPrimitive {
+ public:
+  QmvLinear(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_]() {
+      std::vector<float> xb;
+      const float* x = dense(in[0], xb);
+      int tokens = in[0].shape(0), K = in[0].shape(1), n = in[1].shape(0);
+      ZmlxQMat m{in[1].data<uint8_t>(), in[2].data<float>(), in[3].data<float>(), long(in[1].shape(1)) * 4,
+                 long(in[2].shape(1))};
+      int chunks = (n + CHUNK - 1) / CHUNK;
+      parallel_for(size_t(tokens) * chunks, [&](size_t i0, size_t i1) {
+        for (size_t it = i0; it < i1; ++it) {
+          int c = int(it % chunks), t = int(it / chunks);
+          int r0 = c * CHUNK, r1 = std::min(n, r0 + CHUNK);
+          qmv_rows(bits, x + size_t(t) * K, m, r0, r1, K, gs, o + size_t(t) * n + r0);
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("zmlx qmv_linear: CPU-only primitive");
+  }
+  const char* name() const override { return "ZmlxQmvLinear"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const QmvLinear&>(o);
+    return p.gs_ == gs_ && p.bits_ == bits_;
+  }
+
+ private:
+  int gs_, bits_;
+};
+
 // Packed expert weights must be evaluated row-contiguous buffers: they are read in place.
 mx::array expert_weight(const mx::array& a, const mx::Stream& st) {
   return a.flags().row_contiguous ? a : mx::contiguous(a, false, st);
@@ -314,5 +351,26 @@ extern "C" int zmlx_cpu_qmv_combine(mlx_array* res, const mlx_array h, const mlx
     for (auto a : {wd, sd, bd}) ins.push_back(expert_weight(mlx_array_get_(a), st));
     mx::Shape shape = {h0.shape(0), d.shape(1)};
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvCombine>(st, group_size, bits), ins));
+  });
+}
+
+extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_array w, const mlx_array sc,
+                                   const mlx_array bi, int group_size, int bits, const mlx_stream s) {
+  return guarded([&] {
+    auto& st = mlx_stream_get_(s);
+    auto& x0 = mlx_array_get_(x);
+    auto& w0 = mlx_array_get_(w);
+    auto& s0 = mlx_array_get_(sc);
+    auto& b0 = mlx_array_get_(bi);
+    if (bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("zmlx qmv_linear: bits must be 2, 4 or 8");
+    if (x0.ndim() != 2 || x0.dtype() != mx::float32) throw std::invalid_argument("zmlx qmv_linear: x must be float32 [T, K]");
+    int K = x0.shape(1);
+    if (w0.ndim() != 2 || w0.dtype() != mx::uint32 || s0.ndim() != 2 || b0.shape() != s0.shape() ||
+        s0.dtype() != mx::float32 || b0.dtype() != mx::float32 || group_size <= 0 || K % group_size != 0 ||
+        w0.shape(1) * 32 != K * bits || s0.shape(1) != K / group_size || s0.shape(0) != w0.shape(0))
+      throw std::invalid_argument("zmlx qmv_linear: weight [N, K*bits/32] uint32 with float32 scales/biases [N, K/group] expected");
+    std::vector<mx::array> ins = {x0, expert_weight(w0, st), expert_weight(s0, st), expert_weight(b0, st)};
+    mx::Shape shape = {x0.shape(0), w0.shape(0)};
+    mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvLinear>(st, group_size, bits), ins));
   });
 }

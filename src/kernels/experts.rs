@@ -32,6 +32,16 @@ extern "C" {
         bits: c_int,
         s: mlx_sys::mlx_stream,
     ) -> c_int;
+    fn zmlx_cpu_qmv_linear(
+        res: *mut mlx_sys::mlx_array,
+        x: mlx_sys::mlx_array,
+        w: mlx_sys::mlx_array,
+        s: mlx_sys::mlx_array,
+        b: mlx_sys::mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        st: mlx_sys::mlx_stream,
+    ) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn zmlx_cpu_qmv_combine(
         res: *mut mlx_sys::mlx_array,
@@ -231,4 +241,46 @@ pub fn qmv_combine(h: &Array, idx: &Array, w: &Array, down: &QWeight) -> Result<
             Ok(out.into_iter().next().unwrap())
         }
     }
+}
+
+/// Rows up to which `qmv_linear` runs (decode; prefill chunks use MLX's kernel).
+pub const QMV_LINEAR_MAX_ROWS: usize = 8;
+
+/// Why `qmv_linear` does not apply to this call (None: it does). CPU only: on GPUs MLX's own
+/// quantized mat-vec is already a tuned kernel.
+pub fn qmv_linear_unsupported(x: &Array, w: &QWeight) -> Option<String> {
+    if backend() != Backend::Cpu {
+        return Some(format!("{} backend (CPU-only kernel)", backend().name()));
+    }
+    let rows = x.size() / x.dim(-1).max(1) as usize;
+    if rows > QMV_LINEAR_MAX_ROWS {
+        return Some("prefill (more than 8 rows)".into());
+    }
+    unsupported(x.dtype(), &[w])
+}
+
+/// `quantized_matmul(x, w, transpose=true)` for a few rows as one multi-threaded node;
+/// bit-identical on CPU. `x` `[..., K]` → `[..., N]`.
+pub fn qmv_linear(x: &Array, w: &QWeight) -> Result<Array> {
+    if let Some(why) = qmv_linear_unsupported(x, w) {
+        bail!("qmv_linear: {why}");
+    }
+    let k = x.dim(-1);
+    let rows = (x.size() / k.max(1) as usize) as i32;
+    let x2 = x.reshape(&[rows, k])?;
+    let out = raw_array(|res, s| unsafe {
+        zmlx_cpu_qmv_linear(
+            res,
+            x2.as_ptr(),
+            w.weight.as_ptr(),
+            w.scales.as_ptr(),
+            w.biases.as_ptr(),
+            w.q.group_size,
+            w.q.bits,
+            s,
+        )
+    })?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = w.weight.dim(0);
+    Ok(out.reshape(&shape)?)
 }
