@@ -5,7 +5,9 @@ use anyhow::Result;
 use mlx_rs::{ops, random, Array, Dtype};
 use serde::Serialize;
 
-use crate::kernels::{self, CombineMode, RouterKind, SigmoidRouting};
+use crate::config::QuantParams;
+use crate::kernels::{self, experts, rope, CombineMode, RouterKind, SigmoidRouting};
+use crate::nn::{QWeight, Rope};
 
 #[derive(Debug, Serialize)]
 pub struct CaseResult {
@@ -109,5 +111,73 @@ pub fn run() -> Result<Vec<CaseResult>> {
             out.push(compare("sigmoid_router", format!("E={e} k={k} groups {ng}/{tg} {dt:?}"), want, got));
         }
     }
+    decode_kernels(&mut out)?;
     Ok(out)
+}
+
+fn qweight(e: i32, n: i32, k: i32, bits: i32, seed: u64, dt: Dtype) -> Result<QWeight> {
+    let (weight, scales, biases) = ops::quantize(&rand(&[e, n, k], seed, 0.05, Dtype::Float32)?, 64, bits)?;
+    let (scales, biases) = (scales.as_dtype(dt)?, biases.as_dtype(dt)?);
+    Ok(QWeight { weight, scales, biases, q: QuantParams { bits, group_size: 64 } })
+}
+
+/// The decode-step kernels (expert mat-vecs, rope). On a GPU their bodies are opt-in
+/// (`ZMLX_GPU_EXPERIMENTAL`), which the selftest turns on for itself to measure them.
+fn decode_kernels(out: &mut Vec<CaseResult>) -> Result<()> {
+    if kernels::backend() != crate::mlx_env::Backend::Cpu {
+        std::env::set_var(kernels::GPU_EXPERIMENTAL_VAR, "1");
+    }
+    let dts: &[Dtype] = if kernels::backend() == crate::mlx_env::Backend::Cpu {
+        &[Dtype::Float32]
+    } else {
+        &[Dtype::Float32, Dtype::Bfloat16]
+    };
+    for &dt in dts {
+        for bits in [4, 8] {
+            let (g, u, d) = (qweight(16, 768, 2048, bits, 61, dt)?, qweight(16, 768, 2048, bits, 62, dt)?, qweight(16, 2048, 768, bits, 63, dt)?);
+            let idx = Array::from_slice(&[1u32, 5, 9, 15], &[1, 4]);
+            let x = rand(&[1, 2048], 64, 1.0, dt)?;
+            let w = ops::softmax_axis(rand(&[1, 4], 65, 1.0, Dtype::Float32)?, -1, true)?;
+            let case = format!("E=16 D=2048 I=768 k=4 {bits}-bit {dt:?}");
+            out.push(compare(
+                "qmv_swiglu",
+                case.clone(),
+                experts::qmv_swiglu_reference(&x, &idx, &g, &u).map(|a| vec![a]),
+                experts::qmv_swiglu(&x, &idx, &g, &u).map(|a| vec![a]),
+            ));
+            let h = rand(&[1, 4, 768], 66, 1.0, dt)?;
+            out.push(compare(
+                "qmv_combine",
+                case.clone(),
+                experts::qmv_combine_reference(&h, &idx, &w, &d).map(|a| vec![a]),
+                experts::qmv_combine(&h, &idx, &w, &d).map(|a| vec![a]),
+            ));
+            if kernels::backend() == crate::mlx_env::Backend::Cpu {
+                let lw = QWeight {
+                    weight: d.weight.take_axis(Array::from_int(0), 0)?,
+                    scales: d.scales.take_axis(Array::from_int(0), 0)?,
+                    biases: d.biases.take_axis(Array::from_int(0), 0)?,
+                    q: d.q,
+                };
+                let hx = rand(&[1, 1, 768], 67, 1.0, dt)?;
+                out.push(compare(
+                    "qmv_linear",
+                    format!("N=2048 K=768 {bits}-bit {dt:?}"),
+                    ops::quantized_matmul(&hx, &lw.weight, &lw.scales, &lw.biases, true, 64, bits).map(|a| vec![a]).map_err(Into::into),
+                    experts::qmv_linear(&hx, &lw).map(|a| vec![a]),
+                ));
+            }
+        }
+        for (name, r) in [("base 1e6 traditional", Rope::plain(64, true, 1_000_000.0)), ("base 1e4 half-split", Rope::plain(64, false, 10_000.0))] {
+            let q = rand(&[1, 20, 1, 64], 68, 2.0, dt)?;
+            let k = rand(&[1, 1, 1, 64], 69, 2.0, dt)?;
+            out.push(compare(
+                "rope_decode",
+                format!("{name} offset 777 {dt:?}"),
+                rope::rope_decode_reference(&q, &k, &r, 777, 0.07).map(|(a, b)| vec![a, b]),
+                rope::rope_decode(&q, &k, &r, 777, 0.07).map(|(a, b)| vec![a, b]),
+            ));
+        }
+    }
+    Ok(())
 }
