@@ -29,14 +29,16 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        let h = x.add(self.attention.get().forward(&self.input_layernorm.forward(x)?, cache)?)?;
+    /// (attention output, layer output).
+    fn forward_parts(&self, x: &Array, cache: &mut KvCache) -> Result<(Array, Array)> {
+        let a = self.attention.get().forward(&self.input_layernorm.forward(x)?, cache)?;
+        let h = x.add(&a)?;
         let n = self.post_attention_layernorm.forward(&h)?;
         let m = match &self.mlp {
             LayerMlp::Moe(block) => block.forward(&n)?,
             LayerMlp::Dense(mlp) => mlp.get().forward(&n)?,
         };
-        Ok(h.add(m)?)
+        Ok((a, h.add(m)?))
     }
 }
 
@@ -166,8 +168,25 @@ impl Model {
     /// Hidden states after the final norm for `tokens` `[B, L]`.
     pub fn hidden(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
         let mut h = self.embed_tokens.forward(tokens)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            h = layer.forward(&h, cache)?;
+        // Diagnostics (GPU-vs-mlx-lm comparisons): ZMLX_DUMP_DIR=dir saves the first call's
+        // (the prefill's) embedding, attention and layer outputs to dir/hidden.safetensors.
+        let dump = std::env::var_os("ZMLX_DUMP_DIR")
+            .map(std::path::PathBuf::from)
+            .filter(|d| !d.join("hidden.safetensors").exists());
+        let mut saved: Vec<(String, Array)> = vec![("embed".into(), h.clone())];
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            let (a, out) = layer.forward_parts(&h, cache)?;
+            if dump.is_some() {
+                saved.push((format!("layer{i}.attn"), a));
+                saved.push((format!("layer{i}.out"), out.clone()));
+            }
+            h = out;
+        }
+        if let Some(dir) = dump {
+            std::fs::create_dir_all(&dir)?;
+            let f32s: Vec<(String, Array)> =
+                saved.into_iter().map(|(k, v)| Ok((k, v.as_dtype(Dtype::Float32)?))).collect::<Result<_>>()?;
+            Array::save_safetensors(f32s.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("hidden.safetensors"))?;
         }
         self.norm.forward(&h)
     }

@@ -10,6 +10,7 @@ W=/tmp/zmlx-gpu/work; mkdir -p "$W" "$OUT/capsules"
 LEDGER=$OUT/matrix.jsonl
 FAMILIES=${FAMILIES:-"mixtral qwen2_moe qwen3_moe glm4_moe glm4_moe_lite deepseek_v3"}
 safe_patterns() { case $1 in glm4_moe|glm4_moe_lite|deepseek_v3) echo "swiglu_mlp moe_mlp deepseek_router";; *) echo "swiglu_mlp moe_mlp";; esac; }
+experimental_patterns() { case $1 in glm4_moe_lite|deepseek_v3) echo "swiglu_mlp downproj_combine glm47_rope";; *) echo "swiglu_mlp downproj_combine";; esac; }
 log() { echo "[gpu-checks $(date +%H:%M:%S)] $*"; }
 
 correctness() {
@@ -43,6 +44,10 @@ PY
     zmlx run $d --patterns $(safe_patterns $fam) --runs 2 --max-tokens 64 --ledger $LEDGER \
       --capsule $OUT/capsules/ --notes "GPU fidelity: safe patterns vs stock, tiny 4-bit" > $W/run.txt 2>&1
     log "fidelity $fam: $(grep -E 'FIDELITY|Result|error' $W/run.txt | tr '\n' ' ')"
+    # The decode kernels' GPU bodies (opt-in: within tolerance, not claimed bit-exact).
+    ZMLX_GPU_EXPERIMENTAL=1 zmlx run $d --patterns $(experimental_patterns $fam) --runs 2 --max-tokens 64 --ledger $LEDGER \
+      --notes "GPU fidelity: ZMLX_GPU_EXPERIMENTAL=1 decode kernels vs stock, tiny 4-bit" > $W/run.txt 2>&1
+    log "experimental $fam: $(grep -E 'FIDELITY|Result|error' $W/run.txt | tr '\n' ' ')"
   done
   tar czf "$OUT/capsules.tgz" -C "$OUT" capsules && rm -rf "$OUT/capsules"
 }
@@ -67,6 +72,9 @@ PY
       zmlx run $d --patterns $(safe_patterns $fam) --runs 3 --max-tokens 128 --ledger $LEDGER \
         --notes "GPU bench: family preset candidates vs stock, bench $q" > $W/run.txt 2>&1
       log "bench $fam q=$q: $(grep -E 'Result' $W/run.txt)"
+      ZMLX_GPU_EXPERIMENTAL=1 zmlx run $d --patterns $(experimental_patterns $fam) --runs 3 --max-tokens 128 --ledger $LEDGER \
+        --notes "GPU bench: ZMLX_GPU_EXPERIMENTAL=1 decode kernels vs stock, bench $q" > $W/run.txt 2>&1
+      log "bench experimental $fam q=$q: $(grep -E 'Result|FIDELITY' $W/run.txt | tr '\n' ' ')"
       $ZMLX_ORACLE_PYTHON - "$d" "$fam" "$q" >> "$OUT/mlx_lm_speed.jsonl" 2>>$W/speed_err.txt <<'PY'
 import json, sys, time
 import mlx.core as mx

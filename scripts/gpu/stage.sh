@@ -114,7 +114,26 @@ else
 fi
 # Make libmlx's RPATH ($ORIGIN/../../nvidia/...) and MLX's NVRTC header lookup
 # (<site>/nvidia/cu13/include) resolve as in a normal pip install next to PyTorch's CUDA wheels.
-if [ -n "$NV" ]; then ln -sfn "$NV" "$SITE/nvidia"; fi
+# PyTorch's nvidia/cu13/include has no crt/ (mma.h includes crt/mma.h), so MLX's JIT of its
+# sm90 quantized matmul failed there ("cannot open source file crt/mma.h", 4-bit MLA prefill, in
+# zmlx and mlx-lm alike). Where the image lacks crt/, build a merged nvidia/ tree of symlinks
+# and take crt/ from the CUDA toolkit on the machine.
+if [ -n "$NV" ]; then
+  rm -rf "$SITE/nvidia"
+  CRT=$(find /usr/local /opt /usr/include -path '*/include/crt/mma.h' 2>/dev/null | head -1)
+  if [ -e "$NV/cu13/include/crt" ] || [ -z "$CRT" ]; then
+    ln -sfn "$NV" "$SITE/nvidia"
+    [ -e "$NV/cu13/include/crt" ] || say "WARNING: no crt/ headers found; MLX kernels that include mma.h will not compile"
+  else
+    CRT=$(dirname "$CRT")
+    mkdir -p "$SITE/nvidia/cu13/include"
+    for e in "$NV"/*; do [ "$(basename "$e")" = cu13 ] || ln -s "$e" "$SITE/nvidia/"; done
+    for e in "$NV"/cu13/*; do [ "$(basename "$e")" = include ] || ln -s "$e" "$SITE/nvidia/cu13/"; done
+    for e in "$NV"/cu13/include/*; do ln -s "$e" "$SITE/nvidia/cu13/include/"; done
+    ln -s "$CRT" "$SITE/nvidia/cu13/include/crt"
+    say "NVRTC headers: crt/ from $CRT"
+  fi
+fi
 
 # 5. Binaries.
 mkdir -p "$DEST/bin"
