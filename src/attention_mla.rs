@@ -119,6 +119,9 @@ impl MlaAttention {
         let (q_pe_scaled, k_pe) = pe(q_pe, &k_pe, offset)?;
         let kv_latent = kv_latent.expand_dims(1)?;
         let (kv_latent, k_pe) = cache.update_and_fetch(&kv_latent, &k_pe)?;
+        for (n, a) in [("q_nope", q_nope), ("q_pe_scaled", &q_pe_scaled), ("k_pe", &k_pe), ("kv_latent", &kv_latent)] {
+            crate::debug_dump::record(n, a);
+        }
 
         let mut pe_scores = q_pe_scaled.matmul(k_pe.swap_axes(-1, -2)?)?;
         if l > 1 {
@@ -130,6 +133,7 @@ impl MlaAttention {
             let min = Array::from_f32(pe_scores.dtype().finfo_min()? as f32).as_dtype(pe_scores.dtype())?;
             pe_scores = ops::select(&mask, &pe_scores, &min)?;
         }
+        crate::debug_dump::record("pe_scores", &pe_scores);
         let pe_mask = ScaledDotProductAttentionMask::Array(&pe_scores);
         let out = if l == 1 {
             let q_abs = self.embed_q.forward(q_nope, true)?;
@@ -138,8 +142,11 @@ impl MlaAttention {
         } else {
             let k = self.embed_q.forward(&kv_latent, false)?;
             let v = self.unembed_out.forward(&kv_latent, true)?;
+            crate::debug_dump::record("k", &k);
+            crate::debug_dump::record("v", &v);
             fast::scaled_dot_product_attention(q_nope, &k, &v, self.scale, pe_mask, None)?
         };
+        crate::debug_dump::record("sdpa", &out);
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * d.v_head_dim])?;
         self.o_proj.forward(&out)
     }

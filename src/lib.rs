@@ -4,6 +4,7 @@ pub mod attention_mla;
 pub mod cache;
 pub mod capsule;
 pub mod config;
+pub mod debug_dump;
 pub mod fallbacks;
 pub mod generate;
 pub mod hardware;

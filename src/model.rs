@@ -175,8 +175,14 @@ impl Model {
             .filter(|d| !d.join("hidden.safetensors").exists());
         let mut saved: Vec<(String, Array)> = vec![("embed".into(), h.clone())];
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            if dump.is_some() && i == 0 {
+                crate::debug_dump::open();
+            }
             let (a, out) = layer.forward_parts(&h, cache)?;
             if dump.is_some() {
+                if i == 0 {
+                    saved.extend(crate::debug_dump::close().into_iter().map(|(k, v)| (format!("l0.{k}"), v)));
+                }
                 saved.push((format!("layer{i}.attn"), a));
                 saved.push((format!("layer{i}.out"), out.clone()));
             }

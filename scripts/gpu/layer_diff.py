@@ -27,6 +27,31 @@ cache = make_prompt_cache(model)
 mask = create_attention_mask(h, cache[0], return_array=True)
 d = lambda a, b: float(mx.max(mx.abs(a.astype(mx.float32) - b)).item())
 print(json.dumps({"what": "embed", "max_abs": d(h, ours["embed"])}))
+def mla_parts(attn, x, mask, cache):
+    """mlx-lm's MLA __call__ (prefill branch) up to SDPA, returning the named intermediates."""
+    B, L, _ = x.shape
+    q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
+    q_nope, q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
+    ckv = attn.kv_a_proj_with_mqa(x)
+    ckv, k_pe = mx.split(ckv, [attn.kv_lora_rank], axis=-1)
+    k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
+    kv_latent = mx.expand_dims(attn.kv_a_layernorm(ckv), axis=1)
+    q_pe, k_pe = attn.rope(q_pe, 0), attn.rope(k_pe, 0)
+    pe = (q_pe * attn.scale) @ k_pe.swapaxes(-1, -2)
+    pe = mx.where(mask, pe, mx.array(mx.finfo(pe.dtype).min, pe.dtype))
+    k = attn.embed_q(kv_latent, transpose=False)
+    v = attn.unembed_out(kv_latent)
+    out = mx.fast.scaled_dot_product_attention(q_nope, k, v, scale=attn.scale, mask=pe)
+    return {"q_nope": q_nope, "q_pe_scaled": q_pe * attn.scale, "k_pe": k_pe, "kv_latent": kv_latent,
+            "pe_scores": pe, "k": k, "v": v, "sdpa": out}
+
+
+if "l0.sdpa" in ours and hasattr(inner.layers[0].self_attn, "kv_lora_rank"):
+    parts = mla_parts(inner.layers[0].self_attn, inner.layers[0].input_layernorm(h), mask, None)
+    for k, v in parts.items():
+        print(json.dumps({"layer0_mla": k, "shape": list(v.shape), "max_abs": d(v, ours["l0." + k]),
+                          "scale": float(mx.max(mx.abs(v.astype(mx.float32))).item())}))
 for i, (layer, c) in enumerate(zip(inner.layers, cache)):
     a = layer.self_attn(layer.input_layernorm(h), mask, c)
     hh = h + a
