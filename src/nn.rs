@@ -289,9 +289,14 @@ impl Rope {
     }
 
     pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
+        // MLX 0.32.2's CUDA rope kernel returns wrong, run-to-run varying values for strided
+        // inputs such as MLA's split q_pe/k_pe (scripts/gpu/split_repro.py: |Δ| up to 6 vs the
+        // same op on a contiguous copy; mlx-lm is hit too). Copy first on GPU backends; the CPU
+        // rope is an op-composed fallback that handles views, so it stays as mlx-lm runs it.
+        let x = if crate::kernels::backend() != crate::mlx_env::Backend::Cpu { x.contiguous()? } else { x.clone() };
         let x = match self.pre_scale {
             Some(m) => x.multiply(Array::from_f32(m as f32).as_dtype(x.dtype())?)?,
-            None => x.clone(),
+            None => x,
         };
         Ok(match &self.freqs {
             Some(freqs) => fast::rope(&x, self.dims, self.traditional, None, self.scale, offset, freqs)?,
