@@ -21,6 +21,8 @@
 #include "mlx/c/private/array.h"
 #include "mlx/c/private/stream.h"
 
+#include "zmlx_common.h"
+
 namespace mx = mlx::core;
 namespace dt = mlx::core::detail;
 
@@ -287,21 +289,10 @@ class SigmoidRouter : public mx::Primitive {
   float rsf_;
 };
 
-template <class F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (std::exception& e) {
-    mlx_error("%s", e.what());
-    return 1;
-  }
-}
-
 }  // namespace
 
 extern "C" int zmlx_cpu_swiglu(mlx_array* res, const mlx_array gate, const mlx_array up, const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto& g0 = mlx_array_get_(gate);
     auto& u0 = mlx_array_get_(up);
@@ -314,7 +305,7 @@ extern "C" int zmlx_cpu_swiglu(mlx_array* res, const mlx_array gate, const mlx_a
 }
 
 extern "C" int zmlx_cpu_moe_combine(mlx_array* res, const mlx_array y, const mlx_array w, const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto& y0 = mlx_array_get_(y);
     auto& w0 = mlx_array_get_(w);
@@ -335,7 +326,7 @@ extern "C" int zmlx_cpu_moe_combine(mlx_array* res, const mlx_array y, const mlx
 
 extern "C" int zmlx_cpu_moe_router(mlx_array* indices, mlx_array* weights, const mlx_array logits, int kind, int k,
                                    bool norm, const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto g = mx::contiguous(mlx_array_get_(logits), false, st);
     int e = g.ndim() > 0 ? g.shape(-1) : 0;
@@ -353,7 +344,7 @@ extern "C" int zmlx_cpu_moe_router(mlx_array* indices, mlx_array* weights, const
 extern "C" int zmlx_cpu_sigmoid_router(mlx_array* indices, mlx_array* weights, const mlx_array logits, const mlx_array bias,
                                        int k, int n_group, int topk_group, bool norm, float eps, bool has_eps, float rsf,
                                        const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto g = mx::contiguous(mlx_array_get_(logits), false, st);
     auto b = mx::contiguous(mx::astype(mlx_array_get_(bias), mx::float32, st), false, st);

@@ -32,6 +32,8 @@
 #include "mlx/c/private/array.h"
 #include "mlx/c/private/stream.h"
 
+#include "zmlx_common.h"
+
 #include "qmv_rows.h"
 
 namespace mx = mlx::core;
@@ -294,23 +296,12 @@ void check_expert(const char* op, const mx::array& w, const mx::array& s, const 
     throw std::invalid_argument(std::string(op) + ": weight shapes do not match K, group size and bits");
 }
 
-template <class F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (std::exception& e) {
-    mlx_error("%s", e.what());
-    return 1;
-  }
-}
-
 }  // namespace
 
 extern "C" int zmlx_cpu_qmv_swiglu(mlx_array* res, const mlx_array x, const mlx_array idx, const mlx_array wg,
                                    const mlx_array sg, const mlx_array bg, const mlx_array wu, const mlx_array su,
                                    const mlx_array bu, int group_size, int bits, const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto& x0 = mlx_array_get_(x);
     auto& i0 = mlx_array_get_(idx);
@@ -334,7 +325,7 @@ extern "C" int zmlx_cpu_qmv_swiglu(mlx_array* res, const mlx_array x, const mlx_
 extern "C" int zmlx_cpu_qmv_combine(mlx_array* res, const mlx_array h, const mlx_array idx, const mlx_array w,
                                     const mlx_array wd, const mlx_array sd, const mlx_array bd, int group_size, int bits,
                                     const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto& h0 = mlx_array_get_(h);
     auto& i0 = mlx_array_get_(idx);
@@ -356,7 +347,7 @@ extern "C" int zmlx_cpu_qmv_combine(mlx_array* res, const mlx_array h, const mlx
 
 extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_array w, const mlx_array sc,
                                    const mlx_array bi, int group_size, int bits, const mlx_stream s) {
-  return guarded([&] {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto& x0 = mlx_array_get_(x);
     auto& w0 = mlx_array_get_(w);

@@ -22,6 +22,8 @@
 #include "mlx/c/private/array.h"
 #include "mlx/c/private/stream.h"
 
+#include "zmlx_common.h"
+
 namespace mx = mlx::core;
 namespace dt = mlx::core::detail;
 
@@ -126,7 +128,7 @@ extern "C" int zmlx_cpu_rope_decode(mlx_array* q_out, mlx_array* k_out, const ml
                                     const mlx_array freqs, bool has_freqs, int dims, bool traditional, float base,
                                     float scale, int offset, bool has_mscale, float mscale, float q_scale,
                                     const mlx_stream s) {
-  try {
+  return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     auto& q0 = mlx_array_get_(q);
     auto& k0 = mlx_array_get_(k);
@@ -149,9 +151,5 @@ extern "C" int zmlx_cpu_rope_decode(mlx_array* q_out, mlx_array* k_out, const ml
                                        std::make_shared<RopeDecode>(st, p), ins);
     mlx_array_set_(*q_out, outs[0]);
     mlx_array_set_(*k_out, outs[1]);
-    return 0;
-  } catch (std::exception& e) {
-    mlx_error("%s", e.what());
-    return 1;
-  }
+  });
 }
