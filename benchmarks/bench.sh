@@ -2,7 +2,8 @@
 # CPU benchmark (issue #6): mlx-lm vs zmlx unpatched vs zmlx patched (the family preset) on the
 # synthesized bench checkpoints, in one process tree, interleaved per configuration:
 #   mlx-lm trial 1 | zmlx run (unpatched/patched ABBA x TRIALS, fidelity checked, one ledger
-#   line) | mlx-lm trials 2..TRIALS; plus a STREAM-like triad and bytes/token for the roofline.
+#   line) | mlx-lm trials 2..TRIALS | `zmlx profile` (MLX ops per decode step, ms per slot,
+#   stock vs patched); plus a STREAM-like triad and bytes/token for the roofline.
 # Prints the table, writes a repro capsule (raw data) and the ledger lines.
 #   env: FAMILIES (all six), QUANTS ("4"; "none 4" adds the bf16 checkpoints), PROMPT_TOKENS
 #   (128), GEN_TOKENS (128), TRIALS (2), LEDGER (benchmarks/matrix-cpu.jsonl), NOTES.
@@ -64,6 +65,8 @@ PY
     "$PY" -c "import json,sys; r=json.load(open('$WORK/run.json')); print(json.dumps({'side':'zmlx_run','family':'$fam','quant':'$q','exit':$rc,'report':r}))" >> "$RAW" \
       || echo "{\"side\":\"zmlx_run\",\"family\":\"$fam\",\"quant\":\"$q\",\"exit\":$rc}" >> "$RAW"
     for _ in $(seq 2 "$TRIALS"); do mlx; done
+    $Z profile "$d" --tokens 8 --json --prompt "$(head -c 400 "$WORK/prompt.txt")" 2>/dev/null \
+      | "$PY" -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'side':'profile','family':'$fam','quant':'$q','stock':r['stock'],'patched':r['patched']}))" >> "$RAW" || true
     "$PY" benchmarks/roofline.py bytes "$d" $((PROMPT_TOKENS + GEN_TOKENS / 2)) \
       | "$PY" -c "import json,sys; r=json.load(sys.stdin); r.update(side='bytes', family='$fam', quant='$q'); print(json.dumps(r))" >> "$RAW"
   done

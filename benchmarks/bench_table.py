@@ -38,6 +38,7 @@ def main():
         b, p = rep.get("baseline", {}), rep.get("patched", {})
         by = next((r for r in rs if r["side"] == "bytes"), {})
         zl = next((r for r in rs if r["side"] == "zmlx_load"), {})
+        pf = next((r for r in rs if r["side"] == "profile"), None)
         m_dec = med([x["generation_tps"] for x in m])
         m_pre = med([x["prompt_tps"] for x in m])
         u_dec, p_dec = b.get("median_decode_tps", float("nan")), p.get("median_decode_tps", float("nan"))
@@ -55,6 +56,9 @@ def main():
             "peak_gb_patched": p.get("peak_mem_gb"),
             "bytes_per_token": by.get("bytes_per_token"), "roofline_tps": roof,
             "patched_roofline_fraction": p_dec / roof if roof else None,
+            "profile": pf and {
+                "ops_stock": pf["stock"]["ops_total"], "ops_patched": pf["patched"]["ops_total"],
+                "ms_stock": pf["stock"]["ms_by_slot"], "ms_patched": pf["patched"]["ms_by_slot"]},
             "tokens_equal_mlx_lm": bool(m) and bool(b.get("runs")) and (lambda x, y: x[: len(y)] == y[: len(x)])(m[0]["token_ids"], b["runs"][0]["token_ids"]),  # over the common length: zmlx run stops at EOS, mlx-lm here does not
         })
     f = lambda x, n=2: "-" if x is None or x != x else f"{x:.{n}f}"
@@ -66,6 +70,12 @@ def main():
               f"{f(r['zmlx_vs_mlx_lm'], 3)} | {f(r['patched_vs_unpatched'], 3)} | {f(r['mlx_lm_prefill'], 1)} / {f(r['zmlx_prefill'], 1)} / {f(r['patched_prefill'], 1)} | "
               f"{r['fidelity']} | {r['tokens_equal_mlx_lm']} | {f(r['load_mlx_lm_s'])} / {f(r['load_zmlx_s'])} | {f(r['peak_gb_mlx_lm'])} / {f(r['peak_gb_zmlx'])} | "
               f"{f(r['roofline_tps'], 0)} | {f(100 * r['patched_roofline_fraction'] if r['patched_roofline_fraction'] else None, 1)} |")
+    print("\nDecode-step profile (MLX ops per step; ms per token by slot, barriered), stock -> patched:")
+    for r in rows:
+        p = r.get("profile")
+        if p:
+            slots = ", ".join(f"{k} {p['ms_stock'][k]:.1f}->{p['ms_patched'].get(k, float('nan')):.1f}" for k in p["ms_stock"])
+            print(f"- {r['family']} {r['quant']}: ops {p['ops_stock']} -> {p['ops_patched']}; {slots}")
     json.dump({"triad_gbs": triad, "rows": rows}, open(os.path.join(os.path.dirname(sys.argv[1]), "summary.json"), "w"), indent=1)
 
 

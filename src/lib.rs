@@ -18,6 +18,7 @@ pub mod moe;
 pub mod nn;
 #[path = "../patterns/mod.rs"]
 pub mod patterns;
+pub mod profile;
 pub mod run;
 pub mod selftest;
 pub mod slots;

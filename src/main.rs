@@ -44,6 +44,8 @@ enum Command {
     },
     /// Check every fused kernel against its reference on this backend (prints JSON lines).
     Selftest,
+    /// Per-token decode profile, stock vs patched: MLX operations per step and ms per slot.
+    Profile(ProfileArgs),
     /// List the pattern registry.
     Patterns {
         #[arg(long)]
@@ -92,6 +94,24 @@ struct GenerateArgs {
     /// Allow patterns of class `unsafe`.
     #[arg(long)]
     allow_unsafe: bool,
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Checkpoint directory.
+    model: PathBuf,
+    /// Patterns for the patched side (default: ZMLX_PATTERNS, else the family preset).
+    #[arg(long, num_args = 1..)]
+    patterns: Option<Vec<String>>,
+    /// Decode steps to time.
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    #[arg(long, default_value = "Explain the key differences between TCP and UDP.")]
+    prompt: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: DtypeChoice,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -407,6 +427,42 @@ fn run_generate(a: &GenerateArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn run_profile(a: &ProfileArgs) -> Result<i32> {
+    let backend = mlx_env::init()?;
+    let (mut model, _) = Model::load(&a.model, a.dtype, backend)?;
+    let tok = TextTokenizer::load(&a.model, &model.config.eos_token_ids)?;
+    let prompt = tok.encode(&a.prompt)?;
+    let env = patterns::relevant_env();
+    let selection = patterns::resolve(&SelectionRequest {
+        patterns: a.patterns.as_deref(),
+        exclude: &[],
+        family: model.family(),
+        allow_unsafe: false,
+        env: &env,
+    })?;
+    let stock = zmlx::profile::decode_profile(&model, &prompt, a.tokens)?;
+    patterns::patch(&mut model, &selection)?;
+    let patched = zmlx::profile::decode_profile(&model, &prompt, a.tokens)?;
+    if a.json {
+        println!("{}", serde_json::json!({"model": a.model, "patterns": selection.names, "stock": stock, "patched": patched}));
+        return Ok(0);
+    }
+    println!("decode-step profile of {} ({} layers), patched = {}", a.model.display(), model.layers.len(), selection.names.join(", "));
+    println!("MLX operations per step: stock {} ({:.1}/layer), patched {} ({:.1}/layer)", stock.ops_total, stock.ops_per_layer, patched.ops_total, patched.ops_per_layer);
+    println!("{:<18} {:>10} {:>10}", "slot (ms/token)", "stock", "patched");
+    let keys: std::collections::BTreeSet<&String> = stock.ms_by_slot.keys().chain(patched.ms_by_slot.keys()).collect();
+    for k in keys {
+        let f = |m: &std::collections::BTreeMap<String, f64>| m.get(k).map_or("-".into(), |v| format!("{v:.2}"));
+        println!("{:<18} {:>10} {:>10}", k, f(&stock.ms_by_slot), f(&patched.ms_by_slot));
+    }
+    println!("{:<18} {:>10.2} {:>10.2}", "total", stock.ms_total, patched.ms_total);
+    let mut ops: Vec<(&String, &usize)> = stock.ops_by_primitive.iter().collect();
+    ops.sort_by(|x, y| y.1.cmp(x.1));
+    let top: Vec<String> = ops.iter().take(8).map(|(k, v)| format!("{k} {v}")).collect();
+    println!("most frequent stock ops: {}", top.join(", "));
+    Ok(0)
+}
+
 fn run_synth(a: &SynthArgs) -> Result<i32> {
     mlx_env::init()?;
     let o = SynthOptions {
@@ -498,6 +554,7 @@ fn main() {
         Command::Demo { dir, max_tokens } => run_demo(dir, *max_tokens),
         Command::Validate(a) => run_validate(a),
         Command::Patterns { json } => run_patterns(*json),
+        Command::Profile(a) => run_profile(a),
         Command::Run(a) => run_run(a),
         Command::Selftest => (|| {
             let backend = mlx_env::init()?;

@@ -31,12 +31,12 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// (attention output, layer output).
     fn forward_parts(&self, x: &Array, cache: &mut KvCache) -> Result<(Array, Array)> {
-        let a = self.attention.get().forward(&self.input_layernorm.forward(x)?, cache)?;
+        let a = crate::profile::span("attention", || self.attention.get().forward(&self.input_layernorm.forward(x)?, cache))?;
         let h = x.add(&a)?;
         let n = self.post_attention_layernorm.forward(&h)?;
         let m = match &self.mlp {
             LayerMlp::Moe(block) => block.forward(&n)?,
-            LayerMlp::Dense(mlp) => mlp.get().forward(&n)?,
+            LayerMlp::Dense(mlp) => crate::profile::span("dense_mlp", || mlp.get().forward(&n))?,
         };
         Ok((a, h.add(m)?))
     }
@@ -200,7 +200,7 @@ impl Model {
     /// Logits `[B, L, V]` for `tokens` `[B, L]`.
     pub fn forward(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
         let h = self.hidden(tokens, caches)?;
-        self.head.get().forward(&h)
+        crate::profile::span("head", || self.head.get().forward(&h))
     }
 
     /// Puts every slot back to the implementation it was loaded with.

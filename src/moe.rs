@@ -223,9 +223,10 @@ pub struct MoeBlock {
 impl MoeBlock {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let r = self.router.get().route(x)?;
-        let mut out = self.experts.get().forward_combined(x, &r, self.combine.get())?;
+        crate::profile::span("router", || Ok(r.weights.clone()))?;
+        let mut out = crate::profile::span("experts+combine", || self.experts.get().forward_combined(x, &r, self.combine.get()))?;
         if let Some(shared) = &self.shared {
-            out = out.add(shared.get().forward(x)?)?;
+            out = out.add(crate::profile::span("shared_expert", || shared.get().forward(x))?)?;
         }
         Ok(out)
     }

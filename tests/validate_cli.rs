@@ -107,3 +107,21 @@ fn unpatch_restores_a_fresh_models_tokens() {
     patterns::unpatch(&mut m);
     assert_eq!(greedy_ids(&m, &ids, 32, true).unwrap(), want);
 }
+
+#[test]
+fn decode_profile_counts_ops_and_times_slots() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 5));
+    let (model, _) = load(dir.path(), DtypeChoice::F32);
+    let p = zmlx::profile::decode_profile(&model, &[7, 100, 200, 300], 3).unwrap();
+    assert_eq!(p.ops_total, p.ops_by_primitive.values().sum::<usize>());
+    assert!(p.ops_by_primitive.contains_key("GatherQMM"), "{:?}", p.ops_by_primitive);
+    for slot in ["attention", "router", "experts+combine", "head", "dense_mlp"] {
+        assert!(p.ms_by_slot.get(slot).is_some_and(|v| *v > 0.0), "{slot} missing: {:?}", p.ms_by_slot);
+    }
+    // Profiling must not change what the model computes.
+    let (fresh, _) = load(dir.path(), DtypeChoice::F32);
+    let want = greedy_ids(&fresh, &[7, 100, 200, 300], 8, true).unwrap();
+    assert_eq!(greedy_ids(&model, &[7, 100, 200, 300], 8, true).unwrap(), want);
+}

@@ -1,0 +1,140 @@
+//! Per-token profile of the decode step (issue #6): how many MLX operations one decode step
+//! builds (from MLX's own graph export, by primitive), and where its time goes (each slot
+//! evaluated behind a barrier: attention incl. its input norm, router, experts + combine,
+//! shared expert, dense MLP, head incl. the final norm). Barriers change scheduling, not
+//! values; totals are therefore a little above an unprofiled step.
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use mlx_rs::{transforms::eval, Array};
+use serde::Serialize;
+
+use crate::cache::KvCache;
+use crate::model::Model;
+
+thread_local! {
+    static TIMES: RefCell<Option<BTreeMap<&'static str, (f64, u64)>>> = const { RefCell::new(None) };
+}
+
+fn active() -> bool {
+    TIMES.with(|t| t.borrow().is_some())
+}
+
+/// Runs `f`; while a timing profile is active, evaluates its result and charges the wall time
+/// to `name`.
+pub fn span(name: &'static str, f: impl FnOnce() -> Result<Array>) -> Result<Array> {
+    if !active() {
+        return f();
+    }
+    let t0 = Instant::now();
+    let out = f()?;
+    out.eval()?;
+    let dt = t0.elapsed().as_secs_f64();
+    TIMES.with(|t| {
+        if let Some(m) = t.borrow_mut().as_mut() {
+            let e = m.entry(name).or_insert((0.0, 0));
+            e.0 += dt;
+            e.1 += 1;
+        }
+    });
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeProfile {
+    /// MLX operations (graph nodes with a primitive) in one decode step, total and by primitive.
+    pub ops_total: usize,
+    pub ops_per_layer: f64,
+    pub ops_by_primitive: BTreeMap<String, usize>,
+    /// Milliseconds per decode token, by slot (barriered), and their sum.
+    pub ms_by_slot: BTreeMap<String, f64>,
+    pub ms_total: f64,
+    pub tokens: usize,
+}
+
+fn prefill(model: &Model, prompt: &[u32]) -> Result<(Vec<KvCache>, u32)> {
+    if prompt.len() < 2 {
+        bail!("profile: the prompt needs at least 2 tokens");
+    }
+    let mut caches: Vec<KvCache> = (0..model.layers.len()).map(|_| KvCache::default()).collect();
+    let ids = Array::from_slice(&prompt[..prompt.len() - 1], &[1, prompt.len() as i32 - 1]);
+    let logits = model.forward(&ids, &mut caches)?;
+    let mut outs = vec![&logits];
+    for c in &caches {
+        outs.extend(c.state());
+    }
+    eval(outs)?;
+    Ok((caches, prompt[prompt.len() - 1]))
+}
+
+fn argmax_last(logits: &Array) -> Result<u32> {
+    use mlx_rs::ops::indexing::TryIndexOp;
+    let last = logits.try_index((.., -1, ..))?;
+    Ok(mlx_rs::ops::indexing::argmax_axis(&last, -1, None)?.item_cast::<u32>())
+}
+
+/// Counts primitive nodes in MLX's DOT export of `out`'s graph.
+fn op_histogram(out: &Array) -> Result<BTreeMap<String, usize>> {
+    let path = std::env::temp_dir().join(format!("zmlx-profile-{}.dot", std::process::id()));
+    let cpath = std::ffi::CString::new(path.to_string_lossy().as_bytes())?;
+    let status = unsafe {
+        let f = libc::fopen(cpath.as_ptr(), c"w".as_ptr());
+        if f.is_null() {
+            bail!("profile: cannot write {}", path.display());
+        }
+        let v = mlx_sys::mlx_vector_array_new();
+        mlx_sys::mlx_vector_array_append_value(v, out.as_ptr());
+        let namer = mlx_sys::mlx_node_namer_new();
+        let s = mlx_sys::mlx_export_to_dot(f as *mut _, namer, v);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(v);
+        libc::fclose(f);
+        s
+    };
+    if status != 0 {
+        bail!("profile: MLX could not export the graph");
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let _ = std::fs::remove_file(&path);
+    let mut hist = BTreeMap::new();
+    // Primitive nodes are drawn as rectangles: `{id} [label ="Name", shape=rectangle]`.
+    for line in text.lines().filter(|l| l.contains("shape=rectangle")) {
+        if let Some(label) = line.split("label =\"").nth(1).and_then(|r| r.split('"').next()) {
+            *hist.entry(label.to_owned()).or_insert(0) += 1;
+        }
+    }
+    Ok(hist)
+}
+
+/// Profiles `tokens` greedy decode steps after prefilling `prompt`.
+pub fn decode_profile(model: &Model, prompt: &[u32], tokens: usize) -> Result<DecodeProfile> {
+    let (mut caches, mut next) = prefill(model, prompt)?;
+    // 1. The graph of one decode step (built, not evaluated, then evaluated to move on).
+    let step = model.forward(&Array::from_slice(&[next], &[1, 1]), &mut caches)?;
+    let hist = op_histogram(&step)?;
+    next = argmax_last(&step)?;
+    // 2. Barriered timing of the following steps.
+    TIMES.with(|t| *t.borrow_mut() = Some(BTreeMap::new()));
+    let run = (|| -> Result<()> {
+        for _ in 0..tokens {
+            let logits = model.forward(&Array::from_slice(&[next], &[1, 1]), &mut caches)?;
+            next = argmax_last(&logits)?;
+        }
+        Ok(())
+    })();
+    let times = TIMES.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    run?;
+    let ms_by_slot: BTreeMap<String, f64> =
+        times.iter().map(|(k, (s, _))| (k.to_string(), s * 1e3 / tokens.max(1) as f64)).collect();
+    let ops_total = hist.values().sum();
+    Ok(DecodeProfile {
+        ops_total,
+        ops_per_layer: ops_total as f64 / model.layers.len().max(1) as f64,
+        ops_by_primitive: hist,
+        ms_total: ms_by_slot.values().sum(),
+        ms_by_slot,
+        tokens,
+    })
+}
