@@ -220,6 +220,9 @@ impl PatchReport {
         let mut s = format!("Patched {} modules:", self.modules_patched());
         for (name, o) in &self.patterns {
             s.push_str(&format!("\n  {name}: {}", o.patched.len()));
+            for path in &o.patched {
+                s.push_str(&format!("\n    {path}"));
+            }
             for (path, why) in &o.skipped {
                 s.push_str(&format!("\n    skipped {path}: {why}"));
             }
