@@ -146,7 +146,7 @@ impl Model {
         let norm = RmsNorm::load(&mut ctx, "model.norm", config.hidden_size, config.rms_norm_eps)?;
         // Only Mixtral and Qwen3-MoE honour tie_word_embeddings in mlx-lm; the others always load lm_head.
         let linear = if config.tie_word_embeddings {
-            // as_linear: the same op as a bias-free Linear over the embedding weight.
+            // mlx-lm's embed_tokens.as_linear: the same op as a bias-free Linear over its weight.
             Linear { weight: embed_tokens.weight.clone(), bias: None, qmv: false }
         } else {
             Linear::load(&mut ctx, "lm_head", config.hidden_size, config.vocab_size, false)?
@@ -168,31 +168,19 @@ impl Model {
     /// Hidden states after the final norm for `tokens` `[B, L]`.
     pub fn hidden(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
         let mut h = self.embed_tokens.forward(tokens)?;
-        // Diagnostics (GPU-vs-mlx-lm comparisons): ZMLX_DUMP_DIR=dir saves the first call's
-        // (the prefill's) embedding, attention and layer outputs to dir/hidden.safetensors.
-        let dump = std::env::var_os("ZMLX_DUMP_DIR")
-            .map(std::path::PathBuf::from)
-            .filter(|d| !d.join("hidden.safetensors").exists());
-        let mut saved: Vec<(String, Array)> = vec![("embed".into(), h.clone())];
+        let mut dump = crate::debug_dump::CallDump::start(&h);
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
-            if dump.is_some() && i == 0 {
-                crate::debug_dump::open();
+            if let Some(d) = &mut dump {
+                d.before_layer(i);
             }
             let (a, out) = layer.forward_parts(&h, cache)?;
-            if dump.is_some() {
-                if i == 0 {
-                    saved.extend(crate::debug_dump::close().into_iter().map(|(k, v)| (format!("l0.{k}"), v)));
-                }
-                saved.push((format!("layer{i}.attn"), a));
-                saved.push((format!("layer{i}.out"), out.clone()));
+            if let Some(d) = &mut dump {
+                d.after_layer(i, a, &out);
             }
             h = out;
         }
-        if let Some(dir) = dump {
-            std::fs::create_dir_all(&dir)?;
-            let f32s: Vec<(String, Array)> =
-                saved.into_iter().map(|(k, v)| Ok((k, v.as_dtype(Dtype::Float32)?))).collect::<Result<_>>()?;
-            Array::save_safetensors(f32s.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("hidden.safetensors"))?;
+        if let Some(d) = dump {
+            d.save()?;
         }
         self.norm.forward(&h)
     }

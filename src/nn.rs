@@ -156,7 +156,7 @@ fn quantized_matmul(x: &Array, q: &QWeight) -> Result<Array> {
     Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.q.group_size, q.q.bits)?)
 }
 
-/// nn.Embedding / nn.QuantizedEmbedding (and `as_linear` for tied output heads).
+/// nn.Embedding / nn.QuantizedEmbedding (a tied output head is a `Linear` over its weight).
 #[derive(Clone)]
 pub struct Embedding {
     pub weight: Weight,
@@ -180,12 +180,6 @@ impl Embedding {
         })
     }
 
-    pub fn as_linear(&self, x: &Array) -> Result<Array> {
-        Ok(match &self.weight {
-            Weight::Float(w) => x.matmul(w.t())?,
-            Weight::Quant(q) => quantized_matmul(x, q)?,
-        })
-    }
 }
 
 /// SwitchLinear / QuantizedSwitchLinear: one weight per expert, `[E, out, in]`.

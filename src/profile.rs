@@ -42,6 +42,11 @@ pub fn span(name: &'static str, f: impl FnOnce() -> Result<Array>) -> Result<Arr
     Ok(out)
 }
 
+/// While a timing profile is active, evaluates `a` (built earlier) and charges the time to `name`.
+pub fn barrier(name: &'static str, a: &Array) -> Result<()> {
+    span(name, || Ok(a.clone())).map(|_| ())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeProfile {
     /// MLX operations (graph nodes with a primitive) in one decode step, total and by primitive.
