@@ -74,6 +74,14 @@ pub fn run() -> Result<Vec<CaseResult>> {
                 want,
                 kernels::moe_combine(&y, &w, CombineMode::Act).map(|a| vec![a]),
             ));
+            if kernels::backend() != crate::mlx_env::Backend::Cpu && dt != Dtype::Float32 {
+                out.push(compare(
+                    "moe_combine",
+                    format!("act probe: float running sum {lead:?} k={k} D={d} {dt:?}"),
+                    kernels::moe_combine_reference(&y, &w).map(|a| vec![a]),
+                    kernels::moe_combine_acc(&y, &w, CombineMode::Act, true).map(|a| vec![a]),
+                ));
+            }
             let want32 = kernels::moe_combine_reference(&y.as_dtype(Dtype::Float32)?, &w.as_dtype(Dtype::Float32)?)
                 .and_then(|a| Ok(vec![a.as_dtype(dt)?]));
             out.push(compare(
@@ -83,8 +91,13 @@ pub fn run() -> Result<Vec<CaseResult>> {
                 kernels::moe_combine(&y, &w, CombineMode::F32NoFma).map(|a| vec![a]),
             ));
         }
-        for (i, (rows, e, k)) in [(1, 8, 2), (1, 128, 8), (40, 64, 4)].iter().enumerate() {
-            let logits = rand(&[1, *rows, *e], 30 + i as u64, 3.0, dt)?;
+        // The last two: many exact ties (logits on a 0.5 grid), and a softmax long enough for a
+        // multi-warp block on CUDA with a 3-chunk renormalising sum.
+        for (i, (rows, e, k)) in [(1, 8, 2), (1, 128, 8), (40, 64, 4), (16, 64, 8), (2, 512, 10)].iter().enumerate() {
+            let mut logits = rand(&[1, *rows, *e], 30 + i as u64, 3.0, dt)?;
+            if i == 3 {
+                logits = ops::round(&logits.multiply(Array::from_f32(2.0))?, None)?.divide(Array::from_f32(2.0))?.as_dtype(dt)?;
+            }
             for kind in [
                 RouterKind::TopKThenSoftmax,
                 RouterKind::SoftmaxThenTopK { norm: true },
@@ -103,7 +116,7 @@ pub fn run() -> Result<Vec<CaseResult>> {
                 n_group: *ng,
                 topk_group: *tg,
                 norm_topk_prob: true,
-                renorm_eps: None,
+                renorm_eps: if i == 1 { Some(1e-20) } else { None },
                 routed_scaling_factor: 2.5,
             };
             let want = kernels::sigmoid_router_reference(&logits, &bias, &p).map(|(a, b)| vec![a, b]);

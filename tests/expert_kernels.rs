@@ -124,21 +124,31 @@ fn expert_kernels_reject_bad_input() {
     assert!(e.contains("weights [T, k]"), "{e}");
 }
 
-/// Re-runs the bit-exactness test in a child with `ZMLX_CPU_ISA=base` (no AVX2) and one thread.
+/// Re-runs the bit-exactness tests in children capped at the baseline x86-64 and the AVX2 row
+/// kernels (`ZMLX_CPU_ISA`; the parent runs the widest this CPU has, AVX-512 where present),
+/// one thread each.
 #[test]
-fn expert_kernels_bit_exact_on_baseline_isa() {
+fn expert_kernels_bit_exact_on_each_isa() {
     if std::env::var("ZMLX_CPU_ISA").is_ok() {
-        return; // already the child
+        return; // already a child
     }
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args(["expert_kernels_bit_exact_bits_groups_and_routing", "--exact", "--test-threads=1"])
-        .env("ZMLX_CPU_ISA", "base")
-        .env("ZMLX_CPU_THREADS", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("1 passed"), "baseline-ISA run failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for isa in ["base", "avx2"] {
+        for test in ["expert_kernels_bit_exact_bits_groups_and_routing", "qmv_linear_bit_exact_and_limits"] {
+            let out = std::process::Command::new(&exe)
+                .args([test, "--exact", "--test-threads=1"])
+                .env("ZMLX_CPU_ISA", isa)
+                .env("ZMLX_CPU_THREADS", "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("1 passed"),
+                "{test} with ZMLX_CPU_ISA={isa} failed:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }
 
 #[test]

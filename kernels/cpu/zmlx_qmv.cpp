@@ -72,22 +72,36 @@ void parallel_for(size_t n, F&& f) {
   for (auto& th : pool) th.join();
 }
 
-bool use_avx2() {
-  static bool v = [] {
-    if (const char* e = std::getenv("ZMLX_CPU_ISA"); e && std::string(e) == "base") return false;
-    return bool(__builtin_cpu_supports("avx2"));
+// The widest row kernel this CPU runs; ZMLX_CPU_ISA=base|avx2|avx512 caps it (tests run each).
+enum class Isa { Base, Avx2, Avx512 };
+Isa isa() {
+  static Isa v = [] {
+    Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? Isa::Avx512
+               : __builtin_cpu_supports("avx2")                                       ? Isa::Avx2
+                                                                                       : Isa::Base;
+    const char* e = std::getenv("ZMLX_CPU_ISA");
+    if (!e) return best;
+    std::string s(e);
+    Isa cap = s == "base" ? Isa::Base : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
+    return std::min(best, cap);
   }();
   return v;
 }
 
 bool qmv_rows(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int K, int gs, float* out) {
-  return use_avx2() ? zmlx_qmv_rows_avx2(bits, x, m, r0, r1, K, gs, out)
-                    : zmlx_qmv_rows_base(bits, x, m, r0, r1, K, gs, out);
+  switch (isa()) {
+    case Isa::Avx512: return zmlx_qmv_rows_avx512(bits, x, m, r0, r1, K, gs, out);
+    case Isa::Avx2: return zmlx_qmv_rows_avx2(bits, x, m, r0, r1, K, gs, out);
+    default: return zmlx_qmv_rows_base(bits, x, m, r0, r1, K, gs, out);
+  }
 }
 
 bool qmv_accum(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int K, int gs, float w, float* acc) {
-  return use_avx2() ? zmlx_qmv_accum_avx2(bits, x, m, r0, r1, K, gs, w, acc)
-                    : zmlx_qmv_accum_base(bits, x, m, r0, r1, K, gs, w, acc);
+  switch (isa()) {
+    case Isa::Avx512: return zmlx_qmv_accum_avx512(bits, x, m, r0, r1, K, gs, w, acc);
+    case Isa::Avx2: return zmlx_qmv_accum_avx2(bits, x, m, r0, r1, K, gs, w, acc);
+    default: return zmlx_qmv_accum_base(bits, x, m, r0, r1, K, gs, w, acc);
+  }
 }
 
 // Rows per work item: a multiple of 32 so the interleaved path does the bulk.

@@ -2,7 +2,7 @@
 // thread per output element. MODE 0 (act): product rounded to T, accumulate in T (MLX 0.32.2 CPU
 // stock); MODE 1 (f32): product and sum in float, FMA allowed; MODE 2 (f32_no_fma): product
 // rounded to float, then added (__fmul_rn/__fadd_rn forbid contraction).
-// inputs: y [R, K, D] (T), w [R, K] (T); output: out [R, D] (T); template: T, K, D, MODE.
+// inputs: y [R, K, D] (T), w [R, K] (T); output: out [R, D] (T); template: T, K, D, MODE, ACC.
 long long total = 1;
 for (int d = 0; d < w_ndim; ++d) total *= w_shape[d];
 total = total / K * D;
@@ -15,6 +15,14 @@ const T* wr = w + r * K;
 if (MODE == 0) {
   // MLX runs the multiply and the sum as separate kernels: for float the product must not be
   // contracted into an FMA with the add (nvcc contracts by default), hence the _rn intrinsics.
+  // ACC 1 (half types): the product rounded to T, the running sum kept in float and rounded
+  // once (a probe of which one MLX's CUDA reduction does; see zmlx selftest).
+  if (ACC == 1 && sizeof(T) < 4) {
+    float acc = 0.0f;
+    for (int j = 0; j < K; ++j) acc = __fadd_rn(acc, (float)Multiply{}(yr[(long long)j * D], wr[j]));
+    out[i] = T(acc);
+    return;
+  }
   T acc = T(0.0f);
   for (int j = 0; j < K; ++j) {
     if constexpr (sizeof(T) == 4) acc = __fadd_rn(acc, __fmul_rn(yr[(long long)j * D], wr[j]));

@@ -1,46 +1,138 @@
-// moe_router (CUDA body): one thread per row of E gate logits. KIND 0: top-k of the logits then
-// softmax over them (Mixtral); 1: softmax then top-k, optional renormalisation (Qwen3); 2:
-// softmax then top-k, no renormalisation (Qwen2). Softmax accumulates in float (precise);
-// selection is a stable descending scan (ties -> lower index), emitted in descending order for
-// KIND 0/2 and ascending for KIND 1 (the slot orders mlx-lm's argpartition gives on Metal).
+// moe_router (CUDA body): one block of BD threads per row of E gate logits. KIND 0: top-k of the
+// logits then softmax over them (Mixtral); 1: softmax then top-k, optional renormalisation
+// (Qwen3); 2: softmax then top-k, no renormalisation (Qwen2).
+// Bit-identity with mlx-lm's op chain on MLX's CUDA backend needs MLX's own arithmetic order:
+// - softmax: MLX's online-normalizer kernel (block BD = MLX's choice for the softmax length,
+//   NR = 16 / sizeof(T) reads per thread, warp then block cg::reduce, exp via __expf, output
+//   exp(x - max) * (1 / normalizer));
+// - argpartition is a stable ascending sort on CUDA: `argpartition(-p)[:k]` = descending, ties
+//   -> lower index (KIND 0/2); `argpartition(p)[-k:]` = ascending, and at ties the higher
+//   indices are the ones kept (KIND 1); NaN sorts last;
+// - the renormalising sum is MLX's row reduction: NR-element chunks summed in T per thread, then
+//   cg::reduce across threads.
 // inputs: logits [R, E] (T); outputs: indices [R, K] (uint32), weights [R, K] (T);
-// template: T, E, K, KIND, NORM.
-long long rows = 1;
-for (int d = 0; d < logits_ndim - 1; ++d) rows *= logits_shape[d];
-long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-if (r >= rows) return;
+// template: T, E, K, KIND, NORM, BD, NR.
+auto block = cg::this_thread_block();
+auto warp = cg::tiled_partition<32>(block);
+const int tid = threadIdx.x;
+const long long r = blockIdx.x;
 const T* g = logits + r * E;
-float p[E];
-float mx = -INFINITY;
-for (int e = 0; e < E; ++e) mx = fmaxf(mx, (float)g[e]);
-float sum = 0.0f;
-for (int e = 0; e < E; ++e) { p[e] = __expf((float)g[e] - mx); sum += p[e]; }
-for (int e = 0; e < E; ++e) p[e] = (float)T(p[e] / sum);
-const float* key = (KIND == 0) ? nullptr : p;
-unsigned int sel[K];
-bool used[E];
-for (int e = 0; e < E; ++e) used[e] = false;
-for (int j = 0; j < K; ++j) {
-  int best = -1;
-  float bv = -INFINITY;
-  for (int e = 0; e < E; ++e) {
-    float v = key ? key[e] : (float)g[e];
-    if (!used[e] && (best < 0 || v > bv)) { best = e; bv = v; }
+__shared__ float p[E];             // the softmax input/output row (values exactly representable in T)
+__shared__ unsigned int sel[K];
+__shared__ float red_max[32];
+__shared__ float red_sum[32];
+__shared__ T part[32];
+
+// Sort key order of MLX's CUDA sort: ascending, NaN last.
+auto key_less = [](float a, float b) { return (!isnan(a) && isnan(b)) || a < b; };
+
+if (KIND == 0) {
+  if (tid == 0) {
+    bool used[E];
+    for (int e = 0; e < E; ++e) used[e] = false;
+    for (int j = 0; j < K; ++j) {
+      int best = -1;
+      for (int e = 0; e < E; ++e) {
+        if (used[e]) continue;
+        float ke = -(float)g[e];
+        if (best < 0 || key_less(ke, -(float)g[best])) best = e;
+      }
+      used[best] = true;
+      sel[j] = best;
+      p[j] = (float)g[best];
+    }
   }
-  used[best] = true;
-  sel[j] = best;
+} else {
+  for (int e = tid; e < E; e += BD) p[e] = (float)g[e];
 }
+block.sync();
+
+// MLX's softmax over p[0..n).
+const int n = (KIND == 0) ? K : E;
+{
+  cg::greater<float> max_op;
+  cg::plus<float> plus_op;
+  float prevmax;
+  float maxval = Limits<float>::finite_min();
+  float normalizer = 0.0f;
+  const int rounds = (n + BD * NR - 1) / (BD * NR);
+  for (int rr = 0; rr < rounds; rr++) {
+    int index = rr * BD + tid;
+    float v[NR];
+    for (int i = 0; i < NR; ++i) {
+      int e = index * NR + i;
+      v[i] = e < n ? p[e] : (float)Limits<T>::min();
+    }
+    prevmax = maxval;
+    for (int i = 0; i < NR; ++i) maxval = max_op(maxval, v[i]);
+    normalizer = normalizer * __expf(prevmax - maxval);
+    for (int i = 0; i < NR; i++) normalizer = normalizer + __expf(v[i] - maxval);
+  }
+  prevmax = maxval;
+  maxval = cg::reduce(warp, maxval, max_op);
+  normalizer = normalizer * __expf(prevmax - maxval);
+  normalizer = cg::reduce(warp, normalizer, plus_op);
+  prevmax = maxval;
+  if (warp.thread_rank() == 0) red_max[warp.meta_group_rank()] = maxval;
+  block.sync();
+  maxval = warp.thread_rank() < warp.meta_group_size() ? red_max[warp.thread_rank()] : Limits<float>::min();
+  maxval = cg::reduce(warp, maxval, max_op);
+  normalizer = normalizer * __expf(prevmax - maxval);
+  if (warp.thread_rank() == 0) red_sum[warp.meta_group_rank()] = normalizer;
+  block.sync();
+  normalizer = warp.thread_rank() < warp.meta_group_size() ? red_sum[warp.thread_rank()] : 0.0f;
+  normalizer = cg::reduce(warp, normalizer, plus_op);
+  normalizer = 1 / normalizer;
+  // Every thread reads only its own elements above, so they can be overwritten in place.
+  for (int rr = 0; rr < rounds; rr++) {
+    int index = rr * BD + tid;
+    for (int i = 0; i < NR; ++i) {
+      int e = index * NR + i;
+      if (e < n) p[e] = (float)T(__expf(p[e] - maxval) * normalizer);
+    }
+  }
+}
+block.sync();
+
 unsigned int* oi = indices + r * K;
 T* ow = weights + r * K;
 if (KIND == 0) {
-  float m2 = -INFINITY, s2 = 0.0f;
-  for (int j = 0; j < K; ++j) m2 = fmaxf(m2, (float)g[sel[j]]);
-  for (int j = 0; j < K; ++j) s2 += __expf((float)g[sel[j]] - m2);
-  for (int j = 0; j < K; ++j) { oi[j] = sel[j]; ow[j] = T(__expf((float)g[sel[j]] - m2) / s2); }
-} else if (KIND == 1) {
-  T total = T(0.0f);
-  for (int j = 0; j < K; ++j) { oi[j] = sel[K - 1 - j]; ow[j] = T(p[sel[K - 1 - j]]); total = Add{}(total, ow[j]); }
-  if (NORM) for (int j = 0; j < K; ++j) ow[j] = Divide{}(ow[j], total);
-} else {
-  for (int j = 0; j < K; ++j) { oi[j] = sel[j]; ow[j] = T(p[sel[j]]); }
+  if (tid < K) { oi[tid] = sel[tid]; ow[tid] = T(p[tid]); }
+  return;
 }
+if (tid == 0) {
+  bool used[E];
+  for (int e = 0; e < E; ++e) used[e] = false;
+  for (int j = 0; j < K; ++j) {
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      if (used[e]) continue;
+      if (KIND == 1) {
+        // Largest key; at equal keys the later index (it sorts after the earlier one).
+        if (best < 0 || !key_less(p[e], p[best])) best = e;
+      } else {
+        if (best < 0 || key_less(-p[e], -p[best])) best = e;
+      }
+    }
+    used[best] = true;
+    sel[KIND == 1 ? K - 1 - j : j] = best;
+  }
+}
+block.sync();
+if (KIND == 2 || !NORM) {
+  if (tid < K) { oi[tid] = sel[tid]; ow[tid] = T(p[sel[tid]]); }
+  return;
+}
+// scores / sum(scores): MLX's row sum = per-thread sums of NR consecutive slots, then cg::reduce.
+ZmlxSum sum_op;
+T acc = T(0.0f);
+if (tid < 32) {
+  for (int i = 0; i < NR; ++i) {
+    int j = tid * NR + i;
+    acc = sum_op(acc, j < K ? T(p[sel[j]]) : T(0.0f));
+  }
+  acc = cg::reduce(warp, acc, sum_op);
+  if (tid == 0) part[0] = acc;
+}
+block.sync();
+if (tid < K) { oi[tid] = sel[tid]; ow[tid] = Divide{}(T(p[sel[tid]]), part[0]); }

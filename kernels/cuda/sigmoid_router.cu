@@ -1,16 +1,18 @@
-// sigmoid_router (CUDA body): DeepSeek-V3 / Kimi-K2 / GLM group_expert_select, one thread per
+// sigmoid_router (CUDA body): DeepSeek-V3 / Kimi-K2 / GLM group_expert_select, one warp per
 // row of E gate logits, all in float: orig = sigmoid(g); s = orig + bias; group score = sum of
 // the group's top-2 s; the NG-TG lowest groups (ties: lower index) get s = 0.0; top-K by s
-// (descending, ties -> lower index); w = orig[idx], renormalised (+eps) and times rsf.
+// (descending, ties -> lower index: MLX's CUDA argpartition is a stable sort); w = orig[idx],
+// renormalised (+eps) and times rsf. Lane 0 selects; the renormalising sum is MLX's row
+// reduction (4-element chunks per lane, then cg::reduce), so all 32 lanes take part in it.
 // inputs: logits [R, E] (T), bias [E + 2] (float: bias, then eps, rsf);
 // outputs: indices [R, K] (uint32), weights [R, K] (float); template: T, E, K, NG, TG, NORM, HAS_EPS.
-long long rows = 1;
-for (int d = 0; d < logits_ndim - 1; ++d) rows *= logits_shape[d];
-long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-if (r >= rows) return;
+auto warp = cg::tiled_partition<32>(cg::this_thread_block());
+const int lane = threadIdx.x;
+const long long r = blockIdx.x;
+__shared__ float sw[K];
+__shared__ unsigned int si[K];
+if (lane == 0) {
 const T* g = logits + r * E;
-const float eps = bias[E];
-const float rsf = bias[E + 1];
 float orig[E], s[E];
 for (int e = 0; e < E; ++e) { orig[e] = Sigmoid{}((float)g[e]); s[e] = orig[e] + bias[e]; }
 if (NG > 1) {
@@ -32,19 +34,33 @@ if (NG > 1) {
 }
 bool used[E];
 for (int e = 0; e < E; ++e) used[e] = false;
-unsigned int* oi = indices + r * K;
-float* ow = weights + r * K;
 for (int j = 0; j < K; ++j) {
   int best = -1;
   for (int e = 0; e < E; ++e) if (!used[e] && (best < 0 || s[e] > s[best])) best = e;
   used[best] = true;
-  oi[j] = best;
-  ow[j] = orig[best];
+  si[j] = best;
+  sw[j] = orig[best];
 }
+}
+__syncwarp();
+float den = 0.0f;
 if (K > 1 && NORM) {
-  float den = 0.0f;
-  for (int j = 0; j < K; ++j) den = __fadd_rn(den, ow[j]);
-  if (HAS_EPS) den = __fadd_rn(den, eps);
-  for (int j = 0; j < K; ++j) ow[j] = __fdiv_rn(ow[j], den);
+  ZmlxSum sum_op;
+  for (int i = 0; i < 4; ++i) {
+    int j = lane * 4 + i;
+    den = sum_op(den, j < K ? sw[j] : 0.0f);
+  }
+  den = cg::reduce(warp, den, sum_op);
+  if (HAS_EPS) den = __fadd_rn(den, bias[E]);
 }
-for (int j = 0; j < K; ++j) ow[j] = __fmul_rn(ow[j], rsf);
+if (lane == 0) {
+  unsigned int* oi = indices + r * K;
+  float* ow = weights + r * K;
+  const float rsf = bias[E + 1];
+  for (int j = 0; j < K; ++j) {
+    float w = sw[j];
+    if (K > 1 && NORM) w = __fdiv_rn(w, den);
+    oi[j] = si[j];
+    ow[j] = __fmul_rn(w, rsf);
+  }
+}

@@ -58,6 +58,16 @@ fn threads_for(n: usize) -> i32 {
     n.clamp(1, 256) as i32
 }
 
+/// MLX's CUDA block size for `threads` wanted threads (`dispatch_block_dim`): the next of
+/// 32, 64, ..., 1024.
+fn cuda_block_dim(threads: i32) -> i32 {
+    let mut bd = 32;
+    while bd < threads && bd < 1024 {
+        bd *= 2;
+    }
+    bd
+}
+
 // ---------------------------------------------------------------- swiglu
 
 /// Stock composition: `(gate * sigmoid(gate)) * up`.
@@ -164,6 +174,12 @@ static COMBINE_METAL: GpuKernel = GpuKernel {
 /// Fused weighted sum of the k expert outputs: `y` `[..., k, D]`, `w` `[..., k]` → `[..., D]`
 /// in the promoted dtype. `Act` is bit-identical to [`moe_combine_reference`] on CPU.
 pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
+    moe_combine_acc(y, w, mode, false)
+}
+
+/// [`moe_combine`] with the GPU act mode's half-type running sum kept in float (`acc_f32`): a
+/// probe run by `zmlx selftest` on GPUs to learn which accumulation MLX's reduction uses.
+pub fn moe_combine_acc(y: &Array, w: &Array, mode: CombineMode, acc_f32: bool) -> Result<Array> {
     check_float("moe_combine", y)?;
     check_float("moe_combine", w)?;
     if y.ndim() < 2 || w.ndim() + 1 != y.ndim() || y.shape()[..w.ndim()] != *w.shape() {
@@ -192,6 +208,7 @@ pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
                 ("K", TemplateArg::Int(k)),
                 ("D", TemplateArg::Int(d)),
                 ("MODE", TemplateArg::Int(mode.index())),
+                ("ACC", TemplateArg::Int(acc_f32 as i32)),
             ];
             let out =
                 kern.apply(b, &[&yt, &wt], &template, (n as i32, 1, 1), (threads_for(n), 1, 1), &[(&shape, t)])?;
@@ -300,19 +317,34 @@ pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Ar
             let mut shape = logits.shape().to_vec();
             *shape.last_mut().unwrap() = k;
             let rows = logits.size() / e as usize;
-            let template = [
+            let mut template = vec![
                 ("T", TemplateArg::Dtype(logits.dtype())),
                 ("E", TemplateArg::Int(e)),
                 ("K", TemplateArg::Int(k)),
                 ("KIND", TemplateArg::Int(code)),
                 ("NORM", TemplateArg::Bool(norm)),
             ];
+            // Metal: one thread per row. CUDA: one block per row, shaped like MLX's softmax
+            // kernel for the softmax length (the body says why).
+            let (grid, group) = if b == Backend::Cuda {
+                let reads = 16 / logits.item_size() as i32;
+                if norm && k > 32 * reads {
+                    bail!("moe_router: k = {k} > {} is not supported by the CUDA body", 32 * reads);
+                }
+                let softmax_len = if code == 0 { k } else { e };
+                let bd = cuda_block_dim((softmax_len + reads - 1) / reads);
+                template.push(("BD", TemplateArg::Int(bd)));
+                template.push(("NR", TemplateArg::Int(reads)));
+                ((rows as i32 * bd, 1, 1), (bd, 1, 1))
+            } else {
+                ((rows as i32, 1, 1), (threads_for(rows), 1, 1))
+            };
             let out = kern.apply(
                 b,
                 &[logits],
                 &template,
-                (rows as i32, 1, 1),
-                (threads_for(rows), 1, 1),
+                grid,
+                group,
                 &[(&shape, Dtype::Uint32), (&shape, logits.dtype())],
             )?;
             let mut it = out.into_iter();
@@ -450,12 +482,21 @@ pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result
             // signature; the body reads them from the two trailing elements of `bias`.
             let extra = Array::from_slice(&[p.renorm_eps.unwrap_or(0.0), p.routed_scaling_factor], &[2]);
             let bias_ext = ops::concatenate(&[bias, extra], 0)?;
+            // CUDA: one warp per row (lane 0 selects, all lanes sum like MLX's row reduction).
+            let (grid, group) = if b == Backend::Cuda {
+                if p.k > 128 {
+                    bail!("sigmoid_router: k = {} > 128 is not supported by the CUDA body", p.k);
+                }
+                ((rows as i32 * 32, 1, 1), (32, 1, 1))
+            } else {
+                ((rows as i32, 1, 1), (threads_for(rows), 1, 1))
+            };
             let out = kern.apply(
                 b,
                 &[gates, &bias_ext],
                 &template,
-                (rows as i32, 1, 1),
-                (threads_for(rows), 1, 1),
+                grid,
+                group,
                 &[(&shape, Dtype::Uint32), (&shape, Dtype::Float32)],
             )?;
             let mut it = out.into_iter();
