@@ -6,10 +6,11 @@ use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
 use crate::config::Family;
+use crate::fallbacks;
 use crate::kernels::{self, CombineMode, RouterKind};
 use crate::model::Model;
 use crate::moe::{SoftmaxRouter, WeightedSumCombine};
@@ -52,9 +53,28 @@ pub struct FusedCombine {
     pub cast_back: bool,
 }
 
+impl FusedCombine {
+    /// Why the act-mode kernel is not used for these inputs: on GPUs its half-precision sum is
+    /// not bit-identical to MLX's reduction (selftest on the H100), so the stock ops run there.
+    fn not_exact(&self, y: &Array, weights: &Array) -> Option<&'static str> {
+        let half = y.dtype() != Dtype::Float32 && y.dtype() == weights.dtype();
+        (self.mode == CombineMode::Act && half && kernels::backend() != crate::mlx_env::Backend::Cpu)
+            .then_some("half-precision act combine on a GPU (not bit-exact there)")
+    }
+}
+
 impl CombineSlot for FusedCombine {
     fn forward(&self, y: &Array, weights: &Array) -> Result<Array> {
-        let out = kernels::moe_combine(y, weights, self.mode)?;
+        let out = match self.not_exact(y, weights) {
+            Some(why) => {
+                fallbacks::fallback("moe_mlp.combine", why);
+                kernels::moe_combine_reference(y, weights)?
+            }
+            None => {
+                fallbacks::fused("moe_mlp.combine");
+                kernels::moe_combine(y, weights, self.mode)?
+            }
+        };
         Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
     }
 

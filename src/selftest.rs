@@ -74,13 +74,15 @@ pub fn run() -> Result<Vec<CaseResult>> {
                 want,
                 kernels::moe_combine(&y, &w, CombineMode::Act).map(|a| vec![a]),
             ));
-            if kernels::backend() != crate::mlx_env::Backend::Cpu && dt != Dtype::Float32 {
-                out.push(compare(
-                    "moe_combine",
-                    format!("act probe: float running sum {lead:?} k={k} D={d} {dt:?}"),
-                    kernels::moe_combine_reference(&y, &w).map(|a| vec![a]),
-                    kernels::moe_combine_acc(&y, &w, CombineMode::Act, true).map(|a| vec![a]),
-                ));
+            if kernels::backend() == crate::mlx_env::Backend::Cuda && dt != Dtype::Float32 {
+                for (acc, what) in [(1, "float running sum"), (2, "warp tree in T")] {
+                    out.push(compare(
+                        "moe_combine",
+                        format!("act probe: {what} {lead:?} k={k} D={d} {dt:?}"),
+                        kernels::moe_combine_reference(&y, &w).map(|a| vec![a]),
+                        kernels::moe_combine_acc(&y, &w, CombineMode::Act, acc).map(|a| vec![a]),
+                    ));
+                }
             }
             let want32 = kernels::moe_combine_reference(&y.as_dtype(Dtype::Float32)?, &w.as_dtype(Dtype::Float32)?)
                 .and_then(|a| Ok(vec![a.as_dtype(dt)?]));

@@ -6,6 +6,20 @@
 long long total = 1;
 for (int d = 0; d < w_ndim; ++d) total *= w_shape[d];
 total = total / K * D;
+if (ACC == 2) {
+  // Probe (K <= 32, one warp per output element, lane j = slot j): the products rounded to T,
+  // then one cg::reduce over the warp in T, as MLX's looped column reduction combines rows.
+  auto warp = cg::tiled_partition<32>(cg::this_thread_block());
+  long long o = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  int lane = threadIdx.x % 32;
+  if (o >= total) return;
+  long long ro = o / D;
+  int co = (int)(o % D);
+  T v = lane < K ? Multiply{}(y[ro * K * D + (long long)lane * D + co], w[ro * K + lane]) : T(0.0f);
+  v = cg::reduce(warp, v, ZmlxSum{});
+  if (lane == 0) out[o] = v;
+  return;
+}
 long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
 if (i >= total) return;
 long long r = i / D;
@@ -15,8 +29,8 @@ const T* wr = w + r * K;
 if (MODE == 0) {
   // MLX runs the multiply and the sum as separate kernels: for float the product must not be
   // contracted into an FMA with the add (nvcc contracts by default), hence the _rn intrinsics.
-  // ACC 1 (half types): the product rounded to T, the running sum kept in float and rounded
-  // once (a probe of which one MLX's CUDA reduction does; see zmlx selftest).
+  // ACC 1 (half types; a probe, see zmlx selftest): the product rounded to T, the running sum
+  // kept in float and rounded once.
   if (ACC == 1 && sizeof(T) < 4) {
     float acc = 0.0f;
     for (int j = 0; j < K; ++j) acc = __fadd_rn(acc, (float)Multiply{}(yr[(long long)j * D], wr[j]));

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #7 checks, run ON the GPU machine after scripts/gpu/stage.sh (see scripts/gpu/README.md).
 #   checks.sh correctness  -> $OUT/selftest.jsonl, $OUT/oracle.jsonl, $OUT/matrix.jsonl (fidelity runs)
-#                             (env: FAMILIES, SKIP_SELFTEST=1, SKIP_ORACLE=1)
+#                             (env: FAMILIES, SKIP_SELFTEST=1, SKIP_ORACLE=1, SKIP_EXPERIMENTAL=1)
 #   checks.sh speed        -> $OUT/matrix.jsonl (bench runs), $OUT/mlx_lm_speed.jsonl, $OUT/roofline.json
 # Every result is written as it comes, so a timeout still returns what was done.
 set -u
@@ -48,6 +48,7 @@ PY
         --capsule $OUT/capsules/ --notes "GPU fidelity: safe patterns vs stock, tiny q=$q" > $W/run.txt 2>&1
       log "fidelity $fam q=$q: $(grep -E 'FIDELITY|Result|error' $W/run.txt | tr '\n' ' ')"
     done
+    [ -n "${SKIP_EXPERIMENTAL:-}" ] && continue
     d=$W/$fam-tiny-4
     # The decode kernels' GPU bodies (opt-in: within tolerance, not claimed bit-exact).
     ZMLX_GPU_EXPERIMENTAL=1 zmlx run $d --patterns $(experimental_patterns $fam) --runs 2 --max-tokens 64 --ledger $LEDGER \
@@ -77,9 +78,11 @@ PY
       zmlx run $d --patterns $(safe_patterns $fam) --runs 3 --max-tokens 128 --ledger $LEDGER \
         --notes "GPU bench: family preset candidates vs stock, bench $q" > $W/run.txt 2>&1
       log "bench $fam q=$q: $(grep -E 'Result' $W/run.txt)"
-      ZMLX_GPU_EXPERIMENTAL=1 zmlx run $d --patterns $(experimental_patterns $fam) --runs 3 --max-tokens 128 --ledger $LEDGER \
-        --notes "GPU bench: ZMLX_GPU_EXPERIMENTAL=1 decode kernels vs stock, bench $q" > $W/run.txt 2>&1
-      log "bench experimental $fam q=$q: $(grep -E 'Result|FIDELITY' $W/run.txt | tr '\n' ' ')"
+      if [ -z "${SKIP_EXPERIMENTAL:-}" ]; then
+        ZMLX_GPU_EXPERIMENTAL=1 zmlx run $d --patterns $(experimental_patterns $fam) --runs 3 --max-tokens 128 --ledger $LEDGER \
+          --notes "GPU bench: ZMLX_GPU_EXPERIMENTAL=1 decode kernels vs stock, bench $q" > $W/run.txt 2>&1
+        log "bench experimental $fam q=$q: $(grep -E 'Result|FIDELITY' $W/run.txt | tr '\n' ' ')"
+      fi
       $ZMLX_ORACLE_PYTHON - "$d" "$fam" "$q" >> "$OUT/mlx_lm_speed.jsonl" 2>>$W/speed_err.txt <<'PY'
 import json, sys, time
 import mlx.core as mx

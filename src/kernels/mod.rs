@@ -174,12 +174,13 @@ static COMBINE_METAL: GpuKernel = GpuKernel {
 /// Fused weighted sum of the k expert outputs: `y` `[..., k, D]`, `w` `[..., k]` → `[..., D]`
 /// in the promoted dtype. `Act` is bit-identical to [`moe_combine_reference`] on CPU.
 pub fn moe_combine(y: &Array, w: &Array, mode: CombineMode) -> Result<Array> {
-    moe_combine_acc(y, w, mode, false)
+    moe_combine_acc(y, w, mode, 0)
 }
 
-/// [`moe_combine`] with the GPU act mode's half-type running sum kept in float (`acc_f32`): a
-/// probe run by `zmlx selftest` on GPUs to learn which accumulation MLX's reduction uses.
-pub fn moe_combine_acc(y: &Array, w: &Array, mode: CombineMode, acc_f32: bool) -> Result<Array> {
+/// [`moe_combine`] with another GPU act-mode accumulation (`acc`: 0 running sum in T, 1 running
+/// sum in float, 2 one warp tree over the k slots in T): probes run by `zmlx selftest` on GPUs to
+/// learn which one MLX's reduction matches.
+pub fn moe_combine_acc(y: &Array, w: &Array, mode: CombineMode, acc: i32) -> Result<Array> {
     check_float("moe_combine", y)?;
     check_float("moe_combine", w)?;
     if y.ndim() < 2 || w.ndim() + 1 != y.ndim() || y.shape()[..w.ndim()] != *w.shape() {
@@ -208,10 +209,17 @@ pub fn moe_combine_acc(y: &Array, w: &Array, mode: CombineMode, acc_f32: bool) -
                 ("K", TemplateArg::Int(k)),
                 ("D", TemplateArg::Int(d)),
                 ("MODE", TemplateArg::Int(mode.index())),
-                ("ACC", TemplateArg::Int(acc_f32 as i32)),
+                ("ACC", TemplateArg::Int(acc)),
             ];
-            let out =
-                kern.apply(b, &[&yt, &wt], &template, (n as i32, 1, 1), (threads_for(n), 1, 1), &[(&shape, t)])?;
+            let (grid, group) = if acc == 2 {
+                if k > 32 || b != Backend::Cuda {
+                    bail!("moe_combine: the warp-tree probe needs CUDA and k <= 32");
+                }
+                ((n as i32 * 32, 1, 1), (256, 1, 1))
+            } else {
+                ((n as i32, 1, 1), (threads_for(n), 1, 1))
+            };
+            let out = kern.apply(b, &[&yt, &wt], &template, grid, group, &[(&shape, t)])?;
             Ok(out.into_iter().next().unwrap())
         }
     }
