@@ -1,10 +1,11 @@
-//! `downproj_combine` (safe on CPU): for a decode step with quantized experts (2/4/8-bit, f32
-//! activations) the gathered down projection and the weighted combine of the k experts run as
-//! one kernel (`qmv_combine`) that never materialises the `[k, D]` expert outputs. Bit-identical
+//! `downproj_combine` (safe on CPU): with quantized experts (2/4/8-bit, f32 activations) the
+//! gathered down projection and the weighted combine of the k experts run as one kernel
+//! (`qmv_combine`); at decode it never materialises the `[k, D]` expert outputs, at prefill it
+//! groups the (token, slot) pairs by expert. Bit-identical
 //! to gather_qmm + `(y * w).sum(-2)` on CPU (tests/kernels.rs), token-identical
 //! (tests/fidelity.rs). Stacks on `swiglu_mlp` (its fused gate/up kernel feeds this one). Other
-//! calls (prefill, float experts, bf16 activations, a non-plain combine) use the stock slots and
-//! are counted in `fallbacks`.
+//! calls (no fused hidden state from the experts slot, float experts, bf16 activations, a
+//! non-plain combine) use the stock slots and are counted in `fallbacks`.
 use std::any::Any;
 use std::rc::Rc;
 
@@ -27,7 +28,7 @@ static INFO: PatternInfo = PatternInfo {
     slot: SlotKind::Experts,
     families: &Family::ALL,
     class: SafetyClass::Safe,
-    decode_only: true,
+    decode_only: false,
     env: &["ZMLX_CPU_THREADS", "ZMLX_CPU_ISA"],
     description: "decode: quantized expert down projection fused with the weighted combine (no [k, D] intermediate)",
 };
@@ -50,7 +51,7 @@ impl FusedDownCombine {
             return Ok(Err(format!("{:?} routing weights", routing.weights.dtype())));
         }
         let Some(h) = self.inner.hidden(x, &routing.indices)? else {
-            return Ok(Err("prefill (sorted gather path)".into()));
+            return Ok(Err("the experts slot gives no fused hidden state (stock SwitchGLU at prefill)".into()));
         };
         let (t, k) = (h.dim(0), h.dim(1));
         let out = experts::qmv_combine(&h, &routing.indices.reshape(&[t, k])?, &routing.weights.reshape(&[t, k])?, &self.down)?;

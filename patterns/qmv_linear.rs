@@ -1,9 +1,9 @@
-//! `qmv_linear` (safe on CPU): the decode rows (≤ 8) of every quantized dense projection —
+//! `qmv_linear` (safe on CPU): every quantized dense projection (decode and prefill rows) —
 //! attention q/k/v/o (GQA and MLA), dense and shared-expert MLPs, the output head — run through
 //! zmlx's multi-threaded SIMD mat-vec (`kernels::experts::qmv_linear`) instead of MLX's scalar
 //! CPU `quantized_matmul`. Each output row keeps `_qmm_t`'s exact sequential sum, so it is
-//! bit-identical (tests/expert_kernels.rs) and token-identical (tests/fidelity.rs). Prefill,
-//! float weights, bf16 activations and GPU backends run stock, counted in `fallbacks`.
+//! bit-identical (tests/expert_kernels.rs) and token-identical (tests/fidelity.rs). Float
+//! weights, bf16 activations and GPU backends run stock, counted in `fallbacks`.
 //! Applies on top of the other attention/MLP patterns (it copies the active slot).
 use std::rc::Rc;
 
@@ -26,7 +26,7 @@ static INFO: PatternInfo = PatternInfo {
     slot: SlotKind::Linear,
     families: &Family::ALL,
     class: SafetyClass::Safe,
-    decode_only: true,
+    decode_only: false,
     env: &["ZMLX_CPU_THREADS", "ZMLX_CPU_ISA"],
     description: "decode: quantized dense projections (attention, dense/shared MLP, lm_head) on zmlx's bit-exact multi-threaded mat-vec",
 };

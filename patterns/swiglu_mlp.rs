@@ -1,8 +1,8 @@
 //! `swiglu_mlp` (safe): the gated activation `silu(gate) * up` of every expert MLP (SwitchGLU),
-//! dense MLP and shared expert runs as one fused kernel instead of three MLX ops; for a decode
-//! step with quantized experts (2/4/8-bit, f32 activations on CPU) the gathered gate and up
-//! mat-vecs run inside the same kernel (`qmv_swiglu`; other calls use the activation kernel,
-//! counted in `fallbacks`). Bit-identical on CPU (tests/kernels.rs), token-identical
+//! dense MLP and shared expert runs as one fused kernel instead of three MLX ops; with quantized
+//! experts (2/4/8-bit, f32 activations on CPU) the gathered gate and up mat-vecs run inside the
+//! same kernel (`qmv_swiglu`: decode, and prefill grouped by expert; other calls use the
+//! activation kernel, counted in `fallbacks`). Bit-identical on CPU (tests/kernels.rs), token-identical
 //! (tests/fidelity.rs).
 use std::any::Any;
 use std::rc::Rc;
@@ -17,7 +17,6 @@ use crate::model::{LayerMlp, Model};
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
 use crate::fallbacks;
 use crate::kernels::experts;
-use crate::moe::SORT_THRESHOLD;
 use crate::nn::Weight;
 use crate::slots::{ActivationSlot, ExpertsSlot, MlpSlot};
 
@@ -58,9 +57,6 @@ impl FusedSwitchGlu {
         let (Weight::Quant(g), Weight::Quant(u)) = (&self.inner.gate_proj.weight, &self.inner.up_proj.weight) else {
             return Ok(Err("float experts".into()));
         };
-        if indices.size() >= SORT_THRESHOLD {
-            return Ok(Err("prefill (sorted gather path)".into()));
-        }
         if let Some(why) = experts::unsupported(x.dtype(), &[g, u]) {
             return Ok(Err(why));
         }

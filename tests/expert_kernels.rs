@@ -1,5 +1,5 @@
 //! The decode-step expert kernels (`qmv_swiglu`, `qmv_combine`) vs their MLX-ops references on
-//! CPU: bit-exact for 2/4/8 bits and group sizes 32/64/128, one and several tokens, k = 1 and
+//! CPU: bit-exact for 2/4/8 bits and group sizes 32/64/128, one, several and 40 (prefill) tokens, k = 1 and
 //! k = E, all tokens on one expert, repeated experts, NaN/inf activations, non-contiguous
 //! inputs, both instruction sets (AVX2 and baseline, via a child process), and clear errors.
 mod common;
@@ -60,6 +60,8 @@ fn expert_kernels_bit_exact_bits_groups_and_routing() {
             ("k=E", vec![all.clone()]),
             ("3 tokens, one expert", vec![vec![0, 0], vec![0, 0], vec![0, 0]]),
             ("2 tokens", vec![vec![e as u32 - 1, 0], vec![2, 1]]),
+            // Prefill: 40 tokens x 4 distinct experts, grouped by expert inside the kernels.
+            ("prefill 40 tokens", (0..40u32).map(|t| (0..4u32).map(|j| (t * 3 + j * 5) % e as u32).collect()).collect()),
         ];
         for (name, rows) in routes {
             let idx = indices(&rows);
@@ -154,7 +156,10 @@ fn expert_kernels_bit_exact_on_each_isa() {
 #[test]
 fn qmv_linear_bit_exact_and_limits() {
     let _g = mlx_lock();
-    for (n, k, bits, gs, rows) in [(200, 256, 4, 64, 1), (512, 128, 8, 32, 3), (44, 256, 2, 128, 8), (2048, 512, 4, 64, 2)] {
+    // Decode rows and prefill-sized blocks (9, 70 rows).
+    for (n, k, bits, gs, rows) in
+        [(200, 256, 4, 64, 1), (512, 128, 8, 32, 3), (44, 256, 2, 128, 8), (2048, 512, 4, 64, 2), (300, 256, 4, 64, 9), (130, 128, 8, 64, 70)]
+    {
         let w = qweight(1, n, k, gs, bits, n as u64);
         let w = QWeight {
             weight: w.weight.squeeze_axes(&[0]).unwrap(),
@@ -169,6 +174,6 @@ fn qmv_linear_bit_exact_and_limits() {
     }
     let w = qweight(1, 64, 128, 64, 4, 1);
     let w = QWeight { weight: w.weight.squeeze_axes(&[0]).unwrap(), scales: w.scales.squeeze_axes(&[0]).unwrap(), biases: w.biases.squeeze_axes(&[0]).unwrap(), q: w.q };
-    let e = experts::qmv_linear(&rand(&[1, 9, 128], 1, 1.0), &w).unwrap_err().to_string();
-    assert!(e.contains("prefill"), "{e}");
+    let e = experts::qmv_linear(&rand(&[1, 9, 128], 1, 1.0).as_dtype(Dtype::Bfloat16).unwrap(), &w).unwrap_err().to_string();
+    assert!(e.contains("float32"), "{e}");
 }

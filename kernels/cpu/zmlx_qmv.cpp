@@ -1,4 +1,5 @@
-// Decode-step expert kernels for the CPU backend, as MLX primitives (one graph node each):
+// Quantized expert kernels for the CPU backend, as MLX primitives (one graph node each); decode
+// runs one token's k experts, prefill groups the (token, slot) pairs by expert:
 //   qmv_swiglu:  h[t, j, :] = silu(W_gate[e] x_t) * (W_up[e] x_t),      e = idx[t, j]
 //   qmv_combine: out[t, :]  = sum_j  (W_down[e] h[t, j]) * w[t, j]        (never materialises [k, D])
 // W is MLX affine-quantized (bits 2/4/8, any group size) with float32 scales/biases and float32
@@ -12,6 +13,7 @@
 // axis -2); the activation uses MLX's own scalar functors. So the result is bit-identical to
 // gather_qmm -> swiglu -> gather_qmm -> (y * w).sum(-2), which tests/kernels.rs checks.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -69,6 +71,22 @@ void parallel_for(size_t n, F&& f) {
     if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
   }
   f(size_t(0), std::min(n, step));
+  for (auto& th : pool) th.join();
+}
+
+// Runs f(i) for i in [0, n) on the worker threads, handing out items one at a time (the
+// prefill work items differ in size: one expert may hold many more tokens than another).
+template <class F>
+void parallel_items(size_t n, F&& f) {
+  size_t t = std::min<size_t>(thread_count(), n);
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
+  };
+  if (t <= 1) return work();
+  std::vector<std::thread> pool;
+  for (size_t i = 1; i < t; ++i) pool.emplace_back(work);
+  work();
   for (auto& th : pool) th.join();
 }
 
@@ -131,31 +149,62 @@ bool indices_ok(const uint32_t* idx, int k, long experts) {
   return true;
 }
 
+// The (t, j) slots of tokens whose indices are all in range, grouped by expert (slot order
+// kept within a group), so each expert's weights are read once per row chunk for all its tokens.
+struct ExpertGroups {
+  std::vector<uint32_t> slots;  // t * k + j, grouped
+  std::vector<size_t> begin;    // group g is slots[begin[g], begin[g + 1])
+  std::vector<uint32_t> expert;
+};
+
+ExpertGroups group_by_expert(const uint32_t* idx, int tokens, int k, long experts) {
+  ExpertGroups g;
+  for (int t = 0; t < tokens; ++t)
+    if (indices_ok(idx + size_t(t) * k, k, experts))
+      for (int j = 0; j < k; ++j) g.slots.push_back(uint32_t(t * k + j));
+  std::stable_sort(g.slots.begin(), g.slots.end(), [&](uint32_t a, uint32_t b) { return idx[a] < idx[b]; });
+  for (size_t s = 0; s < g.slots.size(); ++s)
+    if (s == 0 || idx[g.slots[s]] != idx[g.slots[s - 1]]) {
+      g.begin.push_back(s);
+      g.expert.push_back(idx[g.slots[s]]);
+    }
+  g.begin.push_back(g.slots.size());
+  return g;
+}
+
+// Rows of tokens with an out-of-range index: NaN (MLX itself does not check).
+void nan_bad_tokens(const uint32_t* idx, float* out, int tokens, int k, long experts, size_t row_len, int slots_per_token) {
+  for (int t = 0; t < tokens; ++t)
+    if (!indices_ok(idx + size_t(t) * k, k, experts))
+      std::fill(out + size_t(t) * slots_per_token * row_len, out + size_t(t + 1) * slots_per_token * row_len,
+                std::numeric_limits<float>::quiet_NaN());
+}
+
+// dst[tj] rows [r0, r1) = W[expert] h[tj] for every slot tj of every group.
+template <class RowOp>
+void for_groups_and_chunks(const ExpertGroups& g, int n, RowOp&& op) {
+  int chunks = (n + CHUNK - 1) / CHUNK;
+  size_t groups = g.expert.size();
+  parallel_items(groups * chunks, [&](size_t it) {
+    size_t gi = it / chunks;
+    int r0 = int(it % chunks) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+    for (size_t s = g.begin[gi]; s < g.begin[gi + 1]; ++s) op(g.expert[gi], g.slots[s], r0, r1);
+  });
+}
+
 void run_swiglu(int bits, const float* x, const uint32_t* idx, float* out, int tokens, int k, int K, int gs,
                 const ExpertMats& gate, const ExpertMats& up) {
   int n = int(gate.rows);
-  int chunks = (n + CHUNK - 1) / CHUNK;
-  parallel_for(size_t(tokens) * k * chunks, [&](size_t i0, size_t i1) {
-    float g[CHUNK], u[CHUNK];
-    for (size_t it = i0; it < i1; ++it) {
-      int c = int(it % chunks);
-      size_t tj = it / chunks;
-      int t = int(tj / k);
-      int r0 = c * CHUNK, r1 = std::min(n, r0 + CHUNK);
-      float* o = out + tj * n;
-      if (!indices_ok(idx + size_t(t) * k, k, gate.experts)) {
-        for (int r = r0; r < r1; ++r) o[r] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float* xt = x + size_t(t) * K;
-      qmv_rows(bits, xt, gate.at(idx[tj]), r0, r1, K, gs, g);
-      qmv_rows(bits, xt, up.at(idx[tj]), r0, r1, K, gs, u);
-      // mlx-lm's swiglu: (g * sigmoid(g)) * u, each step rounded, with MLX's own functors.
-      for (int r = r0; r < r1; ++r) {
-        float gv = g[r - r0];
-        o[r] = dt::Multiply{}(dt::Multiply{}(gv, dt::Sigmoid{}(gv)), u[r - r0]);
-      }
-    }
+  nan_bad_tokens(idx, out, tokens, k, gate.experts, n, k);
+  ExpertGroups g = group_by_expert(idx, tokens, k, gate.experts);
+  for_groups_and_chunks(g, n, [&](uint32_t e, uint32_t tj, int r0, int r1) {
+    float gv[CHUNK], uv[CHUNK];
+    const float* xt = x + size_t(tj / k) * K;
+    qmv_rows(bits, xt, gate.at(e), r0, r1, K, gs, gv);
+    qmv_rows(bits, xt, up.at(e), r0, r1, K, gs, uv);
+    // mlx-lm's swiglu: (g * sigmoid(g)) * u, each step rounded, with MLX's own functors.
+    float* o = out + size_t(tj) * n;
+    for (int r = r0; r < r1; ++r) o[r] = dt::Multiply{}(dt::Multiply{}(gv[r - r0], dt::Sigmoid{}(gv[r - r0])), uv[r - r0]);
   });
 }
 
@@ -163,19 +212,39 @@ void run_combine(int bits, const float* h, const uint32_t* idx, const float* wts
                  int gs, const ExpertMats& down) {
   int n = int(down.rows);
   int chunks = (n + CHUNK - 1) / CHUNK;
-  parallel_for(size_t(tokens) * chunks, [&](size_t i0, size_t i1) {
-    for (size_t it = i0; it < i1; ++it) {
-      int c = int(it % chunks), t = int(it / chunks);
-      int r0 = c * CHUNK, r1 = std::min(n, r0 + CHUNK);
-      float* o = out + size_t(t) * n + r0;
-      bool ok = indices_ok(idx + size_t(t) * k, k, down.experts);
-      for (int r = r0; r < r1; ++r) o[r - r0] = ok ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-      if (!ok) continue;
-      // (y * w).sum(-2): from 0, in slot order, product rounded before the add.
-      for (int j = 0; j < k; ++j) {
-        size_t tj = size_t(t) * k + j;
-        qmv_accum(bits, h + tj * K, down.at(idx[tj]), r0, r1, K, gs, wts[tj], o);
+  if (tokens == 1) {
+    // Decode: accumulate straight into the output, never materialising the k expert rows.
+    parallel_for(size_t(chunks), [&](size_t i0, size_t i1) {
+      for (size_t c = i0; c < i1; ++c) {
+        int r0 = int(c) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+        float* o = out + r0;
+        bool ok = indices_ok(idx, k, down.experts);
+        for (int r = r0; r < r1; ++r) o[r - r0] = ok ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+        if (!ok) continue;
+        // (y * w).sum(-2): from 0, in slot order, product rounded before the add.
+        for (int j = 0; j < k; ++j) qmv_accum(bits, h + size_t(j) * K, down.at(idx[j]), r0, r1, K, gs, wts[j], o);
       }
+    });
+    return;
+  }
+  // Prefill: the expert rows y[t, j] grouped by expert (weights read once per chunk), then the
+  // same slot-order combine per token: o = o + y * w, two roundings as in qmv_accum.
+  std::vector<float> y(size_t(tokens) * k * n);
+  ExpertGroups g = group_by_expert(idx, tokens, k, down.experts);
+  for_groups_and_chunks(g, n, [&](uint32_t e, uint32_t tj, int r0, int r1) {
+    qmv_rows(bits, h + size_t(tj) * K, down.at(e), r0, r1, K, gs, y.data() + size_t(tj) * n + r0);
+  });
+  parallel_items(size_t(tokens), [&](size_t t) {
+    float* o = out + t * n;
+    if (!indices_ok(idx + t * k, k, down.experts)) {
+      std::fill(o, o + n, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    std::fill(o, o + n, 0.0f);
+    for (int j = 0; j < k; ++j) {
+      const float* yj = y.data() + (t * k + j) * n;
+      float w = wts[t * k + j];
+      for (int r = 0; r < n; ++r) o[r] = o[r] + yj[r] * w;
     }
   });
 }
@@ -272,13 +341,11 @@ class QmvLinear : public mx::UnaryPrimitive {
       int tokens = in[0].shape(0), K = in[0].shape(1), n = in[1].shape(0);
       ZmlxQMat m{in[1].data<uint8_t>(), in[2].data<float>(), in[3].data<float>(), long(in[1].shape(1)) * 4,
                  long(in[2].shape(1))};
+      // Chunk-major: a chunk's rows stay in cache while every token (prefill) runs over them.
       int chunks = (n + CHUNK - 1) / CHUNK;
-      parallel_for(size_t(tokens) * chunks, [&](size_t i0, size_t i1) {
-        for (size_t it = i0; it < i1; ++it) {
-          int c = int(it % chunks), t = int(it / chunks);
-          int r0 = c * CHUNK, r1 = std::min(n, r0 + CHUNK);
-          qmv_rows(bits, x + size_t(t) * K, m, r0, r1, K, gs, o + size_t(t) * n + r0);
-        }
+      parallel_items(size_t(chunks), [&](size_t c) {
+        int r0 = int(c) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+        for (int t = 0; t < tokens; ++t) qmv_rows(bits, x + size_t(t) * K, m, r0, r1, K, gs, o + size_t(t) * n + r0);
       });
     });
   }

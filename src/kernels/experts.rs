@@ -1,4 +1,4 @@
-//! Decode-step expert kernels for quantized SwitchGLU experts:
+//! Expert kernels for quantized SwitchGLU experts (decode; prefill groups tokens by expert):
 //! - `qmv_swiglu`: gathered gate and up mat-vecs + SwiGLU in one node → `h` `[T, k, I]`;
 //! - `qmv_combine`: gathered down mat-vec fused with the weighted combine → `[T, D]`; the
 //!   `[T, k, D]` expert outputs are never materialised.
@@ -243,24 +243,17 @@ pub fn qmv_combine(h: &Array, idx: &Array, w: &Array, down: &QWeight) -> Result<
     }
 }
 
-/// Rows up to which `qmv_linear` runs (decode; prefill chunks use MLX's kernel).
-pub const QMV_LINEAR_MAX_ROWS: usize = 8;
-
 /// Why `qmv_linear` does not apply to this call (None: it does). CPU only: on GPUs MLX's own
-/// quantized mat-vec is already a tuned kernel.
+/// quantized matmul is already a tuned kernel.
 pub fn qmv_linear_unsupported(x: &Array, w: &QWeight) -> Option<String> {
     if backend() != Backend::Cpu {
         return Some(format!("{} backend (CPU-only kernel)", backend().name()));
     }
-    let rows = x.size() / x.dim(-1).max(1) as usize;
-    if rows > QMV_LINEAR_MAX_ROWS {
-        return Some("prefill (more than 8 rows)".into());
-    }
     unsupported(x.dtype(), &[w])
 }
 
-/// `quantized_matmul(x, w, transpose=true)` for a few rows as one multi-threaded node;
-/// bit-identical on CPU. `x` `[..., K]` → `[..., N]`.
+/// `quantized_matmul(x, w, transpose=true)` as one multi-threaded node, any number of rows
+/// (decode and prefill); bit-identical on CPU. `x` `[..., K]` → `[..., N]`.
 pub fn qmv_linear(x: &Array, w: &QWeight) -> Result<Array> {
     if let Some(why) = qmv_linear_unsupported(x, w) {
         bail!("qmv_linear: {why}");
