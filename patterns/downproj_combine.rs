@@ -54,7 +54,12 @@ impl FusedDownCombine {
             return Ok(Err("the experts slot gives no fused hidden state (stock SwitchGLU at prefill)".into()));
         };
         let (t, k) = (h.dim(0), h.dim(1));
-        let out = experts::qmv_combine(&h, &routing.indices.reshape(&[t, k])?, &routing.weights.reshape(&[t, k])?, &self.down)?;
+        let out = experts::qmv_combine(
+            &h,
+            &routing.indices.reshape(&[t, k])?,
+            &routing.weights.reshape(&[t, k])?,
+            &self.down,
+        )?;
         let mut shape = routing.indices.shape().to_vec();
         *shape.last_mut().unwrap() = x.dim(-1);
         let out = out.reshape(&shape)?;

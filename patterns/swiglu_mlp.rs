@@ -12,11 +12,11 @@ use mlx_rs::Array;
 
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
 use crate::config::Family;
+use crate::fallbacks;
 use crate::kernels;
+use crate::kernels::experts;
 use crate::model::{LayerMlp, Model};
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
-use crate::fallbacks;
-use crate::kernels::experts;
 use crate::nn::Weight;
 use crate::slots::{ActivationSlot, ExpertsSlot, MlpSlot};
 

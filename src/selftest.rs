@@ -98,7 +98,9 @@ pub fn run() -> Result<Vec<CaseResult>> {
         for (i, (rows, e, k)) in [(1, 8, 2), (1, 128, 8), (40, 64, 4), (16, 64, 8), (2, 512, 10)].iter().enumerate() {
             let mut logits = rand(&[1, *rows, *e], 30 + i as u64, 3.0, dt)?;
             if i == 3 {
-                logits = ops::round(&logits.multiply(Array::from_f32(2.0))?, None)?.divide(Array::from_f32(2.0))?.as_dtype(dt)?;
+                logits = ops::round(&logits.multiply(Array::from_f32(2.0))?, None)?
+                    .divide(Array::from_f32(2.0))?
+                    .as_dtype(dt)?;
             }
             for kind in [
                 RouterKind::TopKThenSoftmax,
@@ -108,6 +110,25 @@ pub fn run() -> Result<Vec<CaseResult>> {
                 let want = kernels::moe_router_reference(&logits, kind, *k).map(|(a, b)| vec![a, b]);
                 let got = kernels::moe_router(&logits, kind, *k).map(|(a, b)| vec![a, b]);
                 out.push(compare("moe_router", format!("{kind:?} rows={rows} E={e} k={k} {dt:?}"), want, got));
+            }
+        }
+        // NaN, +-inf, -0 and extreme logits (the CPU tests' specials). CPU only for now: on the
+        // H100 this case did not finish within 300 s (HANDOFF.md, session 3: to bisect).
+        if kernels::backend() == crate::mlx_env::Backend::Cpu {
+            let mut v = rand(&[1, 4, 16], 35, 2.0, Dtype::Float32)?.as_slice::<f32>().to_vec();
+            for (i, x) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 88.0, -88.0, 1e-30].into_iter().enumerate()
+            {
+                v[i * 9] = x;
+            }
+            let special = Array::from_slice(&v, &[1, 4, 16]).as_dtype(dt)?;
+            for kind in [
+                RouterKind::TopKThenSoftmax,
+                RouterKind::SoftmaxThenTopK { norm: true },
+                RouterKind::SoftmaxThenTopKDesc,
+            ] {
+                let want = kernels::moe_router_reference(&special, kind, 4).map(|(a, b)| vec![a, b]);
+                let got = kernels::moe_router(&special, kind, 4).map(|(a, b)| vec![a, b]);
+                out.push(compare("moe_router", format!("{kind:?} nan/inf rows=4 E=16 k=4 {dt:?}"), want, got));
             }
         }
         for (i, (e, k, ng, tg)) in [(256, 8, 8, 4), (64, 4, 1, 1), (384, 8, 1, 1)].iter().enumerate() {
@@ -149,7 +170,11 @@ fn decode_kernels(out: &mut Vec<CaseResult>) -> Result<()> {
     };
     for &dt in dts {
         for bits in [4, 8] {
-            let (g, u, d) = (qweight(16, 768, 2048, bits, 61, dt)?, qweight(16, 768, 2048, bits, 62, dt)?, qweight(16, 2048, 768, bits, 63, dt)?);
+            let (g, u, d) = (
+                qweight(16, 768, 2048, bits, 61, dt)?,
+                qweight(16, 768, 2048, bits, 62, dt)?,
+                qweight(16, 2048, 768, bits, 63, dt)?,
+            );
             let idx = Array::from_slice(&[1u32, 5, 9, 15], &[1, 4]);
             let x = rand(&[1, 2048], 64, 1.0, dt)?;
             let w = ops::softmax_axis(rand(&[1, 4], 65, 1.0, Dtype::Float32)?, -1, true)?;
@@ -178,12 +203,17 @@ fn decode_kernels(out: &mut Vec<CaseResult>) -> Result<()> {
                 out.push(compare(
                     "qmv_linear",
                     format!("N=2048 K=768 {bits}-bit {dt:?}"),
-                    ops::quantized_matmul(&hx, &lw.weight, &lw.scales, &lw.biases, true, 64, bits).map(|a| vec![a]).map_err(Into::into),
+                    ops::quantized_matmul(&hx, &lw.weight, &lw.scales, &lw.biases, true, 64, bits)
+                        .map(|a| vec![a])
+                        .map_err(Into::into),
                     experts::qmv_linear(&hx, &lw).map(|a| vec![a]),
                 ));
             }
         }
-        for (name, r) in [("base 1e6 traditional", Rope::plain(64, true, 1_000_000.0)), ("base 1e4 half-split", Rope::plain(64, false, 10_000.0))] {
+        for (name, r) in [
+            ("base 1e6 traditional", Rope::plain(64, true, 1_000_000.0)),
+            ("base 1e4 half-split", Rope::plain(64, false, 10_000.0)),
+        ] {
             let q = rand(&[1, 20, 1, 64], 68, 2.0, dt)?;
             let k = rand(&[1, 1, 1, 64], 69, 2.0, dt)?;
             out.push(compare(

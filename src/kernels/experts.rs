@@ -67,11 +67,9 @@ pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
         return Some(format!("{}-bit weights (kernel has 2/4/8)", q.bits));
     }
     match backend() {
-        b @ (Backend::Cuda | Backend::Metal) if !super::gpu_experimental() => Some(format!(
-            "not bit-exact on {} (set {}=1 to run it anyway)",
-            b.name(),
-            super::GPU_EXPERIMENTAL_VAR
-        )),
+        b @ (Backend::Cuda | Backend::Metal) if !super::gpu_experimental() => {
+            Some(format!("not bit-exact on {} (set {}=1 to run it anyway)", b.name(), super::GPU_EXPERIMENTAL_VAR))
+        }
         Backend::Cpu if x_dtype != Dtype::Float32 => {
             Some(format!("{x_dtype:?} activations (the CPU kernel is bit-exact for float32 only)"))
         }
@@ -140,7 +138,12 @@ static COMBINE_METAL: GpuKernel = GpuKernel {
 
 fn check_shapes(op: &str, x: &Array, idx: &Array) -> Result<()> {
     if x.ndim() < 2 || idx.ndim() != 2 || idx.dim(0) != x.dim(0) || idx.dtype() != Dtype::Uint32 {
-        bail!("{op}: expected activations [T, ..., K] and uint32 indices [T, k], got {:?} and {:?} {:?}", x.shape(), idx.shape(), idx.dtype());
+        bail!(
+            "{op}: expected activations [T, ..., K] and uint32 indices [T, k], got {:?} and {:?} {:?}",
+            x.shape(),
+            idx.shape(),
+            idx.dtype()
+        );
     }
     Ok(())
 }
@@ -183,7 +186,14 @@ pub fn qmv_swiglu(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight) -> Resul
                 ("E", TemplateArg::Int(e)),
             ];
             let ins = [x, idx, &gate.weight, &gate.scales, &gate.biases, &up.weight, &up.scales, &up.biases];
-            let out = kern.apply(b, &ins, &template, (total as i32, 1, 1), (threads_for(total), 1, 1), &[(&[t, k, n], x.dtype())])?;
+            let out = kern.apply(
+                b,
+                &ins,
+                &template,
+                (total as i32, 1, 1),
+                (threads_for(total), 1, 1),
+                &[(&[t, k, n], x.dtype())],
+            )?;
             Ok(out.into_iter().next().unwrap())
         }
     }
@@ -237,7 +247,14 @@ pub fn qmv_combine(h: &Array, idx: &Array, w: &Array, down: &QWeight) -> Result<
                 ("E", TemplateArg::Int(e)),
             ];
             let ins = [h, idx, &wf, &down.weight, &down.scales, &down.biases];
-            let out = kern.apply(b, &ins, &template, (total as i32, 1, 1), (threads_for(total), 1, 1), &[(&[t, n], out_dtype)])?;
+            let out = kern.apply(
+                b,
+                &ins,
+                &template,
+                (total as i32, 1, 1),
+                (threads_for(total), 1, 1),
+                &[(&[t, n], out_dtype)],
+            )?;
             Ok(out.into_iter().next().unwrap())
         }
     }

@@ -347,14 +347,8 @@ pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Ar
             } else {
                 ((rows as i32, 1, 1), (threads_for(rows), 1, 1))
             };
-            let out = kern.apply(
-                b,
-                &[logits],
-                &template,
-                grid,
-                group,
-                &[(&shape, Dtype::Uint32), (&shape, logits.dtype())],
-            )?;
+            let out =
+                kern.apply(b, &[logits], &template, grid, group, &[(&shape, Dtype::Uint32), (&shape, logits.dtype())])?;
             let mut it = out.into_iter();
             Ok((it.next().unwrap(), it.next().unwrap()))
         }

@@ -37,7 +37,13 @@ extern "C" {
 }
 
 /// Stock chain: `(rope(q_pe) * q_scale, rope(k_pe))` with the model's `Rope`.
-pub fn rope_decode_reference(q_pe: &Array, k_pe: &Array, rope: &Rope, offset: i32, q_scale: f32) -> Result<(Array, Array)> {
+pub fn rope_decode_reference(
+    q_pe: &Array,
+    k_pe: &Array,
+    rope: &Rope,
+    offset: i32,
+    q_scale: f32,
+) -> Result<(Array, Array)> {
     let scale = Array::from_f32(q_scale).as_dtype(q_pe.dtype())?;
     Ok((rope.forward(q_pe, offset)?.multiply(&scale)?, rope.forward(k_pe, offset)?))
 }
@@ -61,7 +67,11 @@ static METAL: GpuKernel = GpuKernel {
 pub fn rope_decode(q_pe: &Array, k_pe: &Array, rope: &Rope, offset: i32, q_scale: f32) -> Result<(Array, Array)> {
     check_float("rope_decode", q_pe)?;
     if q_pe.ndim() != 4 || k_pe.ndim() != 4 || q_pe.dtype() != k_pe.dtype() || q_pe.dim(2) != k_pe.dim(2) {
-        bail!("rope_decode: expected q_pe [B, H, L, R] and k_pe [B, 1, L, R] of one dtype, got {:?} and {:?}", q_pe.shape(), k_pe.shape());
+        bail!(
+            "rope_decode: expected q_pe [B, H, L, R] and k_pe [B, 1, L, R] of one dtype, got {:?} and {:?}",
+            q_pe.shape(),
+            k_pe.shape()
+        );
     }
     let mscale = rope.pre_scale.map(|m| m as f32);
     match backend() {
