@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -100,6 +101,8 @@ Isa isa() {
     const char* e = std::getenv("ZMLX_CPU_ISA");
     if (!e) return best;
     std::string s(e);
+    if (s != "base" && s != "avx2" && s != "avx512")
+      std::fprintf(stderr, "[zmlx] ZMLX_CPU_ISA=%s: expected base, avx2 or avx512; using the widest this CPU has\n", e);
     Isa cap = s == "base" ? Isa::Base : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
     return std::min(best, cap);
   }();
