@@ -25,27 +25,33 @@ __shared__ T part[32];
 
 // Sort key order of MLX's CUDA sort: ascending, NaN last.
 auto key_less = [](float a, float b) { return (!isnan(a) && isnan(b)) || a < b; };
-
-if (KIND == 0) {
-  if (tid == 0) {
-    bool used[E];
-    for (int e = 0; e < E; ++e) used[e] = false;
-    for (int j = 0; j < K; ++j) {
-      int best = -1;
-      for (int e = 0; e < E; ++e) {
-        if (used[e]) continue;
-        float ke = -(float)g[e];
-        if (best < 0 || key_less(ke, -(float)g[best])) best = e;
-      }
-      used[best] = true;
-      sel[j] = best;
-      p[j] = (float)g[best];
+// Thread 0: the top K of v[0..E) into sel, in the slot order of MLX's CUDA argpartition.
+// last_k (Qwen3's argpartition(v)[-k:]): ascending, the later index kept at a tie (it sorts
+// after the earlier one); else (argpartition(-v)[:k]): descending, ties -> lower index.
+auto select_top_k = [&](const float* v, bool last_k) {
+  bool used[E];
+  for (int e = 0; e < E; ++e) used[e] = false;
+  for (int j = 0; j < K; ++j) {
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      if (used[e]) continue;
+      if (best < 0 || (last_k ? !key_less(v[e], v[best]) : key_less(-v[e], -v[best]))) best = e;
     }
+    used[best] = true;
+    sel[last_k ? K - 1 - j : j] = best;
   }
-} else {
-  for (int e = tid; e < E; e += BD) p[e] = (float)g[e];
-}
+};
+
+for (int e = tid; e < E; e += BD) p[e] = (float)g[e];
 block.sync();
+if (KIND == 0) {
+  // Top-k of the logits, then the softmax runs over the k selected ones.
+  if (tid == 0) {
+    select_top_k(p, false);
+    for (int j = 0; j < K; ++j) p[j] = (float)g[sel[j]];
+  }
+  block.sync();
+}
 
 // MLX's softmax over p[0..n).
 const int n = (KIND == 0) ? K : E;
@@ -97,30 +103,13 @@ block.sync();
 unsigned int* oi = indices + r * K;
 T* ow = weights + r * K;
 if (KIND == 0) {
-  if (tid < K) { oi[tid] = sel[tid]; ow[tid] = T(p[tid]); }
+  for (int j = tid; j < K; j += BD) { oi[j] = sel[j]; ow[j] = T(p[j]); }
   return;
 }
-if (tid == 0) {
-  bool used[E];
-  for (int e = 0; e < E; ++e) used[e] = false;
-  for (int j = 0; j < K; ++j) {
-    int best = -1;
-    for (int e = 0; e < E; ++e) {
-      if (used[e]) continue;
-      if (KIND == 1) {
-        // Largest key; at equal keys the later index (it sorts after the earlier one).
-        if (best < 0 || !key_less(p[e], p[best])) best = e;
-      } else {
-        if (best < 0 || key_less(-p[e], -p[best])) best = e;
-      }
-    }
-    used[best] = true;
-    sel[KIND == 1 ? K - 1 - j : j] = best;
-  }
-}
+if (tid == 0) select_top_k(p, KIND == 1);
 block.sync();
 if (KIND == 2 || !NORM) {
-  if (tid < K) { oi[tid] = sel[tid]; ow[tid] = T(p[sel[tid]]); }
+  for (int j = tid; j < K; j += BD) { oi[j] = sel[j]; ow[j] = T(p[sel[j]]); }
   return;
 }
 // scores / sum(scores): MLX's row sum = per-thread sums of NR consecutive slots, then cg::reduce.
@@ -135,4 +124,4 @@ if (tid < 32) {
   if (tid == 0) part[0] = acc;
 }
 block.sync();
-if (tid < K) { oi[tid] = sel[tid]; ow[tid] = Divide{}(T(p[sel[tid]]), part[0]); }
+for (int j = tid; j < K; j += BD) { oi[j] = sel[j]; ow[j] = Divide{}(T(p[sel[j]]), part[0]); }
