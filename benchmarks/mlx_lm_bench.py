@@ -1,8 +1,11 @@
-"""One mlx-lm timing run for `benchmarks/bench.sh`: load, prefill PROMPT_IDS, greedy-decode N
-tokens with mlx-lm's own stream_generate; prints one JSON object (load seconds, prompt and
-generation tok/s, peak memory, token ids) to stdout.
+"""One mlx-lm timing run for `benchmarks/bench.sh`: load, warm up (as `zmlx run --warmup N`:
+N greedy generations of 5 tokens on the tokenized "Hello"), prefill PROMPT_IDS, greedy-decode
+exactly N tokens (EOS ignored, as `zmlx run --ignore-eos`) with mlx-lm's own stream_generate;
+prints one JSON object (load seconds, prompt and generation tok/s, peak memory, token ids, the
+warm-up and the thread settings it ran with) to stdout.
 
-usage: python mlx_lm_bench.py --model DIR --prompt-ids 1,2,3 --max-tokens N [--dtype f32|native]
+usage: python mlx_lm_bench.py --model DIR --prompt-ids 1,2,3 --max-tokens N [--warmup N]
+                              [--dtype f32|native]
 """
 import argparse
 import json
@@ -18,12 +21,38 @@ import mlx_lm  # noqa: E402
 from mlx_lm.generate import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import greedy_sampler  # noqa: E402
 
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+              "ZMLX_CPU_THREADS", "THREADS")
+
+
+def thread_settings():
+    """What this process ran with: the thread env, the CPUs it may use, and the BLAS libraries
+    mapped into it (MLX's CPU backend runs its own ops on one thread; only BLAS calls, the float
+    matmuls, may use more, per these variables)."""
+    blas = set()
+    try:
+        for line in open("/proc/self/maps"):
+            p = line.split()[-1]
+            name = os.path.basename(p)
+            if any(s in name.lower() for s in ("blas", "lapack", "mkl", "accelerate", "gomp", "omp")):
+                blas.add(name)
+    except OSError:
+        pass
+    return {
+        "env": {k: os.environ.get(k) for k in THREAD_ENV},
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "blas_libs": sorted(blas),
+    }
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt-ids", required=True)
     ap.add_argument("--max-tokens", type=int, required=True)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="greedy generations of 5 tokens on 'Hello' before timing (zmlx run --warmup)")
     ap.add_argument("--dtype", default="f32", choices=["f32", "native"])
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -34,6 +63,14 @@ def main():
     mx.eval(model.parameters())
     load_s = time.perf_counter() - t0
     ids = [int(x) for x in a.prompt_ids.split(",")]
+    # Warm-up as zmlx's: the tokenizer's own encoding of "Hello" (special tokens as its
+    # post-processor adds them), 5 greedy tokens, EOS still stopping, not timed.
+    hello = tok.encode("Hello")
+    t1 = time.perf_counter()
+    for _ in range(a.warmup):
+        for _ in stream_generate(model, tok, hello, max_tokens=5, sampler=greedy_sampler):
+            pass
+    warm_s = time.perf_counter() - t1
     # Fixed-length decode (as zmlx --ignore-eos): no EOS stop.
     tok._eos_token_ids = set()
     mx.reset_peak_memory()
@@ -44,7 +81,10 @@ def main():
     print(json.dumps({
         "load_seconds": load_s, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
         "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
-        "peak_memory_gb": last.peak_memory, "token_ids": out,
+        "peak_memory_gb": last.peak_memory, "token_ids": out, "max_tokens": a.max_tokens,
+        "ignore_eos": True, "warmup": a.warmup, "warmup_seconds": warm_s, "dtype": a.dtype,
+        "mlx_version": mx.__version__, "mlx_lm_version": getattr(mlx_lm, "__version__", None),
+        "threads": thread_settings(),
     }))
 
 

@@ -1,7 +1,11 @@
 """Roofline helpers for `benchmarks/bench.sh`.
 
-  python roofline.py triad                 -> {"triad_gbs": ...}  STREAM-like a = b + s*c (numpy,
-                                              float64, 3 x 8 bytes per element moved)
+  python roofline.py triad [THREADS]       -> {"triad_gbs": ..., "triad_gbs_1t": ..., ...}
+      STREAM-like a = 3c; a += b (numpy, float64, 5 x 8 bytes per element moved), once on one
+      thread and once on THREADS threads (argument, else the THREADS env, else the CPUs this
+      process may use) over disjoint slices; triad_gbs (the roofline) is the THREADS figure
+      (the 1-thread one if noise put that higher).
+      TRIAD_N overrides the array length (default 20M, at least 4x the total L3).
   python roofline.py bytes DIR CTX         -> bytes read per decoded token at context CTX: every
       non-expert tensor once, expert tensors x k/E (only the routed experts are read), one row of
       the input embedding, float tensors at float32 (zmlx/mlx-lm CPU compute dtype), packed
@@ -18,19 +22,123 @@ import numpy as np
 SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "F64": 8, "I64": 8}
 
 
-def triad():
-    n = 20_000_000
-    b, c = np.ones(n), np.full(n, 2.0)
-    a = np.empty(n)
+def _total_l3_bytes():
+    """Sum of the distinct L3 caches (Linux sysfs); 0 when unknown."""
+    seen, total = set(), 0
+    base = "/sys/devices/system/cpu"
+    try:
+        cpus = [c for c in os.listdir(base) if c.startswith("cpu") and c[3:].isdigit()]
+    except OSError:
+        return 0
+    for c in cpus:
+        cdir = os.path.join(base, c, "cache")
+        try:
+            idxs = os.listdir(cdir)
+        except OSError:
+            continue
+        for i in idxs:
+            p = os.path.join(cdir, i)
+            try:
+                if open(os.path.join(p, "level")).read().strip() != "3":
+                    continue
+                shared = open(os.path.join(p, "shared_cpu_list")).read().strip()
+                size = open(os.path.join(p, "size")).read().strip()
+            except OSError:
+                continue
+            if shared in seen:
+                continue
+            seen.add(shared)
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+            total += int(size.rstrip("KkMmGg")) * mult
+    return total
+
+
+def _mem_available_bytes():
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _triad_len():
+    """Elements per array: TRIAD_N if set, else 20M, raised to 4x the total L3 (STREAM's rule),
+    capped so the three arrays fit in a quarter of the available memory."""
+    if os.environ.get("TRIAD_N"):
+        return int(os.environ["TRIAD_N"])
+    n = max(20_000_000, 4 * _total_l3_bytes() // 8)
+    avail = _mem_available_bytes()
+    if avail:
+        n = min(n, max(1_000_000, avail // 4 // (3 * 8)))
+    return n
+
+
+def _triad_gbs(a, b, c, threads, reps):
+    """Best of `reps` of a = 3c; a += b (float64), split into `threads` contiguous slices run on
+    `threads` Python threads (numpy drops the GIL inside large ufunc loops), each slice first
+    touched by its own thread. Bytes counted: multiply reads c, writes a; add reads a, b, writes a:
+    5 x 8 per element."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = a.shape[0]
+    bounds = [(n * i // threads, n * (i + 1) // threads) for i in range(threads)]
+
+    def touch(i):
+        lo, hi = bounds[i]
+        a[lo:hi] = 0.0
+        b[lo:hi] = 1.0
+        c[lo:hi] = 2.0
+
+    def kernel(i):
+        lo, hi = bounds[i]
+        np.multiply(c[lo:hi], 3.0, out=a[lo:hi])
+        np.add(a[lo:hi], b[lo:hi], out=a[lo:hi])
+
     best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        np.multiply(c, 3.0, out=a)
-        np.add(a, b, out=a)
-        dt = time.perf_counter() - t
-        # multiply reads c writes a; add reads a, b writes a: 5 x 8 bytes per element moved.
-        best = max(best, 5 * 8 * n / dt / 1e9)
-    return {"triad_gbs": round(best, 2), "method": "numpy a = 3c; a += b, float64, best of 5"}
+    if threads == 1:
+        touch(0)
+        for _ in range(reps):
+            t = time.perf_counter()
+            kernel(0)
+            best = max(best, 5 * 8 * n / (time.perf_counter() - t) / 1e9)
+        return best
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        list(ex.map(touch, range(threads)))
+        list(ex.map(kernel, range(threads)))  # start the workers
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(ex.map(kernel, range(threads)))
+            best = max(best, 5 * 8 * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def triad(threads=None):
+    """STREAM-like bandwidth with 1 thread and with THREADS threads (default: THREADS env, else
+    the CPUs this process may run on). triad_gbs, the roofline's bandwidth, is the THREADS figure
+    (or the 1-thread one where that came out higher):
+    zmlx's fused kernels run on ZMLX_CPU_THREADS threads; MLX's own CPU ops on one."""
+    if threads is None:
+        threads = int(os.environ.get("THREADS") or 0) or len(os.sched_getaffinity(0))
+    n = _triad_len()
+    reps = 5
+
+    def fresh():
+        # np.empty maps fresh pages: the first write (touch(), per slice) places them (NUMA).
+        return np.empty(n), np.empty(n), np.empty(n)
+
+    one = _triad_gbs(*fresh(), 1, reps)
+    mt = one if threads == 1 else _triad_gbs(*fresh(), threads, reps)
+    # The roofline is an upper bound: the THREADS figure, unless noise put it below one thread's.
+    return {
+        "triad_gbs": round(max(mt, one), 2), "triad_gbs_1t": round(one, 2), "triad_gbs_mt": round(mt, 2),
+        "threads": threads, "elements": n, "array_mb": round(8 * n / 1e6, 1),
+        "cpus_available": len(os.sched_getaffinity(0)), "l3_bytes": _total_l3_bytes(),
+        "method": f"numpy a = 3c; a += b, float64, best of {reps}; 1 thread, and {threads} threads on "
+                  "disjoint slices (ThreadPoolExecutor, per-thread first touch); triad_gbs = the "
+                  f"{threads}-thread figure (the 1-thread one if that is higher)",
+    }
 
 
 def tensors(d):
@@ -71,6 +179,6 @@ def bytes_per_token(d, ctx):
 
 if __name__ == "__main__":
     if sys.argv[1] == "triad":
-        print(json.dumps(triad()))
+        print(json.dumps(triad(int(sys.argv[2]) if len(sys.argv) > 2 else None)))
     else:
         print(json.dumps(bytes_per_token(sys.argv[2], int(sys.argv[3]))))

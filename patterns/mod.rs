@@ -6,8 +6,8 @@ mod debug_drop_expert;
 pub mod deepseek_router;
 pub mod downproj_combine;
 pub mod glm47_rope;
-pub mod qmv_linear;
 pub mod moe_mlp;
+pub mod qmv_linear;
 pub mod swiglu_mlp;
 
 use std::collections::BTreeMap;
@@ -139,16 +139,14 @@ fn unknown(name: &str) -> anyhow::Error {
 }
 
 fn parse_switch(var: &str, v: &str) -> Result<bool> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "on" | "yes" => Ok(true),
-        "0" | "false" | "off" | "no" => Ok(false),
-        other => bail!("{var}={other}: expected 0 or 1 (also true/false, on/off, yes/no)"),
-    }
+    crate::settings::parse_switch(v)
+        .ok_or_else(|| anyhow::anyhow!("{var}={v:?}: expected 0 or 1 (also true/false, on/off, yes/no)"))
 }
 
-/// Every environment variable zmlx reads that affects patching, for reports and capsules.
-pub fn relevant_env() -> BTreeMap<String, String> {
-    std::env::vars().filter(|(k, _)| k.starts_with("ZMLX_")).collect()
+/// Every `ZMLX_*` variable (they affect patching), for selection, reports and capsules. A value
+/// that is not UTF-8 is an error; other variables are never read.
+pub fn relevant_env() -> Result<BTreeMap<String, String>> {
+    crate::settings::zmlx_vars()
 }
 
 pub fn resolve(req: &SelectionRequest) -> Result<Selection> {

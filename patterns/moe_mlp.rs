@@ -91,8 +91,8 @@ impl CombineSlot for FusedCombine {
 /// The combine accumulation that is token-identical to the stock path: MLX 0.32.2 sums in the
 /// activation dtype on CPU. (GPU backends: see HANDOFF.md; measured per backend.)
 fn combine_mode() -> Result<CombineMode> {
-    match std::env::var(COMBINE_MODE_VAR) {
-        Ok(v) if !v.trim().is_empty() && v != "auto" => CombineMode::parse(v.trim()),
+    match crate::settings::var(COMBINE_MODE_VAR) {
+        Some(v) if !v.trim().is_empty() && v != "auto" => CombineMode::parse(v.trim()),
         _ => Ok(CombineMode::Act),
     }
 }

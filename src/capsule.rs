@@ -61,6 +61,9 @@ pub struct CapsuleMeta {
     /// ZMLX_* and LD_LIBRARY_PATH at run time: they change kernels and the libmlx loaded.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Threads of zmlx's CPU kernels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// Everything else, including the original's `command_<variant>` keys.
@@ -217,6 +220,9 @@ impl<'de> Deserialize<'de> for Capsule {
             } else {
                 capsule.extra.insert(k, v);
             }
+        }
+        if capsule.variants.is_empty() {
+            return Err(D::Error::custom("not a per-run capsule: a \"meta\" object but no result section"));
         }
         Ok(capsule)
     }

@@ -180,10 +180,40 @@ impl Keys<'_> {
         Ok(v)
     }
 
+    fn non_negative(&self, key: &str, default: Option<i64>) -> Result<i32> {
+        let v = self.int(key, default)?;
+        if v < 0 {
+            return Err(self.err(key, "an integer >= 0"));
+        }
+        Ok(v)
+    }
+
     fn float(&self, key: &str, default: Option<f64>) -> Result<f32> {
-        match self.map.get(key) {
-            None | Some(Value::Null) => default.map(|d| d as f32).ok_or_else(|| self.err(key, "a number")),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.err(key, "a number")),
+        let x = match self.map.get(key) {
+            None | Some(Value::Null) => default.ok_or_else(|| self.err(key, "a number"))?,
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, "a number"))?,
+        };
+        if !(x as f32).is_finite() {
+            return Err(self.err(key, "a finite number"));
+        }
+        Ok(x as f32)
+    }
+
+    /// A number > 0 (epsilons, RoPE bases, scaling factors: 0 or a negative value is nonsense).
+    fn positive_float(&self, key: &str, default: Option<f64>) -> Result<f32> {
+        let x = self.float(key, default)?;
+        if x <= 0.0 {
+            return Err(self.err(key, "a number > 0"));
+        }
+        Ok(x)
+    }
+
+    /// An optional positive integer (`null` or absent = none).
+    fn positive_opt(&self, key: &str) -> Result<Option<i32>> {
+        match self.int_opt(key)? {
+            None => Ok(None),
+            Some(v) if v > 0 && v <= i32::MAX as i64 => Ok(Some(v as i32)),
+            Some(_) => Err(self.err(key, "a positive integer or null")),
         }
     }
 
@@ -206,7 +236,9 @@ impl Keys<'_> {
             None | Some(Value::Null) => default.ok_or_else(|| self.err(key, "a list of integers")),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_i64().map(|x| x as i32).ok_or_else(|| self.err(key, "a list of integers")))
+                .map(|v| {
+                    v.as_i64().and_then(|x| i32::try_from(x).ok()).ok_or_else(|| self.err(key, "a list of integers"))
+                })
                 .collect(),
             Some(_) => Err(self.err(key, "a list of integers")),
         }
@@ -246,10 +278,15 @@ impl ModelConfig {
         })?;
         let hidden_size = k.positive("hidden_size", None)?;
         let num_attention_heads = k.positive("num_attention_heads", None)?;
+        let eos_id = |v: &Value| {
+            v.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| k.err("eos_token_id", "a token id (integer >= 0) or a list of them"))
+        };
         let eos_token_ids = match map.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|x| x as u32)).collect(),
-            Some(v) => vec![v.as_u64().ok_or_else(|| k.err("eos_token_id", "an integer or a list"))? as u32],
+            Some(Value::Array(a)) => a.iter().map(eos_id).collect::<Result<_>>()?,
+            Some(v) => vec![eos_id(v)?],
         };
         let quantization = parse_quantization(map, file)?;
         let torch_dtype = map.get("torch_dtype").and_then(Value::as_str).map(str::to_owned);
@@ -260,28 +297,28 @@ impl ModelConfig {
             Family::Mixtral => {
                 c.vocab_size = k.positive("vocab_size", Some(32000))?;
                 c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.num_key_value_heads = k.int_opt("num_key_value_heads")?.unwrap_or(8) as i32;
+                c.num_key_value_heads = k.positive("num_key_value_heads", Some(8))?;
                 c.intermediate_size = k.positive("intermediate_size", Some(14336))?;
                 c.moe_intermediate_size = c.intermediate_size;
                 c.num_experts = k.positive("num_local_experts", Some(8))?;
                 c.num_experts_per_tok = k.positive("num_experts_per_tok", Some(2))?;
-                c.rms_norm_eps = k.float("rms_norm_eps", Some(1e-5))?;
-                c.rope_theta = k.float("rope_theta", Some(1e6))?;
+                c.rms_norm_eps = k.positive_float("rms_norm_eps", Some(1e-5))?;
+                c.rope_theta = k.positive_float("rope_theta", Some(1e6))?;
                 c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
                 c.tie_word_embeddings = k.boolean("tie_word_embeddings", Some(false))?;
-                c.max_position_embeddings = k.int_opt("max_position_embeddings")?;
+                c.max_position_embeddings = k.positive_opt("max_position_embeddings")?.map(i64::from);
             }
             Family::Qwen2Moe => {
                 c.vocab_size = k.positive("vocab_size", None)?;
                 c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.num_key_value_heads = k.int_opt("num_key_value_heads")?.map_or(num_attention_heads, |v| v as i32);
+                c.num_key_value_heads = k.positive("num_key_value_heads", Some(num_attention_heads as i64))?;
                 c.intermediate_size = k.positive("intermediate_size", None)?;
                 c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
                 c.shared_expert_intermediate_size = Some(k.positive("shared_expert_intermediate_size", None)?);
                 c.num_experts = k.positive("num_experts", None)?;
                 c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
-                c.rms_norm_eps = k.float("rms_norm_eps", None)?;
-                c.rope_theta = k.float("rope_theta", Some(1e6))?;
+                c.rms_norm_eps = k.positive_float("rms_norm_eps", None)?;
+                c.rope_theta = k.positive_float("rope_theta", Some(1e6))?;
                 c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
                 c.attention_bias = true;
                 // Validated as mlx-lm does, never applied.
@@ -303,15 +340,15 @@ impl ModelConfig {
                 c.head_dim = k.positive("head_dim", None)?;
                 c.intermediate_size = k.positive("intermediate_size", None)?;
                 c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
-                c.num_experts = k.int("num_experts", None)?;
+                c.num_experts = k.non_negative("num_experts", None)?;
                 c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
                 c.norm_topk_prob = k.boolean("norm_topk_prob", None)?;
                 c.decoder_sparse_step = k.positive("decoder_sparse_step", None)?;
                 c.mlp_only_layers = k.int_list("mlp_only_layers", None)?;
-                c.rms_norm_eps = k.float("rms_norm_eps", None)?;
-                c.rope_theta = k.float("rope_theta", None)?;
+                c.rms_norm_eps = k.positive_float("rms_norm_eps", None)?;
+                c.rope_theta = k.positive_float("rope_theta", None)?;
                 c.tie_word_embeddings = k.boolean("tie_word_embeddings", None)?;
-                c.max_position_embeddings = Some(k.int("max_position_embeddings", None)? as i64);
+                c.max_position_embeddings = Some(k.positive("max_position_embeddings", None)? as i64);
                 c.use_qk_norm = true;
             }
             Family::Glm4Moe => {
@@ -321,11 +358,11 @@ impl ModelConfig {
                 c.head_dim = k.positive("head_dim", None)?;
                 c.intermediate_size = k.positive("intermediate_size", None)?;
                 Self::sigmoid_moe_keys(&mut c, &k, None)?;
-                c.rms_norm_eps = k.float("rms_norm_eps", None)?;
-                c.rope_theta = k.float("rope_theta", None)?;
+                c.rms_norm_eps = k.positive_float("rms_norm_eps", None)?;
+                c.rope_theta = k.positive_float("rope_theta", None)?;
                 c.use_qk_norm = k.boolean("use_qk_norm", None)?;
                 c.attention_bias = k.boolean("attention_bias", None)?;
-                let partial = k.float("partial_rotary_factor", None)?;
+                let partial = k.positive_float("partial_rotary_factor", None)?;
                 c.rope_dims = (c.head_dim as f64 * partial as f64) as i32;
                 c.moe_layer_freq = 1; // glm4_moe ignores moe_layer_freq
             }
@@ -338,12 +375,12 @@ impl ModelConfig {
                 c.intermediate_size = k.positive("intermediate_size", None)?;
                 Self::sigmoid_moe_keys(&mut c, &k, Some(if lite { (1.8, 1) } else { (1.0, 0) }))?;
                 c.moe_layer_freq = k.positive("moe_layer_freq", Some(1))?;
-                c.rms_norm_eps = k.float("rms_norm_eps", Some(if lite { 1e-5 } else { 1e-6 }))?;
-                c.rope_theta = k.float("rope_theta", Some(if lite { 1e6 } else { 1e4 }))?;
+                c.rms_norm_eps = k.positive_float("rms_norm_eps", Some(if lite { 1e-5 } else { 1e-6 }))?;
+                c.rope_theta = k.positive_float("rope_theta", Some(if lite { 1e6 } else { 1e4 }))?;
                 c.attention_bias = k.boolean("attention_bias", Some(false))?;
                 c.renorm_eps = lite.then_some(1e-20);
                 let mla = MlaConfig {
-                    q_lora_rank: k.int_opt("q_lora_rank")?.map(|v| v as i32),
+                    q_lora_rank: k.positive_opt("q_lora_rank")?,
                     kv_lora_rank: k.positive("kv_lora_rank", None)?,
                     qk_nope_head_dim: k.positive("qk_nope_head_dim", None)?,
                     qk_rope_head_dim: k.positive("qk_rope_head_dim", None)?,
@@ -423,9 +460,9 @@ impl ModelConfig {
         c.norm_topk_prob = k.boolean("norm_topk_prob", defaults.map(|_| true))?;
         c.n_group = k.positive("n_group", defaults.map(|_| 1))?;
         c.topk_group = k.positive("topk_group", defaults.map(|_| 1))?;
-        c.routed_scaling_factor = k.float("routed_scaling_factor", defaults.map(|d| d.0))?;
-        c.first_k_dense_replace = k.int("first_k_dense_replace", defaults.map(|d| d.1))?;
-        c.n_shared_experts = k.int_opt("n_shared_experts")?.map(|v| v as i32).filter(|&v| v > 0);
+        c.routed_scaling_factor = k.positive_float("routed_scaling_factor", defaults.map(|d| d.0))?;
+        c.first_k_dense_replace = k.non_negative("first_k_dense_replace", defaults.map(|d| d.1))?;
+        c.n_shared_experts = Some(k.non_negative("n_shared_experts", Some(0))?).filter(|&v| v > 0);
         if let Some(f) = k.string_opt("scoring_func")? {
             if f != "sigmoid" {
                 return Err(k.err("scoring_func", "\"sigmoid\" (the only scoring mlx-lm implements for this family)"));
@@ -439,6 +476,9 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// What the model code relies on beyond each key's own type and sign: sizes that divide
+    /// evenly, top-k within the expert count, RoPE dimensions that fit the head, layer indices
+    /// that exist. Each message names the file, the keys, their values and the accepted range.
     fn check(&self, file: &Path) -> Result<()> {
         let f = file.display();
         if self.num_attention_heads % self.num_key_value_heads != 0 {
@@ -448,6 +488,27 @@ impl ModelConfig {
                 self.num_key_value_heads
             );
         }
+        // Mixtral and Qwen2-MoE derive head_dim as hidden_size / num_attention_heads.
+        if matches!(self.family, Family::Mixtral | Family::Qwen2Moe) && self.hidden_size % self.num_attention_heads != 0
+        {
+            bail!(
+                "{f}: hidden_size ({}) must be a multiple of num_attention_heads ({}) for {} (head_dim = hidden_size / heads)",
+                self.hidden_size,
+                self.num_attention_heads,
+                self.family
+            );
+        }
+        if self.head_dim <= 0 {
+            bail!("{f}: the head dimension must be positive (found {})", self.head_dim);
+        }
+        if self.rope_dims <= 0 || self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+            bail!(
+                "{f}: the rotated dimensions per head ({}; partial_rotary_factor x head_dim, or qk_rope_head_dim) \
+                 must be even and between 2 and head_dim ({})",
+                self.rope_dims,
+                self.head_dim
+            );
+        }
         if self.family.sigmoid_router() {
             if self.num_experts % self.n_group != 0 {
                 bail!("{f}: n_group ({}) must divide n_routed_experts ({})", self.n_group, self.num_experts);
@@ -455,13 +516,52 @@ impl ModelConfig {
             if self.topk_group > self.n_group {
                 bail!("{f}: topk_group ({}) must be at most n_group ({})", self.topk_group, self.n_group);
             }
+            // Group-limited top-k keeps topk_group groups of E / n_group experts: k must fit in them.
+            let reachable = self.topk_group * (self.num_experts / self.n_group);
+            if self.num_experts_per_tok > reachable {
+                bail!(
+                    "{f}: num_experts_per_tok ({}) exceeds the experts reachable through topk_group ({}) of \
+                     n_group ({}) groups: at most {reachable}",
+                    self.num_experts_per_tok,
+                    self.topk_group,
+                    self.n_group
+                );
+            }
         }
-        if self.num_experts < 0 || self.num_experts_per_tok > self.num_experts.max(1) {
+        if self.num_experts_per_tok < 1 || self.num_experts_per_tok > self.num_experts.max(1) {
             bail!(
                 "{f}: num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
                 self.num_experts_per_tok,
                 self.num_experts
             );
+        }
+        if let Some(bad) = self.mlp_only_layers.iter().find(|&&i| i < 0 || i >= self.num_hidden_layers) {
+            bail!(
+                "{f}: mlp_only_layers contains {bad}, which is not a layer index (0..{})",
+                self.num_hidden_layers - 1
+            );
+        }
+        if let Some(mla) = &self.mla {
+            if mla.qk_rope_head_dim % 2 != 0 {
+                bail!("{f}: qk_rope_head_dim ({}) must be even (RoPE rotates pairs)", mla.qk_rope_head_dim);
+            }
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if !(*factor > 0.0 && factor.is_finite()) => {
+                bail!("{f}: rope_scaling.factor ({factor}) must be a finite number > 0")
+            }
+            Some(RopeScaling::Yarn {
+                factor, original_max_position_embeddings: omax, beta_fast, beta_slow, ..
+            }) => {
+                let fine = |x: f64| x.is_finite() && x > 0.0;
+                if !(fine(*factor) && fine(*omax) && fine(*beta_fast) && fine(*beta_slow)) {
+                    bail!(
+                        "{f}: rope_scaling factor ({factor}), original_max_position_embeddings ({omax}), \
+                         beta_fast ({beta_fast}) and beta_slow ({beta_slow}) must be finite numbers > 0"
+                    );
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -30,7 +30,7 @@ pub fn fallback(pattern: &'static str, reason: &str) {
         *c += 1;
         *c == 1
     });
-    if first && std::env::var("ZMLX_DEBUG_FALLBACK").is_ok_and(|v| v == "1") {
+    if first && crate::settings::switch_var("ZMLX_DEBUG_FALLBACK", false) {
         eprintln!("[zmlx] {pattern}: falling back to the stock slot ({reason})");
     }
 }
@@ -46,8 +46,13 @@ pub fn reset() {
 
 /// One line per pattern, e.g. `downproj_combine: 126 fused, 2 stock (prefill: 2)`.
 pub fn summary() -> Vec<String> {
-    snapshot()
-        .into_iter()
+    summary_of(&snapshot())
+}
+
+/// `summary` of recorded counts.
+pub fn summary_of(counts: &BTreeMap<String, Counts>) -> Vec<String> {
+    counts
+        .iter()
         .map(|(p, c)| {
             let stock: u64 = c.fallback.values().sum();
             let reasons: Vec<String> = c.fallback.iter().map(|(r, n)| format!("{r}: {n}")).collect();

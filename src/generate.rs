@@ -21,6 +21,21 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+impl SamplerConfig {
+    /// Rejects nonsense before any work: `temperature` finite and >= 0; `top_p` in (0, 1]
+    /// (1 = off). mlx-lm applies top-p only for 0 < p < 1 and silently treats other values as
+    /// off; zmlx follows that for p = 1 and refuses p <= 0, p > 1 and NaN instead of ignoring them.
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("temperature {} is not allowed: use a finite number >= 0 (0 = greedy)", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("top_p {} is not allowed: use a number in (0, 1] (1 = no nucleus filtering)", self.top_p);
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplerConfig {
     fn default() -> Self {
         SamplerConfig { temperature: 0.0, top_p: 1.0, seed: 0 }
@@ -123,6 +138,15 @@ pub fn generate(
 ) -> Result<(Vec<u32>, GenerationStats)> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token");
+    }
+    opts.sampler.check()?;
+    if opts.prefill_step == 0 {
+        bail!("prefill_step must be at least 1");
+    }
+    // An id past the embedding rows must never reach the gather (MLX does not bounds-check it).
+    let rows = model.config.vocab_size as u32;
+    if let Some(bad) = prompt.iter().find(|&&t| t >= rows) {
+        bail!("prompt token id {bad} is out of range: the model's embedding has {rows} rows (config.json vocab_size)");
     }
     let start = Instant::now();
     let mut caches = model.new_cache();

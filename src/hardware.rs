@@ -12,6 +12,16 @@ pub struct Hardware {
     pub memory_gb: f64,
 }
 
+extern "C" {
+    fn zmlx_cpu_threads() -> std::ffi::c_int;
+}
+
+/// Threads zmlx's CPU row kernels run on: `ZMLX_CPU_THREADS`, else the hardware's (at most 8).
+/// MLX's own CPU ops run on one thread whatever this says.
+pub fn kernel_threads() -> u32 {
+    unsafe { zmlx_cpu_threads() }.max(1) as u32
+}
+
 fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     info.lines()

@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
@@ -106,6 +106,9 @@ pub struct MatrixEntry {
     /// Path of the repro capsule written for this run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capsule: Option<String>,
+    /// Threads of zmlx's CPU kernels (MLX's own CPU ops are single-threaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
 
     /// Keys neither tool knows, kept in file order and written back after ours.
     #[serde(flatten)]
@@ -153,6 +156,7 @@ impl Default for MatrixEntry {
             prompt_source: None,
             cooldown_s: None,
             capsule: None,
+            threads: None,
             extra: Map::new(),
         }
     }
@@ -360,20 +364,36 @@ impl Ledger {
         }
         buf.extend_from_slice(entry.to_line().as_bytes());
         buf.push(b'\n');
-        file.write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .with_context(|| format!("appending to ledger {}", self.path.display()))?;
+        // Under the lock nobody else appends, so the length now is where our line starts.
+        let before = file.metadata().with_context(|| format!("reading ledger {}", self.path.display()))?.len();
+        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
+            // A full disk or a size limit can leave part of the line: cut the file back so no
+            // partial bytes remain (the earlier lines are untouched).
+            let restored = file.set_len(before).and_then(|()| file.sync_data());
+            let note = match restored {
+                Ok(()) => "the ledger is unchanged".to_string(),
+                Err(t) => format!("and truncating it back to {before} bytes failed too: {t}"),
+            };
+            return Err(
+                anyhow::Error::new(e).context(format!("appending to ledger {} failed; {note}", self.path.display()))
+            );
+        }
         // Closing the file releases the lock.
         Ok(())
     }
 
-    /// Read every line. A missing file is an empty ledger. Blank lines are skipped; a line
+    /// Read every line. A missing file is an error (a mistyped path must not read as an empty
+    /// history). Blank lines are skipped; a line
     /// that does not parse (torn by a killed writer, hand-edited, …) is reported in
     /// `bad_lines` and skipped. The file is never rewritten.
     pub fn read(&self) -> Result<LedgerRead> {
         let mut file = match File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LedgerRead::default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+                "no ledger at {}: nothing has been recorded there (`zmlx run` appends to it); \
+                 pass --ledger FILE or set {LEDGER_ENV}",
+                self.path.display()
+            ),
             Err(e) => return Err(e).with_context(|| format!("opening ledger {}", self.path.display())),
         };
         // Shared lock: never observe a zmlx writer's line half-written.
@@ -599,10 +619,11 @@ mod tests {
     }
 
     #[test]
-    fn missing_file_reads_empty() {
+    fn missing_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Ledger::new(dir.path().join("none.jsonl")).read().unwrap();
-        assert!(r.entries.is_empty() && r.bad_lines.is_empty());
+        let path = dir.path().join("none.jsonl");
+        let e = Ledger::new(&path).read().unwrap_err().to_string();
+        assert!(e.contains(&format!("no ledger at {}", path.display())) && e.contains("--ledger"), "{e}");
     }
 
     #[test]
@@ -653,6 +674,56 @@ mod tests {
         assert_eq!(r.bad_lines[0].0, 3);
         assert!(r.bad_lines[0].1.contains("EOF"), "{}", r.bad_lines[0].1);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+
+    // --- a failed append leaves no partial bytes ---------------------------------------
+
+    const FULL_ENV: &str = "ZMLX_LEDGER_TEST_FULL_CHILD";
+
+    /// Child half of `failed_append_leaves_the_file_unchanged`: a no-op in a normal test run.
+    #[test]
+    fn full_disk_worker() {
+        let Some(path) = std::env::var_os(FULL_ENV) else {
+            return;
+        };
+        let mut e = entry("m/full", &["moe_mlp"], "t", 1.0);
+        e.notes = "y".repeat(4000);
+        let err = Ledger::new(PathBuf::from(path)).append(&e).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("the ledger is unchanged"), "{msg}");
+    }
+
+    #[test]
+    fn failed_append_leaves_the_file_unchanged() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("matrix.jsonl");
+        let before = format!("{}\n", entry("m/a", &[], "t", 1.0).to_line());
+        std::fs::write(&path, &before).unwrap();
+        // A file-size limit 100 bytes past the current end: the first write goes through in part,
+        // the next fails with EFBIG, as a disk that fills up mid-line would.
+        let limit = before.len() as u64 + 100;
+        let name = format!("{}::full_disk_worker", module_path!().split_once("::").unwrap().1);
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", &name, "--nocapture", "--test-threads=1"]).env(FULL_ENV, &path);
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "worker failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before, "no partial line may remain");
     }
 
     // --- concurrent appends from separate processes -------------------------------------

@@ -21,6 +21,7 @@ pub mod patterns;
 pub mod profile;
 pub mod run;
 pub mod selftest;
+pub mod settings;
 pub mod slots;
 pub mod synth;
 pub mod tokenizer;

@@ -129,11 +129,10 @@ pub const MEMORY_LIMIT_VAR: &str = "ZMLX_MEMORY_LIMIT_GB";
 pub fn init() -> Result<Backend> {
     install_error_handler();
     check_version()?;
-    if let Ok(v) = std::env::var(MEMORY_LIMIT_VAR) {
-        let gb: f64 = v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{MEMORY_LIMIT_VAR}={v}: expected a number of GB, e.g. 60"))?;
+    crate::settings::check_env()?;
+    if let Some(v) = crate::settings::var(MEMORY_LIMIT_VAR) {
+        // check_env accepted it: a finite number of GB > 0.
+        let gb: f64 = v.trim().parse()?;
         mlx_rs::memory::set_memory_limit((gb * 1e9) as usize)?;
     }
     Ok(Backend::detect())

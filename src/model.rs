@@ -31,7 +31,9 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// (attention output, layer output).
     fn forward_parts(&self, x: &Array, cache: &mut KvCache) -> Result<(Array, Array)> {
-        let a = crate::profile::span("attention", || self.attention.get().forward(&self.input_layernorm.forward(x)?, cache))?;
+        let a = crate::profile::span("attention", || {
+            self.attention.get().forward(&self.input_layernorm.forward(x)?, cache)
+        })?;
         let h = x.add(&a)?;
         let n = self.post_attention_layernorm.forward(&h)?;
         let m = match &self.mlp {
@@ -117,6 +119,19 @@ impl Model {
         let quantized = store.names().any(|n| n.ends_with(".scales"));
         models::sanitize(&config, &mut store)?;
         let dtype = dtype.resolve(backend, stored);
+        // MLX's CPU gather_mm (the float expert matmul) has only a float32 kernel: say so before
+        // loading instead of failing at the first token with MLX's own text.
+        let float_experts = config.num_experts > 0
+            && store.names().any(|n| n.contains("switch_mlp") && n.ends_with(".weight"))
+            && !store.names().any(|n| n.contains("switch_mlp") && n.ends_with(".scales"));
+        if backend == Backend::Cpu && dtype != Dtype::Float32 && float_experts {
+            anyhow::bail!(
+                "--dtype {} is not supported on the CPU backend for a checkpoint with float experts: MLX's CPU \
+                 gather_mm (the expert matmul) runs only in float32. Use --dtype f32 (or auto, which is f32 on the \
+                 CPU); half-precision compute works on the CPU for quantized checkpoints and on GPUs.",
+                dtype_name(dtype)
+            );
+        }
         let model = Model::build(config, &mut store, dtype)
             .with_context(|| format!("loading the checkpoint in {}", dir.display()))?;
         store.finish()?;

@@ -224,7 +224,8 @@ impl MoeBlock {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let r = self.router.get().route(x)?;
         crate::profile::barrier("router", &r.weights)?;
-        let mut out = crate::profile::span("experts+combine", || self.experts.get().forward_combined(x, &r, self.combine.get()))?;
+        let mut out =
+            crate::profile::span("experts+combine", || self.experts.get().forward_combined(x, &r, self.combine.get()))?;
         if let Some(shared) = &self.shared {
             out = out.add(crate::profile::span("shared_expert", || shared.get().forward(x))?)?;
         }

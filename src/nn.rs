@@ -56,6 +56,16 @@ impl LoadCtx<'_> {
         let wname = format!("{path}.weight");
         let has_scales = self.store.contains(&format!("{path}.scales"));
         let Some(declared) = self.config.quant_for(path, has_scales) else {
+            if has_scales
+                && self.config.quantization.global.is_none()
+                && !self.config.quantization.overrides.contains_key(path)
+            {
+                bail!(
+                    "{}: `{path}` is quantized (it has `{path}.scales`), but config.json has no `quantization` \
+                     block; add the one mlx_lm.convert writes, e.g. \"quantization\": {{\"group_size\": 64, \"bits\": 4}}",
+                    self.store.file_of(&wname)
+                );
+            }
             let shape: Vec<i32> = lead.iter().copied().chain([out, inp]).collect();
             return Ok(Weight::Float(self.float(&wname, &shape)?));
         };
@@ -179,7 +189,6 @@ impl Embedding {
             )?,
         })
     }
-
 }
 
 /// SwitchLinear / QuantizedSwitchLinear: one weight per expert, `[E, out, in]`.

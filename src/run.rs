@@ -80,7 +80,7 @@ pub fn entry_for(
         zmlx_commit: commit.chars().take(7).collect(),
         timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
         fidelity: r.fidelity.verdict.clone(),
-        fidelity_detail: format!("{}/{} tokens identical", r.fidelity.matched, r.fidelity.total),
+        fidelity_detail: r.fidelity.detail(),
         modules_patched: r.patch_report.modules_patched() as u64,
         decode_tps_baseline: r2(r.baseline.median_decode_tps),
         decode_tps_patched: r2(r.patched.median_decode_tps),
@@ -103,6 +103,7 @@ pub fn entry_for(
         prompt_source: Some(r.prompt_source.clone()),
         cooldown_s: Some(cooldown_s),
         capsule: capsule.map(|p| p.display().to_string()),
+        threads: Some(hardware::kernel_threads()),
         ..Default::default()
     }
 }
@@ -121,6 +122,7 @@ pub fn capsule_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, c
         libmlx_version: Some(mlx_env::runtime_mlx_version()),
         command_line: command_line.to_vec(),
         env: capsule::capture_env(),
+        threads: Some(hardware::kernel_threads()),
         ..Default::default()
     };
     meta.set_command(&variant, capsule::shell_join(command_line));
@@ -154,6 +156,8 @@ pub fn capsule_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, c
     Capsule { meta, variants: vec![(variant, result)], ..Default::default() }
 }
 
+/// Validates, writes the capsule (if asked), then appends the ledger line that points at it.
+/// If the append fails, the capsule is removed again: no capsule names a line never written.
 pub fn run(model_dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
     let report = validate(model_dir, &opts.validate)?;
     let hw = hardware::describe(report.backend);
@@ -162,6 +166,11 @@ pub fn run(model_dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
         None => None,
     };
     let entry = entry_for(&report, &opts.notes, opts.validate.cooldown_s, &hw, capsule.as_deref());
-    Ledger::new(&opts.ledger).append(&entry)?;
+    if let Err(e) = Ledger::new(&opts.ledger).append(&entry) {
+        if let Some(c) = &capsule {
+            let _ = std::fs::remove_file(c);
+        }
+        return Err(e);
+    }
     Ok(RunOutcome { report, entry, capsule })
 }

@@ -2,7 +2,9 @@
 //! config.json's `eos_token_id` (int or list) plus tokenizer_config.json's `eos_token`.
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::config::ModelConfig;
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -10,11 +12,23 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    pub fn load(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {
+    /// Loads `<dir>/tokenizer.json` for a model whose embedding has `config.vocab_size` rows:
+    /// a tokenizer with ids past those rows is refused (such an id would index past the table).
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
         let inner =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
-        let mut eos_token_ids = config_eos.to_vec();
+        if let Some((token, &id)) = inner.get_vocab(true).iter().max_by_key(|(_, &id)| id) {
+            if id >= config.vocab_size as u32 {
+                bail!(
+                    "{}: token {token:?} has id {id}, but config.json vocab_size is {} (embedding rows); \
+                     the tokenizer does not belong to this checkpoint or vocab_size is wrong",
+                    path.display(),
+                    config.vocab_size
+                );
+            }
+        }
+        let mut eos_token_ids = config.eos_token_ids.clone();
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
             let cfg: serde_json::Value =

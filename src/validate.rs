@@ -35,6 +35,29 @@ pub struct ValidateOptions {
     pub logits: bool,
     /// Also consult an all-float32 unpatched model at the divergence.
     pub arbiter_f32: bool,
+    /// Generate exactly `max_tokens` per run, through EOS (benchmarks compare equal counts).
+    pub ignore_eos: bool,
+    /// Untimed warm-up generations (5 tokens of "Hello") per configuration before the runs.
+    pub warmup: usize,
+}
+
+/// Upper bound for `--cooldown` (an hour between runs is already more than any GPU needs).
+pub const MAX_COOLDOWN_S: f64 = 3600.0;
+
+impl ValidateOptions {
+    /// Rejects options that cannot give a meaningful run.
+    pub fn check(&self) -> Result<()> {
+        if self.runs == 0 {
+            bail!("--runs must be at least 1");
+        }
+        if self.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1: validation compares generated tokens");
+        }
+        if !(self.cooldown_s.is_finite() && (0.0..=MAX_COOLDOWN_S).contains(&self.cooldown_s)) {
+            bail!("--cooldown {} is not allowed: use seconds from 0 to {MAX_COOLDOWN_S}", self.cooldown_s);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,18 +103,77 @@ pub struct Divergence {
     pub arbiter: Option<Arbiter>,
 }
 
+/// The fidelity verdict: `PASS` (every compared token identical), `FAIL`, or `SKIP` when
+/// nothing could be compared (nothing patched, or no token generated on either side).
 #[derive(Debug, Clone, Serialize)]
 pub struct Fidelity {
     pub matched: usize,
     pub total: usize,
     pub verdict: String,
     pub runs_compared: usize,
+    /// Why the verdict is SKIP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
     pub first_divergence: Option<Divergence>,
 }
 
 impl Fidelity {
     pub fn passed(&self) -> bool {
         self.verdict == "PASS"
+    }
+
+    pub fn skipped(&self) -> bool {
+        self.verdict == "SKIP"
+    }
+
+    /// Judges compared runs: PASS iff tokens were compared and all matched; SKIP if none were.
+    pub fn judge(matched: usize, total: usize, runs: usize, diverged: bool) -> Fidelity {
+        let (verdict, skip_reason) = if diverged {
+            ("FAIL", None)
+        } else if total == 0 {
+            (
+                "SKIP",
+                Some("no tokens compared: both sides ended at EOS before the first token (use --ignore-eos)".into()),
+            )
+        } else {
+            ("PASS", None)
+        };
+        Fidelity { matched, total, verdict: verdict.into(), runs_compared: runs, skip_reason, first_divergence: None }
+    }
+
+    /// Nothing was patched, so nothing was run or compared.
+    pub fn skip(reason: String) -> Fidelity {
+        Fidelity {
+            matched: 0,
+            total: 0,
+            verdict: "SKIP".into(),
+            runs_compared: 0,
+            skip_reason: Some(reason),
+            first_divergence: None,
+        }
+    }
+
+    /// One line that always states how many tokens were compared.
+    pub fn detail(&self) -> String {
+        match &self.skip_reason {
+            Some(why) => format!("SKIPPED: {why} (0 tokens compared)"),
+            None => format!(
+                "{}/{} tokens identical over {} run pair{}",
+                self.matched,
+                self.total,
+                self.runs_compared,
+                if self.runs_compared == 1 { "" } else { "s" }
+            ),
+        }
+    }
+
+    /// Exit status of validate/run: 0 PASS, 1 FAIL, 3 SKIP (2 is any error).
+    pub fn exit_code(&self) -> i32 {
+        match self.verdict.as_str() {
+            "PASS" => 0,
+            "SKIP" => 3,
+            _ => 1,
+        }
     }
 }
 
@@ -105,6 +187,12 @@ pub struct ValidationReport {
     pub prompt_tokens: usize,
     pub max_tokens: usize,
     pub runs: usize,
+    /// Whether runs went through EOS (exactly max_tokens each).
+    pub ignore_eos: bool,
+    /// Untimed warm-up generations per configuration.
+    pub warmup: usize,
+    /// Threads of zmlx's CPU kernels (MLX's own CPU ops are single-threaded).
+    pub threads: u32,
     pub selection: Selection,
     pub patch_report: PatchReport,
     pub baseline: ConfigResult,
@@ -112,6 +200,8 @@ pub struct ValidationReport {
     pub fidelity: Fidelity,
     pub decode_speedup: f64,
     pub prefill_change: f64,
+    /// Fused and stock (fallback) calls per pattern during the patched runs.
+    pub pattern_calls: std::collections::BTreeMap<String, crate::fallbacks::Counts>,
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -196,14 +286,16 @@ fn teacher_forced_logits(model: &Model, seq: &[u32]) -> Result<Array> {
 }
 
 pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationReport> {
-    if opts.runs == 0 {
-        bail!("--runs must be at least 1");
-    }
+    opts.check()?;
     let backend = mlx_env::init()?;
     let (mut model, _) = Model::load(model_dir, opts.dtype, backend)?;
-    let tok = TextTokenizer::load(model_dir, &model.config.eos_token_ids)?;
+    let tok = TextTokenizer::load(model_dir, &model.config)?;
     let prompt = tok.encode(&opts.prompt)?;
-    let gen = GenerateOptions::greedy(opts.max_tokens, tok.eos_token_ids.clone());
+    if prompt.is_empty() {
+        bail!("the prompt ({}) encodes to no tokens: give a non-empty prompt", opts.prompt_source);
+    }
+    let mut gen = GenerateOptions::greedy(opts.max_tokens, tok.eos_token_ids.clone());
+    gen.ignore_eos = opts.ignore_eos;
     let warm = GenerateOptions::greedy(5, tok.eos_token_ids.clone());
     let hello = tok.encode("Hello")?;
     let cooldown = || {
@@ -215,6 +307,47 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
     // Patch once to learn what the selection does; the runs below toggle it.
     let report = patterns::patch(&mut model, &opts.selection)?;
     patterns::unpatch(&mut model);
+    let (family, dtype) = (model.family().model_type().to_owned(), dtype_name(model.dtype).to_owned());
+    let empty = |patterns: Vec<String>| config_result(patterns, 0, vec![]);
+    let skipped = |fidelity: Fidelity, report: PatchReport| ValidationReport {
+        model: model_dir.to_path_buf(),
+        family: family.clone(),
+        backend,
+        dtype: dtype.clone(),
+        prompt_source: opts.prompt_source.clone(),
+        prompt_tokens: prompt.len(),
+        max_tokens: opts.max_tokens,
+        runs: 0,
+        ignore_eos: opts.ignore_eos,
+        warmup: opts.warmup,
+        threads: crate::hardware::kernel_threads(),
+        selection: opts.selection.clone(),
+        patch_report: report,
+        baseline: empty(vec![]),
+        patched: empty(opts.selection.names.clone()),
+        fidelity,
+        decode_speedup: 0.0,
+        prefill_change: -1.0,
+        pattern_calls: Default::default(),
+    };
+    // Patched == unpatched when nothing was swapped: there is nothing to validate or time.
+    if report.modules_patched() == 0 {
+        let why = if opts.selection.names.is_empty() {
+            "no patterns selected".to_string()
+        } else {
+            let reasons: Vec<String> = report
+                .patterns
+                .iter()
+                .flat_map(|(n, o)| o.skipped.first().map(|(_, why)| format!("{n}: {why}")))
+                .collect();
+            if reasons.is_empty() {
+                format!("{} patched no module", opts.selection.names.join(", "))
+            } else {
+                format!("nothing patched ({})", reasons.join("; "))
+            }
+        };
+        return Ok(skipped(Fidelity::skip(why), report));
+    }
 
     let set = |model: &mut Model, patched: bool| -> Result<()> {
         if patched {
@@ -226,7 +359,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
     };
     for patched in [false, true] {
         set(&mut model, patched)?;
-        for _ in 0..2 {
+        for _ in 0..opts.warmup {
             generate(&model, &hello, &warm, |_| Ok(()))?;
         }
     }
@@ -236,6 +369,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         indicatif::ProgressStyle::with_template("runs {bar:30} {pos}/{len} {msg} {elapsed}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    crate::fallbacks::reset();
     for r in 0..opts.runs {
         // ABBA: alternate which configuration goes first, so drift hits both alike.
         let order = if r % 2 == 0 { [false, true] } else { [true, false] };
@@ -258,8 +392,9 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
     let b_ids: Vec<Vec<u32>> = base_runs.iter().map(|r| r.token_ids.clone()).collect();
     let p_ids: Vec<Vec<u32>> = patched_runs.iter().map(|r| r.token_ids.clone()).collect();
     let (matched, total, first) = compare_runs(&b_ids, &p_ids);
-    let verdict = if total > 0 && first.is_none() { "PASS" } else { "FAIL" };
-    let first_divergence = match first {
+    let pattern_calls = crate::fallbacks::snapshot();
+    let mut fidelity = Fidelity::judge(matched, total, b_ids.len(), first.is_some());
+    fidelity.first_divergence = match first {
         None => None,
         Some((run, index)) => {
             let (b, p) = (&b_ids[run], &p_ids[run]);
@@ -297,6 +432,14 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
     let baseline = config_result(vec![], 0, base_runs);
     let patched = config_result(opts.selection.names.clone(), report.modules_patched(), patched_runs);
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let (decode_speedup, prefill_change) = if fidelity.skipped() {
+        (0.0, -1.0)
+    } else {
+        (
+            ratio(patched.median_decode_tps, baseline.median_decode_tps),
+            ratio(patched.median_prompt_tps, baseline.median_prompt_tps) - 1.0,
+        )
+    };
     Ok(ValidationReport {
         model: model_dir.to_path_buf(),
         family: model.family().model_type().to_owned(),
@@ -306,13 +449,17 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         prompt_tokens: prompt.len(),
         max_tokens: opts.max_tokens,
         runs: opts.runs,
+        ignore_eos: opts.ignore_eos,
+        warmup: opts.warmup,
+        threads: crate::hardware::kernel_threads(),
         selection: opts.selection.clone(),
         patch_report: report,
-        decode_speedup: ratio(patched.median_decode_tps, baseline.median_decode_tps),
-        prefill_change: ratio(patched.median_prompt_tps, baseline.median_prompt_tps) - 1.0,
+        decode_speedup,
+        prefill_change,
         baseline,
         patched,
-        fidelity: Fidelity { matched, total, verdict: verdict.into(), runs_compared: b_ids.len(), first_divergence },
+        fidelity,
+        pattern_calls,
     })
 }
 
@@ -337,8 +484,7 @@ fn arbiter(dir: &Path, backend: Backend, seq: &[u32], b: Option<u32>, p: Option<
 /// The human-readable report (the original's layout, plus the divergence detail).
 pub fn render(r: &ValidationReport) -> String {
     let bar = "=".repeat(60);
-    let pats =
-        if r.selection.names.is_empty() { "[] (no patches)".to_string() } else { format!("{:?}", r.selection.names) };
+    let pats = if r.selection.names.is_empty() { "none".to_string() } else { r.selection.names.join(", ") };
     let mut s = format!("{bar}\nVALIDATION REPORT\n{bar}\nModel: {}\nPatterns: {pats}\n", r.model.display());
     s += &format!("Backend: {}, compute dtype {}\n", r.backend.name(), r.dtype);
     s += &format!(
@@ -346,16 +492,18 @@ pub fn render(r: &ValidationReport) -> String {
         r.max_tokens, r.runs, r.prompt_tokens, r.prompt_source
     );
     let f = &r.fidelity;
-    s += &format!("FIDELITY: {}/{} tokens identical  [{}]\n", f.matched, f.total, f.verdict);
+    s += &format!("FIDELITY: {}  [{}]\n", f.detail(), f.verdict);
     if let Some(d) = &f.first_divergence {
+        let token = |t: Option<u32>, text: &str| match t {
+            Some(t) => format!("{t} {text:?}"),
+            None => "<end of output>".to_string(),
+        };
         s += &format!(
-            "  First divergence at token {} (run {}): baseline {:?} {:?} vs patched {:?} {:?}\n{}",
+            "  First divergence at token {} (run {}): baseline {} vs patched {}\n{}",
             d.index,
             d.run + 1,
-            d.baseline_token,
-            d.baseline_text,
-            d.patched_token,
-            d.patched_text,
+            token(d.baseline_token, &d.baseline_text),
+            token(d.patched_token, &d.patched_text),
             d.context_diff
         );
         if let Some(l) = &d.logit_max_abs_diff {
@@ -369,6 +517,11 @@ pub fn render(r: &ValidationReport) -> String {
             );
         }
     }
+    if f.skipped() && r.runs == 0 {
+        s += &format!("\nPERFORMANCE: not measured ({})\n", f.skip_reason.as_deref().unwrap_or("skipped"));
+        s += &format!("{}\n", r.patch_report.summary());
+        return s;
+    }
     s += &format!("\nPERFORMANCE (median of {} runs):\n", r.runs);
     s += &format!("  {:<10} | {:>12} | {:>12} | {:>9}\n", "Config", "Prompt tok/s", "Decode tok/s", "Peak Mem");
     for (name, c) in [("Baseline", &r.baseline), ("Patched", &r.patched)] {
@@ -379,6 +532,9 @@ pub fn render(r: &ValidationReport) -> String {
     }
     s += &format!("  {:<10} | decode {:.3}x, prefill {:+.1}%\n", "Speedup", r.decode_speedup, r.prefill_change * 100.0);
     s += &format!("{}\n", r.patch_report.summary());
+    for line in crate::fallbacks::summary_of(&r.pattern_calls) {
+        s += &format!("Pattern calls: {line}\n");
+    }
     s
 }
 
@@ -394,6 +550,21 @@ mod tests {
         assert_eq!(compare_runs(&same, &later), (4, 5, Some((1, 1))), "a divergence in run 2 counts");
         let shorter = vec![vec![1, 2], vec![4, 5]];
         assert_eq!(compare_runs(&same, &shorter), (4, 5, Some((0, 2))), "an early stop is a divergence");
+    }
+
+    #[test]
+    fn verdicts_say_how_many_tokens_were_compared() {
+        let pass = Fidelity::judge(10, 10, 2, false);
+        assert_eq!((pass.verdict.as_str(), pass.exit_code()), ("PASS", 0));
+        assert_eq!(pass.detail(), "10/10 tokens identical over 2 run pairs");
+        let fail = Fidelity::judge(9, 10, 2, true);
+        assert_eq!((fail.verdict.as_str(), fail.exit_code()), ("FAIL", 1));
+        // Both sides stopped at EOS at once: nothing was compared, which is neither PASS nor FAIL.
+        let none = Fidelity::judge(0, 0, 3, false);
+        assert_eq!((none.verdict.as_str(), none.exit_code()), ("SKIP", 3));
+        assert!(none.detail().contains("no tokens compared") && none.detail().contains("0 tokens compared"));
+        let skip = Fidelity::skip("no patterns selected".into());
+        assert_eq!(skip.detail(), "SKIPPED: no patterns selected (0 tokens compared)");
     }
 
     #[test]

@@ -4,7 +4,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use mlx_rs::{Array, Dtype};
@@ -12,11 +11,7 @@ use zmlx::config::Family;
 
 /// Runs `zmlx generate` on `dir` and returns stderr, asserting failure without a panic.
 fn generate_fails(dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
-        .args(["generate", "--max-tokens", "2", "--model"])
-        .arg(dir)
-        .output()
-        .unwrap();
+    let out = zmlx_cmd().args(["generate", "--max-tokens", "2", "--model"]).arg(dir).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
     assert_eq!(out.status.code(), Some(2), "errors exit with 2; stderr: {err}");
@@ -196,10 +191,7 @@ fn unexpected_tensor() {
 
 #[test]
 fn bad_cli_arguments() {
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
-        .args(["synth", "--family", "gpt2", "--out", "/tmp/zmlx-never"])
-        .output()
-        .unwrap();
+    let out = zmlx_cmd().args(["synth", "--family", "gpt2", "--out", "/tmp/zmlx-never"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("unknown family `gpt2`") && err.contains("deepseek_v3"), "{err}");
@@ -243,22 +235,14 @@ fn mtp_layers_are_dropped_as_mlx_lm_does() {
         w.insert("model.layers.3.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
         w.insert("model.layers.3.mlp.experts.0.up_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
-        .args(["generate", "--max-tokens", "2", "--model"])
-        .arg(d.path())
-        .output()
-        .unwrap();
+    let out = zmlx_cmd().args(["generate", "--max-tokens", "2", "--model"]).arg(d.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // DeepSeek-V3 drops only its hard-coded layer 61, so another stray layer is an error.
     let d = fresh(Family::DeepseekV3, None);
     edit_weights(d.path(), |w| {
         w.insert("model.layers.61.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
-        .args(["generate", "--max-tokens", "2", "--model"])
-        .arg(d.path())
-        .output()
-        .unwrap();
+    let out = zmlx_cmd().args(["generate", "--max-tokens", "2", "--model"]).arg(d.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     edit_weights(d.path(), |w| {
         w.insert("model.layers.3.eh_proj.weight".into(), Array::from_slice(&[0.5f32; 4], &[2, 2]));

@@ -48,7 +48,8 @@ fn check(x: &Array, idx: &Array, w: &Array, g: &QWeight, u: &QWeight, d: &QWeigh
 fn expert_kernels_bit_exact_bits_groups_and_routing() {
     let _g = mlx_lock();
     // (E, D, I, bits, group): bench-like widths, a width that leaves a lane tail (I = 200).
-    let shapes = [(8, 256, 128, 4, 64), (8, 256, 128, 8, 64), (6, 256, 96, 2, 32), (4, 128, 256, 4, 128), (4, 512, 64, 8, 32)];
+    let shapes =
+        [(8, 256, 128, 4, 64), (8, 256, 128, 8, 64), (6, 256, 96, 2, 32), (4, 128, 256, 4, 128), (4, 512, 64, 8, 32)];
     for (s, &(e, dm, im, bits, gs)) in shapes.iter().enumerate() {
         let seed = 10 * s as u64;
         let (g, u) = (qweight(e, im, dm, gs, bits, seed + 1), qweight(e, im, dm, gs, bits, seed + 2));
@@ -61,7 +62,10 @@ fn expert_kernels_bit_exact_bits_groups_and_routing() {
             ("3 tokens, one expert", vec![vec![0, 0], vec![0, 0], vec![0, 0]]),
             ("2 tokens", vec![vec![e as u32 - 1, 0], vec![2, 1]]),
             // Prefill: 40 tokens x 4 distinct experts, grouped by expert inside the kernels.
-            ("prefill 40 tokens", (0..40u32).map(|t| (0..4u32).map(|j| (t * 3 + j * 5) % e as u32).collect()).collect()),
+            (
+                "prefill 40 tokens",
+                (0..40u32).map(|t| (0..4u32).map(|j| (t * 3 + j * 5) % e as u32).collect()).collect(),
+            ),
         ];
         for (name, rows) in routes {
             let idx = indices(&rows);
@@ -77,14 +81,19 @@ fn expert_kernels_row_tails() {
     // Output rows not a multiple of the 8-lane vectors or 32-row blocks (N = 200, 44).
     let _g = mlx_lock();
     for (n, seed) in [(200, 1u64), (44, 2)] {
-        let (g, u, d) = (qweight(4, n, 128, 64, 4, seed), qweight(4, n, 128, 64, 4, seed + 1), qweight(4, n, 128, 64, 4, seed + 2));
+        let (g, u, d) =
+            (qweight(4, n, 128, 64, 4, seed), qweight(4, n, 128, 64, 4, seed + 1), qweight(4, n, 128, 64, 4, seed + 2));
         let idx = indices(&[vec![3, 1, 2]]);
         let x = rand(&[1, 128], seed + 3, 1.0);
-        let (want, got) = (experts::qmv_swiglu_reference(&x, &idx, &g, &u).unwrap(), experts::qmv_swiglu(&x, &idx, &g, &u).unwrap());
+        let (want, got) =
+            (experts::qmv_swiglu_reference(&x, &idx, &g, &u).unwrap(), experts::qmv_swiglu(&x, &idx, &g, &u).unwrap());
         assert!(bit_equal(&want, &got), "qmv_swiglu N={n}");
         let h = rand(&[1, 3, 128], seed + 4, 1.0);
         let w = softmaxish(1, 3, seed + 5);
-        let (want, got) = (experts::qmv_combine_reference(&h, &idx, &w, &d).unwrap(), experts::qmv_combine(&h, &idx, &w, &d).unwrap());
+        let (want, got) = (
+            experts::qmv_combine_reference(&h, &idx, &w, &d).unwrap(),
+            experts::qmv_combine(&h, &idx, &w, &d).unwrap(),
+        );
         assert!(bit_equal(&want, &got), "qmv_combine D={n}");
     }
 }
@@ -157,9 +166,14 @@ fn expert_kernels_bit_exact_on_each_isa() {
 fn qmv_linear_bit_exact_and_limits() {
     let _g = mlx_lock();
     // Decode rows and prefill-sized blocks (9, 70 rows).
-    for (n, k, bits, gs, rows) in
-        [(200, 256, 4, 64, 1), (512, 128, 8, 32, 3), (44, 256, 2, 128, 8), (2048, 512, 4, 64, 2), (300, 256, 4, 64, 9), (130, 128, 8, 64, 70)]
-    {
+    for (n, k, bits, gs, rows) in [
+        (200, 256, 4, 64, 1),
+        (512, 128, 8, 32, 3),
+        (44, 256, 2, 128, 8),
+        (2048, 512, 4, 64, 2),
+        (300, 256, 4, 64, 9),
+        (130, 128, 8, 64, 70),
+    ] {
         let w = qweight(1, n, k, gs, bits, n as u64);
         let w = QWeight {
             weight: w.weight.squeeze_axes(&[0]).unwrap(),
@@ -173,7 +187,14 @@ fn qmv_linear_bit_exact_and_limits() {
         assert!(bit_equal(&want, &got), "qmv_linear N={n} K={k} {bits}-bit g{gs} rows={rows}");
     }
     let w = qweight(1, 64, 128, 64, 4, 1);
-    let w = QWeight { weight: w.weight.squeeze_axes(&[0]).unwrap(), scales: w.scales.squeeze_axes(&[0]).unwrap(), biases: w.biases.squeeze_axes(&[0]).unwrap(), q: w.q };
-    let e = experts::qmv_linear(&rand(&[1, 9, 128], 1, 1.0).as_dtype(Dtype::Bfloat16).unwrap(), &w).unwrap_err().to_string();
+    let w = QWeight {
+        weight: w.weight.squeeze_axes(&[0]).unwrap(),
+        scales: w.scales.squeeze_axes(&[0]).unwrap(),
+        biases: w.biases.squeeze_axes(&[0]).unwrap(),
+        q: w.q,
+    };
+    let e = experts::qmv_linear(&rand(&[1, 9, 128], 1, 1.0).as_dtype(Dtype::Bfloat16).unwrap(), &w)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("float32"), "{e}");
 }

@@ -26,7 +26,9 @@ fn check(family: Family, quantize: Option<i32>, dtype: DtypeChoice, names: &[&st
         // Only acceptable for a quantized-experts-only pattern on a float checkpoint, said so.
         let reasons: Vec<&String> = report.patterns.values().flat_map(|o| o.skipped.iter().map(|(_, r)| r)).collect();
         assert!(
-            quantize.is_none() && !reasons.is_empty() && reasons.iter().all(|r| r.contains("float experts") || r.contains("float weights")),
+            quantize.is_none()
+                && !reasons.is_empty()
+                && reasons.iter().all(|r| r.contains("float experts") || r.contains("float weights")),
             "{family}: {names:?} patched nothing:\n{}",
             report.summary()
         );

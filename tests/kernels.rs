@@ -141,7 +141,10 @@ fn gpu_sources_are_embedded_and_use_the_reference_arguments() {
     ] {
         for n in names {
             assert!(
-                src.contains(&format!("{n}[")) || src.contains(&format!("{n} +")) || src.contains(&format!("? {n} :")) || src.contains(&format!("? q : {n}")),
+                src.contains(&format!("{n}["))
+                    || src.contains(&format!("{n} +"))
+                    || src.contains(&format!("? {n} :"))
+                    || src.contains(&format!("? q : {n}")),
                 "kernel body lacks input {n}"
             );
         }

@@ -77,6 +77,8 @@ fn rope_decode_specials_and_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("expected q_pe [B, H, L, R]"), "{e}");
-    let e = rope_decode(&q.as_dtype(Dtype::Int32).unwrap(), &k, &Rope::plain(64, true, 1e4), 0, 1.0).unwrap_err().to_string();
+    let e = rope_decode(&q.as_dtype(Dtype::Int32).unwrap(), &k, &Rope::plain(64, true, 1e4), 0, 1.0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("float32, float16 or bfloat16"), "{e}");
 }

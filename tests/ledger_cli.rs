@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use zmlx::config::Family;
@@ -11,12 +10,7 @@ use zmlx::config::Family;
 const PYTHON_LINE: &str = r#"{"model_id":"mlx-community/GLM-4.7-Flash-4bit","model_family":"glm","architecture":"moe","patterns_applied":["moe_mlp","swiglu_mlp"],"hardware":"Apple M4 Max 36GB","notes":"Control: current best patch set (no RoPE fusion). capsule=benchmarks/repro_capsules/glm47_flash_control_m4max_20260205.json","macos_version":"26.1","mlx_version":"0.30.4.dev20260204+2f324cc","zmlx_version":"0.8.0","zmlx_commit":"c6df299","python_version":"3.14.2","custom_mlx":true,"timestamp":"2026-02-05T01:01:40.104915+00:00","fidelity":"PASS","fidelity_detail":"200/200 tokens identical","modules_patched":47,"decode_tps_baseline":86.6,"decode_tps_patched":92.4,"decode_speedup":1.067,"decode_runs_baseline":[86.4,86.6,86.8],"decode_runs_patched":[92.5,92.4,92.0],"prefill_tps_baseline":275.5,"prefill_tps_patched":279.4,"prefill_change":0.0142,"peak_mem_baseline_gb":16.91,"peak_mem_patched_gb":16.91,"max_tokens":200,"gen_tokens":200,"runs":3}"#;
 
 fn zmlx(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx"))
-        .current_dir(cwd)
-        .env_remove("ZMLX_LEDGER")
-        .args(args)
-        .output()
-        .unwrap();
+    let out = zmlx_cmd().current_dir(cwd).env_remove("ZMLX_LEDGER").args(args).output().unwrap();
     let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!e.contains("panicked"), "{e}");
     (out.status.code().unwrap_or(-1), o, e)
@@ -72,10 +66,20 @@ fn run_records_and_history_reads_python_lines() {
         ],
     );
     assert_eq!(code, 1, "FAIL exits 1: {out}");
+    // A pattern that does not apply to the family patches nothing: a SKIP line with the reason,
+    // no speed ratio (the original's SKIP rows: zeros and prefill_change -1.0), exit 3.
+    let (code, out, _) = zmlx(w, &["run", m, "--patterns", "glm47_rope", "--runs", "1", "--max-tokens", "12"]);
+    assert_eq!(code, 3, "SKIP exits 3: {out}");
+    assert!(out.contains("[matrix] Result: SKIP | SKIPPED: nothing patched"), "{out}");
 
     let text = std::fs::read_to_string(&ledger).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3);
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4);
+    let skip: serde_json::Value = serde_json::from_str(lines.pop().unwrap()).unwrap();
+    assert_eq!(skip["fidelity"], "SKIP");
+    assert!(skip["fidelity_detail"].as_str().unwrap().contains("does not apply to the qwen3_moe family"), "{skip}");
+    assert_eq!((skip["decode_speedup"].as_f64(), skip["prefill_change"].as_f64()), (Some(0.0), Some(-1.0)));
+    assert_eq!(skip["gen_tokens"], 0);
     assert_eq!(lines[0], PYTHON_LINE, "the Python line is never rewritten");
     let ours: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
     assert_eq!(ours["fidelity"], "PASS");
@@ -94,7 +98,7 @@ fn run_records_and_history_reads_python_lines() {
     let (code, out, _) = zmlx(w, &["history"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("(3 entries)")
+        out.contains("(4 entries)")
             && out.contains("Control: current best patch set")
             && out.contains("wrong on purpose"),
         "{out}"
@@ -118,7 +122,7 @@ fn run_records_and_history_reads_python_lines() {
     assert!(raw["meta"]["command_line"].as_array().unwrap().iter().any(|a| a == "--capsule"));
 
     let (_, out, _) = zmlx(w, &["csv"]);
-    assert_eq!(out.lines().count(), 1 + 3, "header + latest per (model, hardware, patterns): {out}");
+    assert_eq!(out.lines().count(), 1 + 4, "header + latest per (model, hardware, patterns): {out}");
     let (code, out, _) = zmlx(w, &["diff", "benchmarks/matrix.jsonl", "benchmarks/matrix.jsonl"]);
     assert_eq!(code, 0);
     assert!(out.contains("+0.0%") || out.contains("0.0%"), "{out}");

@@ -1,7 +1,6 @@
-//! `zmlx validate`: exit 0 on PASS, 1 on FAIL (with the first divergent index), 2 on error.
+//! `zmlx validate`: exit 0 on PASS, 1 on FAIL (with the first divergent index), 2 on error, 3 on
+//! SKIP (nothing patched, so nothing compared).
 mod common;
-
-use std::process::Command;
 
 use common::*;
 use zmlx::config::Family;
@@ -10,7 +9,7 @@ use zmlx::model::DtypeChoice;
 use zmlx::patterns::{self, Selection};
 
 fn zmlx(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zmlx")).args(args).output().unwrap();
+    let out = zmlx_cmd().args(args).output().unwrap();
     let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!e.contains("panicked"), "{e}");
     (out.status.code().unwrap_or(-1), o, e)
@@ -39,9 +38,19 @@ fn pass_fail_and_error_exit_codes() {
     };
 
     let common = ["validate", model, "--max-tokens", "24", "--runs", "2", "--prompt", prompt];
-    let (code, out, _) = zmlx(&[&common[..], &["--patterns", "none"]].concat());
+    let (code, out, _) = zmlx(&[&common[..], &["--patterns", "moe_mlp"]].concat());
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("FIDELITY: 48/48 tokens identical  [PASS]"), "{out}");
+    assert!(out.contains("FIDELITY: 48/48 tokens identical over 2 run pairs  [PASS]"), "{out}");
+
+    // Nothing patched: not a PASS with a speed ratio, but a SKIP that says why (exit 3).
+    for (patterns, why) in
+        [("none", "no patterns selected"), ("deepseek_router", "does not apply to the mixtral family")]
+    {
+        let (code, out, _) = zmlx(&[&common[..], &["--patterns", patterns]].concat());
+        assert_eq!(code, 3, "{out}");
+        assert!(out.contains("[SKIP]") && out.contains(why) && out.contains("0 tokens compared"), "{out}");
+        assert!(out.contains("PERFORMANCE: not measured") && !out.contains("Speedup"), "{out}");
+    }
 
     let (code, out, _) =
         zmlx(&[&common[..], &["--patterns", "debug_drop_expert", "--allow-unsafe", "--json"]].concat());
@@ -80,7 +89,13 @@ fn selection_precedence_and_env_switches() {
     assert_eq!(preset.names, zmlx::patterns::family_preset(Family::Qwen3Moe), "no selection = the family preset");
     assert!(!preset.names.is_empty() && !preset.names.iter().any(|n| n == "debug_drop_expert"), "{:?}", preset.names);
     let ex = vec!["moe_mlp".to_string()];
-    let r = resolve(&SelectionRequest { patterns: None, exclude: &ex, family: Family::Qwen3Moe, allow_unsafe: false, env: &env(&[]) });
+    let r = resolve(&SelectionRequest {
+        patterns: None,
+        exclude: &ex,
+        family: Family::Qwen3Moe,
+        allow_unsafe: false,
+        env: &env(&[]),
+    });
     assert!(!r.unwrap().names.contains(&"moe_mlp".to_string()), "--exclude removes a preset pattern");
     let e = env(&[("ZMLX_PATTERNS", "debug_drop_expert"), ("ZMLX_DEBUG_DROP_EXPERT", "0")]);
     assert!(req(None, &e, true).unwrap().names.is_empty(), "ZMLX_<NAME>=0 switches a pattern off");

@@ -382,6 +382,9 @@ void check_expert(const char* op, const mx::array& w, const mx::array& s, const 
 
 }  // namespace
 
+// The worker count the row kernels use (recorded in ledger lines and capsules).
+extern "C" int zmlx_cpu_threads() { return thread_count(); }
+
 extern "C" int zmlx_cpu_qmv_swiglu(mlx_array* res, const mlx_array x, const mlx_array idx, const mlx_array wg,
                                    const mlx_array sg, const mlx_array bg, const mlx_array wu, const mlx_array su,
                                    const mlx_array bu, int group_size, int bits, const mlx_stream s) {

@@ -44,7 +44,7 @@ pub fn backend() -> Backend {
 pub const GPU_EXPERIMENTAL_VAR: &str = "ZMLX_GPU_EXPERIMENTAL";
 
 pub fn gpu_experimental() -> bool {
-    std::env::var(GPU_EXPERIMENTAL_VAR).is_ok_and(|v| v == "1")
+    crate::settings::switch_var(GPU_EXPERIMENTAL_VAR, false)
 }
 
 fn check_float(op: &str, a: &Array) -> Result<()> {

@@ -24,8 +24,24 @@ pub fn mlx_lock() -> MutexGuard<'static, ()> {
 pub const PROMPTS: [&str; 2] =
     ["Explain the key differences between TCP and UDP protocols.", "Once upon a time, in a kitchen full of bread,"];
 
+/// The mlx-lm release that is numerical truth (scripts/setup.sh installs it).
+pub const ORACLE_MLX_LM_VERSION: &str = "0.32.0";
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `zmlx` command with a clean environment: no inherited `ZMLX_*` variable (so the caller's
+/// environment cannot change what is tested) and `RUST_BACKTRACE=0` (a panic shows as such).
+pub fn zmlx_cmd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zmlx"));
+    for (k, _) in std::env::vars_os() {
+        if k.as_encoded_bytes().starts_with(b"ZMLX_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_BACKTRACE", "0");
+    cmd
 }
 
 /// The oracle's Python: `$ZMLX_ORACLE_PYTHON` or the venv scripts/setup.sh --oracle creates.
@@ -75,6 +91,7 @@ pub fn oracle_wait(model: &Path, child: std::process::Child) -> Vec<OracleRun> {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oracle JSON");
     assert_eq!(v["mlx_version"], "0.32.2", "oracle must run the same libmlx version");
+    assert_eq!(v["mlx_lm_version"], ORACLE_MLX_LM_VERSION, "the oracle must be the pinned mlx-lm (scripts/setup.sh)");
     v["results"]
         .as_array()
         .unwrap()
@@ -89,7 +106,7 @@ pub fn oracle_wait(model: &Path, child: std::process::Child) -> Vec<OracleRun> {
 pub fn load(model_dir: &Path, dtype: DtypeChoice) -> (Model, TextTokenizer) {
     let backend = mlx_env::Backend::detect();
     let (model, _) = Model::load(model_dir, dtype, backend).expect("zmlx loads the checkpoint");
-    let tok = TextTokenizer::load(model_dir, &model.config.eos_token_ids).expect("tokenizer");
+    let tok = TextTokenizer::load(model_dir, &model.config).expect("tokenizer");
     (model, tok)
 }
 
