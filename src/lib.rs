@@ -3,6 +3,7 @@ pub mod attention;
 pub mod attention_mla;
 pub mod cache;
 pub mod capsule;
+pub mod cli;
 pub mod config;
 pub mod debug_dump;
 pub mod fallbacks;

@@ -56,4 +56,40 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| anyhow!("decoding tokens: {e}"))
     }
+
+    /// Incremental detokenization for streaming: each `step` returns the text that one more token
+    /// completes (multi-byte characters wait for their last token), in O(1) per token instead of
+    /// re-decoding the whole sequence (the `tokenizers` crate's own `DecodeStream`).
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream { inner: Box::new(self.inner.decode_stream(true)) }
+    }
+}
+
+/// See `TextTokenizer::stream`.
+pub struct TextStream<'a> {
+    inner: Box<dyn StreamStep + 'a>,
+}
+
+impl TextStream<'_> {
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.inner.step(id)
+    }
+}
+
+// Hides DecodeStream's five type parameters behind one method.
+trait StreamStep {
+    fn step(&mut self, id: u32) -> Result<Option<String>>;
+}
+
+impl<M, N, PT, PP, D> StreamStep for tokenizers::DecodeStream<'_, M, N, PT, PP, D>
+where
+    M: tokenizers::Model,
+    N: tokenizers::Normalizer,
+    PT: tokenizers::PreTokenizer,
+    PP: tokenizers::PostProcessor,
+    D: tokenizers::Decoder,
+{
+    fn step(&mut self, id: u32) -> Result<Option<String>> {
+        tokenizers::DecodeStream::step(self, id).map_err(|e| anyhow!("decoding token {id}: {e}"))
+    }
 }

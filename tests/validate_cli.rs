@@ -140,3 +140,28 @@ fn decode_profile_counts_ops_and_times_slots() {
     let want = greedy_ids(&fresh, &[7, 100, 200, 300], 8, true).unwrap();
     assert_eq!(greedy_ids(&model, &[7, 100, 200, 300], 8, true).unwrap(), want);
 }
+
+#[test]
+fn benchmark_runs_generate_exactly_max_tokens_and_record_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let _g = mlx_lock();
+        synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 6));
+    }
+    let ledger = dir.path().join("ledger.jsonl");
+    let out = zmlx_cmd()
+        .args(["run", dir.path().to_str().unwrap(), "--patterns", "moe_mlp", "--runs", "1", "--max-tokens", "9"])
+        .args(["--ignore-eos", "--warmup", "0", "--json", "--ledger", ledger.to_str().unwrap()])
+        .env("ZMLX_CPU_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["ledger_line"]["gen_tokens"], 9, "--ignore-eos: exactly --max-tokens tokens");
+    assert_eq!(v["ledger_line"]["threads"], 1, "the kernel thread count is recorded");
+    assert_eq!((v["report"]["warmup"].as_u64(), v["report"]["ignore_eos"].as_bool()), (Some(0), Some(true)));
+    for side in ["baseline", "patched"] {
+        assert_eq!(v["report"][side]["runs"][0]["token_ids"].as_array().unwrap().len(), 9, "{side}");
+    }
+}
