@@ -1,12 +1,14 @@
 //! Model families: one module per family behind [`ModelFamily`], listed once in the registry
-//! ([`families!`] below). A family module holds everything particular to it: the config.json keys
+//! (`families!` below). A family module holds everything particular to it: the config.json keys
 //! it reads (mlx-lm's `ModelArgs`, defaults included), its sanitize rules, how a decoder layer is
 //! assembled from the shared blocks, its synth shapes and its CPU pattern preset.
 //!
-//! Shared blocks live once: [`decoder_layer`], [`stack_experts`] (HF per-expert tensors →
-//! `switch_mlp`), [`drop_where`], `sigmoid_moe.rs` (DeepSeek-style router + MoE block and its
-//! keys), `mla.rs` (MLA families: keys, `kv_b_proj` split, layer), `crate::attention` (GQA),
-//! `crate::attention_mla` (MLA) and `crate::moe` (routers, experts, combine).
+//! Shared blocks live once, here: `decoder_layer`, `gqa_attention`, `softmax_moe`,
+//! `stack_all_experts` (HF per-expert tensors → `switch_mlp`, described per family by
+//! [`HfExperts`]) and `drop_where`; `sigmoid_moe.rs` (DeepSeek-style router + MoE block and its
+//! keys); `mla.rs` (the MLA families' keys, `kv_b_proj` split and layer); and outside this
+//! folder `crate::attention` (GQA), `crate::attention_mla` (MLA), `crate::moe` (routers,
+//! experts, combine).
 //!
 //! Adding a family: docs/adding-a-family.md.
 mod deepseek_v3;
