@@ -293,3 +293,49 @@ fn stack_experts(store: &mut WeightStore, prefix: &str, suffix: &str, experts: i
     store.insert(into.to_owned(), stacked, &first);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::patterns::{registry, SafetyClass};
+
+    #[test]
+    fn model_types_and_aliases_resolve_to_their_family() {
+        for f in Family::ALL {
+            assert_eq!(Family::from_model_type(f.model_type()), Some(f));
+            for a in family(f).aliases() {
+                assert_eq!(Family::from_model_type(a), Some(f));
+            }
+        }
+        assert_eq!(Family::from_model_type("kimi_k2"), Some(Family::DeepseekV3));
+        assert_eq!(Family::from_model_type("llama"), None);
+    }
+
+    #[test]
+    fn synth_configs_parse_as_their_family() {
+        for f in Family::ALL {
+            for tiny in [true, false] {
+                let mut v = family(f).synth_config(tiny);
+                v["vocab_size"] = 512.into();
+                v["hidden_size"] = (if tiny { 128 } else { 2048 }).into();
+                let c = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
+                assert_eq!(c.family, f);
+            }
+        }
+    }
+
+    /// A family's preset names only registered `safe` patterns that claim the family.
+    #[test]
+    fn presets_name_safe_patterns_of_the_family() {
+        let reg = registry();
+        for f in Family::ALL {
+            for name in family(f).preset_patterns() {
+                let p = reg.iter().find(|p| p.info().name == name).unwrap_or_else(|| panic!("{f}: {name}"));
+                assert_eq!(p.info().class, SafetyClass::Safe, "{f}: {name}");
+                assert!(p.info().families.contains(&f), "{f}: {name} does not claim the family");
+            }
+        }
+    }
+}
