@@ -105,16 +105,8 @@ pub fn family_preset(family: Family) -> Vec<&'static str> {
     if crate::kernels::backend() != crate::mlx_env::Backend::Cpu {
         return vec![];
     }
-    let router = if family.sigmoid_router() { "deepseek_router" } else { "moe_mlp" };
-    let mut names = vec!["swiglu_mlp", router, "downproj_combine", "qmv_linear"];
-    if family.sigmoid_router() {
-        // The sigmoid families keep moe_mlp for its combine kernel.
-        names.insert(1, "moe_mlp");
-    }
-    if matches!(family, Family::Glm4MoeLite | Family::DeepseekV3) {
-        names.push("glm47_rope");
-    }
-    names
+    // Each family module lists its preset (src/models/<family>.rs, `preset_patterns`).
+    family.module().preset_patterns()
 }
 
 /// A resolved selection: pattern names in registry order.

@@ -1,62 +1,15 @@
-//! config.json: the keys each family reads (mlx-lm's ModelArgs), with mlx-lm's defaults, and the
-//! `quantization` block. Every error names config.json, the key and what was expected.
+//! config.json: the shared [`ModelConfig`] every family fills, the typed key reader [`Keys`] the
+//! family modules (src/models/) parse their keys with (mlx-lm's ModelArgs and defaults live
+//! there), the keys every family shares (`model_type`, sizes, eos, the `quantization` block) and
+//! the cross-key check. Every error names config.json, the key and what was expected.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
-/// Families zmlx can load (after mlx-lm's MODEL_REMAPPING).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Mixtral,
-    Qwen2Moe,
-    Qwen3Moe,
-    Glm4Moe,
-    Glm4MoeLite,
-    DeepseekV3,
-}
-
-impl Family {
-    pub const ALL: [Family; 6] =
-        [Family::Mixtral, Family::Qwen2Moe, Family::Qwen3Moe, Family::Glm4Moe, Family::Glm4MoeLite, Family::DeepseekV3];
-
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Family::Mixtral => "mixtral",
-            Family::Qwen2Moe => "qwen2_moe",
-            Family::Qwen3Moe => "qwen3_moe",
-            Family::Glm4Moe => "glm4_moe",
-            Family::Glm4MoeLite => "glm4_moe_lite",
-            Family::DeepseekV3 => "deepseek_v3",
-        }
-    }
-
-    /// mlx-lm's MODEL_REMAPPING included: Kimi-K2 and JoyAI-LLM-Flash run as deepseek_v3.
-    pub fn from_model_type(t: &str) -> Option<Family> {
-        match t {
-            "kimi_k2" | "joyai_llm_flash" => Some(Family::DeepseekV3),
-            _ => Family::ALL.into_iter().find(|f| f.model_type() == t),
-        }
-    }
-
-    /// Sigmoid router with e_score_correction_bias and group-limited top-k (DeepSeek-V3 style).
-    pub fn sigmoid_router(self) -> bool {
-        matches!(self, Family::Glm4Moe | Family::Glm4MoeLite | Family::DeepseekV3)
-    }
-}
-
-impl serde::Serialize for Family {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.model_type())
-    }
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.model_type())
-    }
-}
+/// The family id; each family is a module in src/models/ (the registry there lists them).
+pub use crate::models::Family;
 
 /// MLX affine quantization parameters of one module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,30 +102,30 @@ pub enum RopeScaling {
 }
 
 /// Reads typed keys with errors that name the file and the key.
-struct Keys<'a> {
-    map: &'a Map<String, Value>,
-    file: &'a Path,
+pub struct Keys<'a> {
+    pub map: &'a Map<String, Value>,
+    pub file: &'a Path,
 }
 
 impl Keys<'_> {
-    fn err(&self, key: &str, expected: &str) -> anyhow::Error {
+    pub fn err(&self, key: &str, expected: &str) -> anyhow::Error {
         let found = self.map.get(key).map(|v| v.to_string()).unwrap_or_else(|| "missing".into());
         anyhow!("{}: key `{key}` must be {expected} (found {found})", self.file.display())
     }
 
-    fn int_opt(&self, key: &str) -> Result<Option<i64>> {
+    pub fn int_opt(&self, key: &str) -> Result<Option<i64>> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_i64().map(Some).ok_or_else(|| self.err(key, "an integer")),
         }
     }
 
-    fn int(&self, key: &str, default: Option<i64>) -> Result<i32> {
+    pub fn int(&self, key: &str, default: Option<i64>) -> Result<i32> {
         let v = self.int_opt(key)?.or(default).ok_or_else(|| self.err(key, "an integer"))?;
         i32::try_from(v).map_err(|_| self.err(key, "an integer that fits in i32"))
     }
 
-    fn positive(&self, key: &str, default: Option<i64>) -> Result<i32> {
+    pub fn positive(&self, key: &str, default: Option<i64>) -> Result<i32> {
         let v = self.int(key, default)?;
         if v <= 0 {
             return Err(self.err(key, "a positive integer"));
@@ -180,7 +133,7 @@ impl Keys<'_> {
         Ok(v)
     }
 
-    fn non_negative(&self, key: &str, default: Option<i64>) -> Result<i32> {
+    pub fn non_negative(&self, key: &str, default: Option<i64>) -> Result<i32> {
         let v = self.int(key, default)?;
         if v < 0 {
             return Err(self.err(key, "an integer >= 0"));
@@ -188,7 +141,7 @@ impl Keys<'_> {
         Ok(v)
     }
 
-    fn float(&self, key: &str, default: Option<f64>) -> Result<f32> {
+    pub fn float(&self, key: &str, default: Option<f64>) -> Result<f32> {
         let x = match self.map.get(key) {
             None | Some(Value::Null) => default.ok_or_else(|| self.err(key, "a number"))?,
             Some(v) => v.as_f64().ok_or_else(|| self.err(key, "a number"))?,
@@ -200,7 +153,7 @@ impl Keys<'_> {
     }
 
     /// A number > 0 (epsilons, RoPE bases, scaling factors: 0 or a negative value is nonsense).
-    fn positive_float(&self, key: &str, default: Option<f64>) -> Result<f32> {
+    pub fn positive_float(&self, key: &str, default: Option<f64>) -> Result<f32> {
         let x = self.float(key, default)?;
         if x <= 0.0 {
             return Err(self.err(key, "a number > 0"));
@@ -209,7 +162,7 @@ impl Keys<'_> {
     }
 
     /// An optional positive integer (`null` or absent = none).
-    fn positive_opt(&self, key: &str) -> Result<Option<i32>> {
+    pub fn positive_opt(&self, key: &str) -> Result<Option<i32>> {
         match self.int_opt(key)? {
             None => Ok(None),
             Some(v) if v > 0 && v <= i32::MAX as i64 => Ok(Some(v as i32)),
@@ -217,21 +170,21 @@ impl Keys<'_> {
         }
     }
 
-    fn string_opt(&self, key: &str) -> Result<Option<&str>> {
+    pub fn string_opt(&self, key: &str) -> Result<Option<&str>> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(key, "a string")),
         }
     }
 
-    fn boolean(&self, key: &str, default: Option<bool>) -> Result<bool> {
+    pub fn boolean(&self, key: &str, default: Option<bool>) -> Result<bool> {
         match self.map.get(key) {
             None | Some(Value::Null) => default.ok_or_else(|| self.err(key, "true or false")),
             Some(v) => v.as_bool().ok_or_else(|| self.err(key, "true or false")),
         }
     }
 
-    fn int_list(&self, key: &str, default: Option<Vec<i32>>) -> Result<Vec<i32>> {
+    pub fn int_list(&self, key: &str, default: Option<Vec<i32>>) -> Result<Vec<i32>> {
         match self.map.get(key) {
             None | Some(Value::Null) => default.ok_or_else(|| self.err(key, "a list of integers")),
             Some(Value::Array(a)) => a
@@ -293,108 +246,7 @@ impl ModelConfig {
 
         let mut c =
             ModelConfig::blank(family, eos_token_ids, quantization, torch_dtype, hidden_size, num_attention_heads);
-        match family {
-            Family::Mixtral => {
-                c.vocab_size = k.positive("vocab_size", Some(32000))?;
-                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.num_key_value_heads = k.positive("num_key_value_heads", Some(8))?;
-                c.intermediate_size = k.positive("intermediate_size", Some(14336))?;
-                c.moe_intermediate_size = c.intermediate_size;
-                c.num_experts = k.positive("num_local_experts", Some(8))?;
-                c.num_experts_per_tok = k.positive("num_experts_per_tok", Some(2))?;
-                c.rms_norm_eps = k.positive_float("rms_norm_eps", Some(1e-5))?;
-                c.rope_theta = k.positive_float("rope_theta", Some(1e6))?;
-                c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
-                c.tie_word_embeddings = k.boolean("tie_word_embeddings", Some(false))?;
-                c.max_position_embeddings = k.positive_opt("max_position_embeddings")?.map(i64::from);
-            }
-            Family::Qwen2Moe => {
-                c.vocab_size = k.positive("vocab_size", None)?;
-                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.num_key_value_heads = k.positive("num_key_value_heads", Some(num_attention_heads as i64))?;
-                c.intermediate_size = k.positive("intermediate_size", None)?;
-                c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
-                c.shared_expert_intermediate_size = Some(k.positive("shared_expert_intermediate_size", None)?);
-                c.num_experts = k.positive("num_experts", None)?;
-                c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
-                c.rms_norm_eps = k.positive_float("rms_norm_eps", None)?;
-                c.rope_theta = k.positive_float("rope_theta", Some(1e6))?;
-                c.rope_traditional = k.boolean("rope_traditional", Some(false))?;
-                c.attention_bias = true;
-                // Validated as mlx-lm does, never applied.
-                if let Some(rs) =
-                    map.get("rope_scaling").filter(|v| !v.is_null() && v.as_object().is_some_and(|o| !o.is_empty()))
-                {
-                    if rs.get("type").and_then(Value::as_str) != Some("linear") || rs.get("factor").is_none() {
-                        return Err(
-                            k.err("rope_scaling", "null or {\"type\": \"linear\", \"factor\": F} for qwen2_moe")
-                        );
-                    }
-                }
-            }
-            // Qwen3-MoE's ModelArgs has no defaults: every key is required.
-            Family::Qwen3Moe => {
-                c.vocab_size = k.positive("vocab_size", None)?;
-                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.num_key_value_heads = k.positive("num_key_value_heads", None)?;
-                c.head_dim = k.positive("head_dim", None)?;
-                c.intermediate_size = k.positive("intermediate_size", None)?;
-                c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
-                c.num_experts = k.non_negative("num_experts", None)?;
-                c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
-                c.norm_topk_prob = k.boolean("norm_topk_prob", None)?;
-                c.decoder_sparse_step = k.positive("decoder_sparse_step", None)?;
-                c.mlp_only_layers = k.int_list("mlp_only_layers", None)?;
-                c.rms_norm_eps = k.positive_float("rms_norm_eps", None)?;
-                c.rope_theta = k.positive_float("rope_theta", None)?;
-                c.tie_word_embeddings = k.boolean("tie_word_embeddings", None)?;
-                c.max_position_embeddings = Some(k.positive("max_position_embeddings", None)? as i64);
-                c.use_qk_norm = true;
-            }
-            Family::Glm4Moe => {
-                c.vocab_size = k.positive("vocab_size", None)?;
-                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.num_key_value_heads = k.positive("num_key_value_heads", None)?;
-                c.head_dim = k.positive("head_dim", None)?;
-                c.intermediate_size = k.positive("intermediate_size", None)?;
-                Self::sigmoid_moe_keys(&mut c, &k, None)?;
-                c.rms_norm_eps = k.positive_float("rms_norm_eps", None)?;
-                c.rope_theta = k.positive_float("rope_theta", None)?;
-                c.use_qk_norm = k.boolean("use_qk_norm", None)?;
-                c.attention_bias = k.boolean("attention_bias", None)?;
-                let partial = k.positive_float("partial_rotary_factor", None)?;
-                c.rope_dims = (c.head_dim as f64 * partial as f64) as i32;
-                c.moe_layer_freq = 1; // glm4_moe ignores moe_layer_freq
-            }
-            Family::Glm4MoeLite | Family::DeepseekV3 => {
-                let lite = family == Family::Glm4MoeLite;
-                // mlx-lm defaults these silently (to GLM-4.7-Flash / DeepSeek sizes); a config without
-                // them is almost surely broken, so zmlx asks for them.
-                c.vocab_size = k.positive("vocab_size", None)?;
-                c.num_hidden_layers = k.positive("num_hidden_layers", None)?;
-                c.intermediate_size = k.positive("intermediate_size", None)?;
-                Self::sigmoid_moe_keys(&mut c, &k, Some(if lite { (1.8, 1) } else { (1.0, 0) }))?;
-                c.moe_layer_freq = k.positive("moe_layer_freq", Some(1))?;
-                c.rms_norm_eps = k.positive_float("rms_norm_eps", Some(if lite { 1e-5 } else { 1e-6 }))?;
-                c.rope_theta = k.positive_float("rope_theta", Some(if lite { 1e6 } else { 1e4 }))?;
-                c.attention_bias = k.boolean("attention_bias", Some(false))?;
-                c.renorm_eps = lite.then_some(1e-20);
-                let mla = MlaConfig {
-                    q_lora_rank: k.positive_opt("q_lora_rank")?,
-                    kv_lora_rank: k.positive("kv_lora_rank", None)?,
-                    qk_nope_head_dim: k.positive("qk_nope_head_dim", None)?,
-                    qk_rope_head_dim: k.positive("qk_rope_head_dim", None)?,
-                    v_head_dim: k.positive("v_head_dim", None)?,
-                    norm_eps: if lite { c.rms_norm_eps } else { 1e-6 },
-                };
-                c.head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim;
-                c.rope_dims = mla.qk_rope_head_dim;
-                c.rope_traditional = true;
-                c.num_key_value_heads = c.num_attention_heads;
-                c.mla = Some(mla);
-                c.rope_scaling = parse_rope_scaling(map, file)?;
-            }
-        }
+        family.module().parse_config(&k, &mut c)?;
         if c.rope_dims == 0 {
             c.rope_dims = c.head_dim;
         }
@@ -451,31 +303,6 @@ impl ModelConfig {
         }
     }
 
-    /// The DeepSeek-style MoE keys shared by glm4_moe, glm4_moe_lite and deepseek_v3.
-    /// `defaults`: (routed_scaling_factor, first_k_dense_replace) where mlx-lm has defaults.
-    fn sigmoid_moe_keys(c: &mut ModelConfig, k: &Keys, defaults: Option<(f64, i64)>) -> Result<()> {
-        c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
-        c.num_experts = k.positive("n_routed_experts", None)?;
-        c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
-        c.norm_topk_prob = k.boolean("norm_topk_prob", defaults.map(|_| true))?;
-        c.n_group = k.positive("n_group", defaults.map(|_| 1))?;
-        c.topk_group = k.positive("topk_group", defaults.map(|_| 1))?;
-        c.routed_scaling_factor = k.positive_float("routed_scaling_factor", defaults.map(|d| d.0))?;
-        c.first_k_dense_replace = k.non_negative("first_k_dense_replace", defaults.map(|d| d.1))?;
-        c.n_shared_experts = Some(k.non_negative("n_shared_experts", Some(0))?).filter(|&v| v > 0);
-        if let Some(f) = k.string_opt("scoring_func")? {
-            if f != "sigmoid" {
-                return Err(k.err("scoring_func", "\"sigmoid\" (the only scoring mlx-lm implements for this family)"));
-            }
-        }
-        if let Some(m) = k.string_opt("topk_method")? {
-            if m != "noaux_tc" {
-                return Err(k.err("topk_method", "\"noaux_tc\""));
-            }
-        }
-        Ok(())
-    }
-
     /// What the model code relies on beyond each key's own type and sign: sizes that divide
     /// evenly, top-k within the expert count, RoPE dimensions that fit the head, layer indices
     /// that exist. Each message names the file, the keys, their values and the accepted range.
@@ -489,8 +316,7 @@ impl ModelConfig {
             );
         }
         // Mixtral and Qwen2-MoE derive head_dim as hidden_size / num_attention_heads.
-        if matches!(self.family, Family::Mixtral | Family::Qwen2Moe) && self.hidden_size % self.num_attention_heads != 0
-        {
+        if self.family.module().head_dim_from_hidden() && self.hidden_size % self.num_attention_heads != 0 {
             bail!(
                 "{f}: hidden_size ({}) must be a multiple of num_attention_heads ({}) for {} (head_dim = hidden_size / heads)",
                 self.hidden_size,
@@ -568,14 +394,7 @@ impl ModelConfig {
 
     /// Whether decoder layer `i` has a MoE block (else a dense MLP).
     pub fn is_moe_layer(&self, i: i32) -> bool {
-        match self.family {
-            Family::Mixtral | Family::Qwen2Moe => true,
-            Family::Glm4Moe => i >= self.first_k_dense_replace,
-            Family::Glm4MoeLite | Family::DeepseekV3 => i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0,
-            Family::Qwen3Moe => {
-                !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step == 0
-            }
-        }
+        self.family.module().is_moe_layer(self, i)
     }
 
     /// Quantization of the module at `path`, following mlx-lm's class_predicate: a per-path entry
@@ -592,7 +411,8 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(map: &Map<String, Value>, file: &Path) -> Result<Option<RopeScaling>> {
+/// `rope_scaling` for the MLA families (mlx-lm's initialize_rope: default, linear or yarn).
+pub fn parse_rope_scaling(map: &Map<String, Value>, file: &Path) -> Result<Option<RopeScaling>> {
     let Some(rs) = map.get("rope_scaling").filter(|v| !v.is_null()) else {
         return Ok(None);
     };

@@ -1,78 +1,88 @@
-//! DeepSeek-V3 / Kimi-K2 (`deepseek_v3`, `kimi_k2`) and GLM-4.7-Flash (`glm4_moe_lite`): MLA
-//! attention (attention_mla.rs) + the sigmoid-router MoE (sigmoid_moe.rs). The two model types
-//! differ only in config semantics: DeepSeek hard-codes 1e-6 for the MLA norms and divides by
-//! the plain sum; GLM-4.7-Flash uses rms_norm_eps and `sum + 1e-20` (set in config.rs).
-use std::rc::Rc;
+//! DeepSeek-V3 / Kimi-K2 / JoyAI-LLM-Flash (`deepseek_v3`, `kimi_k2`, `joyai_llm_flash`): MLA
+//! attention with YaRN + the sigmoid group-router MoE (shared with glm4_moe_lite: mla.rs). The
+//! MLA norms use a hard-coded 1e-6 and the router divides by the plain sum.
+use anyhow::Result;
+use serde_json::{json, Value};
 
-use anyhow::{anyhow, Result};
-use mlx_rs::ops::indexing::TryIndexOp;
-use mlx_rs::{ops, Array};
-
-use crate::attention_mla::MlaAttention;
-use crate::config::ModelConfig;
+use super::mla::{self, MlaDefaults};
+use super::{HfExperts, ModelFamily, BENCH_LAYERS};
+use crate::config::{Keys, ModelConfig};
 use crate::model::DecoderLayer;
 use crate::nn::LoadCtx;
 use crate::weights::WeightStore;
 
-pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
-    let c = ctx.config.clone();
-    let attention = Rc::new(MlaAttention::load(ctx, &format!("model.layers.{i}.self_attn"), &c)?);
-    let mlp = super::sigmoid_moe::load_mlp(ctx, i)?;
-    super::decoder_layer(ctx, i, attention, mlp)
-}
+pub struct DeepseekV3;
 
-/// HF checkpoints (and pre-0.30.6 conversions) hold `kv_b_proj` `[H·(nope+v), kv_lora_rank]`;
-/// mlx-lm splits it into `embed_q` `[H, kvr, nope]` and `unembed_out` `[H, v, kvr]`, through a
-/// dequantize → split → re-quantize round trip when it is quantized (lossy, but it is the oracle).
-pub fn split_kv_b_proj(c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
-    let d = c.mla.as_ref().ok_or_else(|| anyhow!("internal: MLA family without MLA config"))?;
-    let h = c.num_attention_heads;
-    for l in 0..c.num_hidden_layers {
-        let path = format!("model.layers.{l}.self_attn");
-        let name = format!("{path}.kv_b_proj.weight");
-        if !store.contains(&name) {
-            continue;
-        }
-        let file = store.file_of(&name);
-        let w = store.take(&name)?;
-        let scales = store.take_opt(&format!("{path}.kv_b_proj.scales"));
-        let quant = match &scales {
-            Some(s) => {
-                let biases = store.take(&format!("{path}.kv_b_proj.biases"))?;
-                let bits = *w.shape().last().unwrap() * 32 / d.kv_lora_rank;
-                let group = d.kv_lora_rank / *s.shape().last().unwrap();
-                Some((ops::dequantize(&w, s, &biases, group, bits)?, group, bits))
-            }
-            None => None,
-        };
-        let v = match &quant {
-            Some((deq, _, _)) => deq.clone(),
-            None => w,
-        };
-        let expected = [h * (d.qk_nope_head_dim + d.v_head_dim), d.kv_lora_rank];
-        if v.shape() != expected {
-            return Err(anyhow!("{file}: tensor `{name}` has shape {:?}, expected {expected:?}", v.shape()));
-        }
-        let v = v.reshape(&[h, d.qk_nope_head_dim + d.v_head_dim, -1])?;
-        let wk = v.try_index((.., ..d.qk_nope_head_dim, ..))?.swap_axes(-1, -2)?.contiguous()?;
-        let wv = v.try_index((.., d.qk_nope_head_dim.., ..))?.contiguous()?;
-        let mut put = |suffix: &str, a: Array| store.insert(format!("{path}.{suffix}"), a, &name);
-        match quant {
-            Some((_, group, bits)) => {
-                let (kq, ks, kb) = ops::quantize(&wk, group, bits)?;
-                let (vq, vs, vb) = ops::quantize(&wv, group, bits)?;
-                put("embed_q.weight", kq);
-                put("embed_q.scales", ks);
-                put("embed_q.biases", kb);
-                put("unembed_out.weight", vq);
-                put("unembed_out.scales", vs);
-                put("unembed_out.biases", vb);
-            }
-            None => {
-                put("embed_q.weight", wk);
-                put("unembed_out.weight", wv);
-            }
-        }
+impl ModelFamily for DeepseekV3 {
+    fn model_type(&self) -> &'static str {
+        "deepseek_v3"
     }
-    Ok(())
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["kimi_k2", "joyai_llm_flash"]
+    }
+
+    fn sigmoid_router(&self) -> bool {
+        true
+    }
+
+    fn parse_config(&self, k: &Keys, c: &mut ModelConfig) -> Result<()> {
+        let d = MlaDefaults {
+            routed_scaling_factor: 1.0,
+            first_k_dense_replace: 0,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            renorm_eps: None,
+            norm_eps: Some(1e-6),
+        };
+        mla::parse_keys(k, c, &d)
+    }
+
+    fn is_moe_layer(&self, c: &ModelConfig, i: i32) -> bool {
+        mla::is_moe_layer(c, i)
+    }
+
+    fn sanitize(&self, c: &ModelConfig, store: &mut WeightStore) -> Result<()> {
+        if let Some(k) = store.names().find(|k| k.ends_with("weight_scale_inv") || k.ends_with("weight_packed")) {
+            anyhow::bail!(
+                "{}: tensor `{k}` is an fp8 / compressed-tensors weight; convert the checkpoint with mlx_lm.convert first",
+                store.file_of(k)
+            );
+        }
+        super::stack_all_experts(c, store, &HfExperts::STANDARD)?;
+        mla::split_kv_b_proj(c, store)?;
+        // mlx-lm drops DeepSeek-V3's MTP layer by its hard-coded index, and rotary inv_freq.
+        super::drop_where(store, |k| k.starts_with("model.layers.61") || k.contains("rotary_emb.inv_freq"));
+        Ok(())
+    }
+
+    fn load_layer(&self, ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
+        mla::load_layer(ctx, i)
+    }
+
+    fn synth_config(&self, tiny: bool) -> Value {
+        json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
+            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 4 } else { 16 },
+            "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
+            "qk_nope_head_dim": if tiny { 64 } else { 128 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },
+            "v_head_dim": if tiny { 64 } else { 128 }, "attention_bias": false,
+            "intermediate_size": if tiny { 256 } else { 5632 }, "moe_intermediate_size": if tiny { 64 } else { 1024 },
+            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
+            "n_shared_experts": 1, "n_group": if tiny { 4 } else { 8 }, "topk_group": if tiny { 2 } else { 4 },
+            "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+            "first_k_dense_replace": 1, "moe_layer_freq": 1,
+            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "yarn", "factor": if tiny { 4.0 } else { 40.0 }, "original_max_position_embeddings": 4096,
+                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+            "max_position_embeddings": 163840, "tie_word_embeddings": false,
+        })
+    }
+
+    /// moe_mlp stays for its combine kernel; glm47_rope fuses the MLA decode RoPE.
+    fn preset_patterns(&self) -> Vec<&'static str> {
+        vec!["swiglu_mlp", "moe_mlp", "deepseek_router", "downproj_combine", "qmv_linear", "glm47_rope"]
+    }
 }

@@ -1,14 +1,41 @@
 //! The DeepSeek-style MoE block shared by glm4_moe, glm4_moe_lite and deepseek_v3: sigmoid
 //! group router, SwitchGLU experts, f32 combine cast back to the activation dtype, then the
-//! ungated shared experts. Dense layers use a SwiGLU MLP of `intermediate_size`.
+//! ungated shared experts. Dense layers use a SwiGLU MLP of `intermediate_size`. Also the
+//! config.json keys of that block, read the same way by the three families.
 use std::rc::Rc;
 
 use anyhow::Result;
 
+use crate::config::{Keys, ModelConfig};
 use crate::kernels::SigmoidRouting;
 use crate::model::{slot, LayerMlp};
 use crate::moe::{DenseMlp, MoeBlock, SigmoidGroupRouter, SwitchGlu, WeightedSumCombine};
 use crate::nn::LoadCtx;
+
+/// The DeepSeek-style MoE keys shared by glm4_moe, glm4_moe_lite and deepseek_v3.
+/// `defaults`: (routed_scaling_factor, first_k_dense_replace) where mlx-lm has defaults.
+pub fn parse_keys(k: &Keys, c: &mut ModelConfig, defaults: Option<(f64, i64)>) -> Result<()> {
+    c.moe_intermediate_size = k.positive("moe_intermediate_size", None)?;
+    c.num_experts = k.positive("n_routed_experts", None)?;
+    c.num_experts_per_tok = k.positive("num_experts_per_tok", None)?;
+    c.norm_topk_prob = k.boolean("norm_topk_prob", defaults.map(|_| true))?;
+    c.n_group = k.positive("n_group", defaults.map(|_| 1))?;
+    c.topk_group = k.positive("topk_group", defaults.map(|_| 1))?;
+    c.routed_scaling_factor = k.positive_float("routed_scaling_factor", defaults.map(|d| d.0))?;
+    c.first_k_dense_replace = k.non_negative("first_k_dense_replace", defaults.map(|d| d.1))?;
+    c.n_shared_experts = Some(k.non_negative("n_shared_experts", Some(0))?).filter(|&v| v > 0);
+    if let Some(f) = k.string_opt("scoring_func")? {
+        if f != "sigmoid" {
+            return Err(k.err("scoring_func", "\"sigmoid\" (the only scoring mlx-lm implements for this family)"));
+        }
+    }
+    if let Some(m) = k.string_opt("topk_method")? {
+        if m != "noaux_tc" {
+            return Err(k.err("topk_method", "\"noaux_tc\""));
+        }
+    }
+    Ok(())
+}
 
 pub fn load_mlp(ctx: &mut LoadCtx, i: i32) -> Result<LayerMlp> {
     let c = ctx.config.clone();

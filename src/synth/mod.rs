@@ -82,99 +82,15 @@ impl SynthOptions {
     }
 }
 
-/// Decoder layers of the bench preset: the real per-layer shapes are what decode speed depends
-/// on; two layers (one dense + one MoE where the family starts dense) keep the oracle tests on
-/// bench checkpoints inside the test command's time budget.
-const BENCH_LAYERS: i32 = 2;
-
-/// config.json of a synthesized checkpoint: realistic keys for the family, small (tiny) or
-/// real-per-layer (bench) dimensions, chosen to exercise each family's special features.
+/// config.json of a synthesized checkpoint: the family module's keys (realistic for the family,
+/// small (tiny) or real-per-layer (bench) dimensions, chosen to exercise its special features)
+/// plus the keys every synthesized checkpoint shares.
 fn config_json(o: &SynthOptions) -> Value {
     let tiny = o.preset == Preset::Tiny;
     // Bench vocab 8192: the output head dominated per-token bytes at 32768 and is not part of
     // the per-layer shape the benchmark is about.
     let (v, d) = if tiny { (512, 128) } else { (8192, 2048) };
-    let mut c = match o.family {
-        Family::Mixtral => json!({
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-            "num_hidden_layers": if tiny { 2 } else { BENCH_LAYERS },
-            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 4 },
-            "intermediate_size": if tiny { 128 } else { 5632 },
-            "num_local_experts": 8, "num_experts_per_tok": 2,
-            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-            "tie_word_embeddings": false,
-        }),
-        Family::Qwen2Moe => json!({
-            "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-            "num_hidden_layers": if tiny { 2 } else { BENCH_LAYERS },
-            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 16 },
-            "intermediate_size": if tiny { 256 } else { 5632 },
-            "num_experts": if tiny { 16 } else { 60 }, "num_experts_per_tok": 4,
-            "moe_intermediate_size": if tiny { 64 } else { 1408 },
-            "shared_expert_intermediate_size": if tiny { 192 } else { 5632 },
-            "norm_topk_prob": false, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768, "tie_word_embeddings": false,
-        }),
-        Family::Qwen3Moe => json!({
-            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
-            "num_attention_heads": if tiny { 4 } else { 32 }, "num_key_value_heads": if tiny { 2 } else { 4 },
-            "head_dim": if tiny { 32 } else { 128 },
-            "intermediate_size": if tiny { 256 } else { 6144 },
-            "moe_intermediate_size": if tiny { 64 } else { 768 },
-            "num_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
-            "decoder_sparse_step": 1, "mlp_only_layers": if tiny { vec![1] } else { vec![] },
-            "norm_topk_prob": true, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768, "tie_word_embeddings": false,
-        }),
-        Family::Glm4Moe => json!({
-            "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
-            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
-            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 2 } else { 4 },
-            "head_dim": if tiny { 64 } else { 128 }, "partial_rotary_factor": 0.5,
-            "attention_bias": true, "use_qk_norm": true,
-            "intermediate_size": if tiny { 256 } else { 5632 }, "moe_intermediate_size": if tiny { 64 } else { 1408 },
-            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
-            "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": true,
-            "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
-            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
-            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "rope_scaling": null,
-            "max_position_embeddings": 32768, "tie_word_embeddings": false,
-        }),
-        Family::Glm4MoeLite => json!({
-            "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
-            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
-            "num_attention_heads": if tiny { 4 } else { 20 }, "num_key_value_heads": if tiny { 4 } else { 20 },
-            "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
-            "qk_nope_head_dim": if tiny { 64 } else { 192 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },
-            "v_head_dim": if tiny { 96 } else { 256 }, "attention_bias": false,
-            "intermediate_size": if tiny { 256 } else { 10240 }, "moe_intermediate_size": if tiny { 64 } else { 1536 },
-            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": 4, "n_shared_experts": 1,
-            "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.8,
-            "first_k_dense_replace": 1, "moe_layer_freq": 1,
-            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
-            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "rope_scaling": null,
-            "max_position_embeddings": 32768, "tie_word_embeddings": false,
-        }),
-        Family::DeepseekV3 => json!({
-            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-            "num_hidden_layers": if tiny { 3 } else { BENCH_LAYERS },
-            "num_attention_heads": if tiny { 4 } else { 16 }, "num_key_value_heads": if tiny { 4 } else { 16 },
-            "q_lora_rank": if tiny { 64 } else { 768 }, "kv_lora_rank": if tiny { 128 } else { 512 },
-            "qk_nope_head_dim": if tiny { 64 } else { 128 }, "qk_rope_head_dim": if tiny { 32 } else { 64 },
-            "v_head_dim": if tiny { 64 } else { 128 }, "attention_bias": false,
-            "intermediate_size": if tiny { 256 } else { 5632 }, "moe_intermediate_size": if tiny { 64 } else { 1024 },
-            "n_routed_experts": if tiny { 16 } else { 64 }, "num_experts_per_tok": if tiny { 4 } else { 8 },
-            "n_shared_experts": 1, "n_group": if tiny { 4 } else { 8 }, "topk_group": if tiny { 2 } else { 4 },
-            "norm_topk_prob": true, "routed_scaling_factor": 2.5,
-            "first_k_dense_replace": 1, "moe_layer_freq": 1,
-            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-            "rope_scaling": {"type": "yarn", "factor": if tiny { 4.0 } else { 40.0 }, "original_max_position_embeddings": 4096,
-                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-            "max_position_embeddings": 163840, "tie_word_embeddings": false,
-        }),
-    };
+    let mut c = o.family.module().synth_config(tiny);
     let obj = c.as_object_mut().unwrap();
     obj.insert("vocab_size".into(), json!(v));
     obj.insert("hidden_size".into(), json!(d));
@@ -305,12 +221,14 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
                 lin(&mut v, &format!("{a}.o_proj"), d, h * m.v_head_dim, 1.0, c.attention_bias);
             }
         }
-        let moe = if c.family == Family::Mixtral { format!("{p}.block_sparse_moe") } else { format!("{p}.mlp") };
+        let family = c.family.module();
+        let experts = family.hf_experts();
+        let moe = format!("{p}.{}", experts.block);
         if !c.is_moe_layer(l) {
             swiglu(&mut v, &moe, d, c.intermediate_size);
             continue;
         }
-        if c.family.sigmoid_router() {
+        if family.sigmoid_router() {
             v.push(sp(format!("{moe}.gate.weight"), vec![e, d], 2.0 / (d as f32).sqrt(), 0.0, false));
             v.push(Spec {
                 dtype: Some(Dtype::Float32),
@@ -319,17 +237,11 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         } else {
             // A wide router init makes routing decisive (clear top-k margins).
             lin(&mut v, &format!("{moe}.gate"), e, d, 4.0, false);
-            if c.family == Family::Qwen3Moe {
-                v.last_mut().unwrap().bits_override = Some(8); // mlx-lm's qwen3_moe quant_predicate
-            }
+            v.last_mut().unwrap().bits_override = family.synth_router_bits();
         }
         let w = c.moe_intermediate_size;
-        let names: [(&str, &str, i32, i32); 3] = if c.family == Family::Mixtral {
-            [("gate_proj", "w1", w, d), ("down_proj", "w2", d, w), ("up_proj", "w3", w, d)]
-        } else {
-            [("gate_proj", "gate_proj", w, d), ("down_proj", "down_proj", d, w), ("up_proj", "up_proj", w, d)]
-        };
-        for (ours, hf, out, inp) in names {
+        for (ours, out, inp) in [("gate_proj", w, d), ("down_proj", d, w), ("up_proj", w, d)] {
+            let hf = experts.hf_name(ours);
             match layout {
                 Layout::Mlx => v.push(sp(
                     format!("{moe}.switch_mlp.{ours}.weight"),
@@ -360,8 +272,11 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
 
 /// Writes the checkpoint into `out`; returns the files written.
 pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
-    if o.layout == Layout::Hf && o.quantize.is_some() && o.family == Family::Qwen3Moe {
-        bail!("--layout hf with --quantize does not exist for qwen3_moe (mlx-lm's sanitize stacks float expert weights only)");
+    if o.layout == Layout::Hf && o.quantize.is_some() && !o.family.module().hf_experts().parts.contains(&"scales") {
+        bail!(
+            "--layout hf with --quantize does not exist for {} (mlx-lm's sanitize stacks float expert weights only)",
+            o.family
+        );
     }
     if let Some(bits) = o.quantize {
         if ![2, 3, 4, 5, 6, 8].contains(&bits) {
