@@ -294,7 +294,7 @@ fn unknown(name: &str) -> anyhow::Error {
 
 fn parse_switch(var: &str, v: &str) -> Result<bool> {
     crate::settings::parse_switch(v)
-        .ok_or_else(|| anyhow::anyhow!("{var}={v:?}: expected 0 or 1 (also true/false, on/off, yes/no)"))
+        .ok_or_else(|| anyhow::anyhow!("{var}={v}: expected 0 or 1 (also true/false, on/off, yes/no)"))
 }
 
 /// Every `ZMLX_*` variable (they affect patching), for selection, reports and capsules. A value
