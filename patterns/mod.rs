@@ -10,6 +10,12 @@
 //! Each slot records the full list of patterns that shaped it (`Slot::patterns`), and the
 //! report lists it per slot. [`Swaps`] does the walk / downcast / swap / record for every
 //! pattern, so a pattern file holds only what is particular to it.
+//!
+//! Adding a pattern `bar`: `patterns/bar.rs` with a `static INFO: PatternInfo` (its `slots` must
+//! list exactly the slot kinds it has rules for; `requires`/`conflicts` if it cannot compose),
+//! the wrapper type(s) implementing the slot trait(s) over the *active* implementation, and
+//! `apply` = `Swaps::new(&INFO).<kind>(|active| …).apply(model)`; then a `mod` line and a
+//! registry entry here (the entry's position is its application order).
 mod debug_drop_expert;
 pub mod deepseek_router;
 pub mod downproj_combine;

@@ -18,6 +18,15 @@
 //!
 //! Layering: kernels depend on the stock layers (for the references and the weight types),
 //! never the other way round; patterns (`patterns/`) depend on both.
+//!
+//! Adding a kernel `foo`: (1) the stock op chain it replaces stays in (or goes to) the stock
+//! layer; (2) `kernels/cpu/` gets `zmlx_cpu_foo` (C++ files are compiled by build.rs) and
+//! `kernels/cuda/foo.cu` / `kernels/metal/foo.metal` the GPU bodies; (3) `src/kernels/foo.rs`
+//! declares the `extern "C"` binding, a `static …: GpuKernel = GpuKernel { name, inputs,
+//! outputs, source: include_str!(…), header }` per GPU body (scripts/check_cuda_kernels.py reads
+//! these; add the launched instantiations to its INSTANCES), `foo_reference` (calling the stock
+//! chain), `foo` (dispatch by backend) and `selftest`; (4) one `pub mod` line here, one call in
+//! `crate::selftest::run`, and its claim in `check::claims_exact`.
 pub mod check;
 pub mod gpu;
 pub mod moe_combine;
