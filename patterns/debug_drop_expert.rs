@@ -1,13 +1,14 @@
 //! `debug_drop_expert` (unsafe): gives the last routed expert of every token weight 0.
 //! A deliberately wrong pattern: it exists so the fidelity tooling (`zmlx validate`, tests) can
-//! be shown to catch a divergence and report where it happens.
+//! be shown to catch a divergence and report where it happens. It wraps whichever router is
+//! active (stock, `moe_mlp`'s or `deepseek_router`'s fused one), so it composes with them.
 use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
 use mlx_rs::{ops, Array};
 
-use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::model::Model;
 use crate::slots::{RouterSlot, Routing};
@@ -17,6 +18,9 @@ pub struct DebugDropExpert;
 static INFO: PatternInfo = PatternInfo {
     name: "debug_drop_expert",
     slot: SlotKind::Router,
+    slots: &[SlotKind::Router],
+    requires: &[],
+    conflicts: &[],
     families: &Family::ALL,
     class: SafetyClass::Unsafe,
     decode_only: false,
@@ -24,7 +28,8 @@ static INFO: PatternInfo = PatternInfo {
     description: "drops the last routed expert (weight 0); a wrong-on-purpose pattern for testing fidelity tooling",
 };
 
-struct DropLast(Rc<dyn RouterSlot>);
+/// Wraps the active router.
+pub struct DropLast(pub Rc<dyn RouterSlot>);
 
 impl RouterSlot for DropLast {
     fn route(&self, x: &Array) -> Result<Routing> {
@@ -41,17 +46,11 @@ impl RouterSlot for DropLast {
 }
 
 impl Pattern for DebugDropExpert {
-    fn info(&self) -> &PatternInfo {
+    fn info(&self) -> &'static PatternInfo {
         &INFO
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        let mut out = PatternOutcome::default();
-        for (_, block) in model.moe_blocks_mut() {
-            let stock = block.router.stock().clone();
-            block.router.swap(Rc::new(DropLast(stock)), INFO.name);
-            out.patched.push(format!("{}.gate", block.path));
-        }
-        Ok(out)
+        Swaps::new(&INFO).router(|active| Swap::With(Rc::new(DropLast(active.clone())))).apply(model)
     }
 }

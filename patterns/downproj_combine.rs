@@ -3,7 +3,8 @@
 //! (`qmv_combine`); at decode it never materialises the `[k, D]` expert outputs, at prefill it
 //! groups the (token, slot) pairs by expert. Bit-identical
 //! to gather_qmm + `(y * w).sum(-2)` on CPU (tests/kernels.rs), token-identical
-//! (tests/fidelity.rs). Stacks on `swiglu_mlp` (its fused gate/up kernel feeds this one). Other
+//! (tests/fidelity.rs). Wraps the active experts: on `swiglu_mlp`'s fused experts its gate/up
+//! kernel feeds this one (the down weights are found under any wrapper by `find_experts`). Other
 //! calls (no fused hidden state from the experts slot, float experts, bf16 activations, a
 //! non-plain combine) use the stock slots and are counted in `fallbacks`.
 use std::any::Any;
@@ -12,20 +13,24 @@ use std::rc::Rc;
 use anyhow::Result;
 use mlx_rs::Array;
 
-use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::experts;
+use crate::kernels::qmv_combine::qmv_combine;
+use crate::kernels::qmv_swiglu::unsupported;
 use crate::model::Model;
 use crate::moe::SwitchGlu;
 use crate::nn::{QWeight, Weight};
-use crate::slots::{CombineSlot, ExpertsSlot, Routing};
+use crate::slots::{find_experts, CombineSlot, ExpertsSlot, Routing};
 
 pub struct DownprojCombine;
 
 static INFO: PatternInfo = PatternInfo {
     name: "downproj_combine",
     slot: SlotKind::Experts,
+    slots: &[SlotKind::Experts],
+    requires: &[],
+    conflicts: &[],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
@@ -44,7 +49,7 @@ impl FusedDownCombine {
         let Some(cast_back) = combine.plain_weighted_sum() else {
             return Ok(Err("the active combine is not the plain weighted sum".into()));
         };
-        if let Some(why) = experts::unsupported(x.dtype(), &[&self.down]) {
+        if let Some(why) = unsupported(x.dtype(), &[&self.down]) {
             return Ok(Err(why));
         }
         if routing.weights.dtype() != mlx_rs::Dtype::Float32 {
@@ -54,12 +59,7 @@ impl FusedDownCombine {
             return Ok(Err("the experts slot gives no fused hidden state (stock SwitchGLU at prefill)".into()));
         };
         let (t, k) = (h.dim(0), h.dim(1));
-        let out = experts::qmv_combine(
-            &h,
-            &routing.indices.reshape(&[t, k])?,
-            &routing.weights.reshape(&[t, k])?,
-            &self.down,
-        )?;
+        let out = qmv_combine(&h, &routing.indices.reshape(&[t, k])?, &routing.weights.reshape(&[t, k])?, &self.down)?;
         let mut shape = routing.indices.shape().to_vec();
         *shape.last_mut().unwrap() = x.dim(-1);
         let out = out.reshape(&shape)?;
@@ -90,38 +90,35 @@ impl ExpertsSlot for FusedDownCombine {
         }
     }
 
+    fn wraps(&self) -> Option<&dyn ExpertsSlot> {
+        Some(&*self.inner)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
 }
 
+fn fused(active: &Rc<dyn ExpertsSlot>) -> Swap<dyn ExpertsSlot> {
+    let Some(s) = find_experts::<SwitchGlu>(&**active) else {
+        return Swap::skip("experts are not a SwitchGLU");
+    };
+    let Weight::Quant(down) = &s.down_proj.weight else {
+        return Swap::skip("float experts (the fused kernel is for quantized 2/4/8-bit experts)");
+    };
+    if ![2, 4, 8].contains(&down.q.bits) {
+        return Swap::skip(format!("{}-bit experts (the kernel has 2/4/8)", down.q.bits));
+    }
+    // Activation dtype and backend are checked per call (fallbacks are counted).
+    Swap::With(Rc::new(FusedDownCombine { inner: active.clone(), down: down.clone() }))
+}
+
 impl Pattern for DownprojCombine {
-    fn info(&self) -> &PatternInfo {
+    fn info(&self) -> &'static PatternInfo {
         &INFO
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        let mut out = PatternOutcome::default();
-        for (_, block) in model.moe_blocks_mut() {
-            let path = format!("{}.switch_mlp.down_proj", block.path);
-            let stock = block.experts.stock().clone();
-            let Some(s) = stock.as_any().downcast_ref::<SwitchGlu>() else {
-                out.skipped.push((path, "experts are not a SwitchGLU".into()));
-                continue;
-            };
-            let Weight::Quant(down) = &s.down_proj.weight else {
-                out.skipped.push((path, "float experts (the fused kernel is for quantized 2/4/8-bit experts)".into()));
-                continue;
-            };
-            if ![2, 4, 8].contains(&down.q.bits) {
-                out.skipped.push((path, format!("{}-bit experts (the kernel has 2/4/8)", down.q.bits)));
-                continue;
-            }
-            // Activation dtype and backend are checked per call (fallbacks are counted).
-            let inner = Rc::new(FusedDownCombine { inner: block.experts.get_rc().clone(), down: down.clone() });
-            block.experts.swap(inner, INFO.name);
-            out.patched.push(path);
-        }
-        Ok(out)
+        Swaps::new(&INFO).experts(fused).report_suffix(SlotKind::Experts, ".down_proj").apply(model)
     }
 }

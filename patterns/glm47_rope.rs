@@ -1,5 +1,5 @@
 //! `glm47_rope` (safe on CPU): the MLA decode step's positional part — YaRN pre-scale, RoPE of
-//! q_pe and k_pe, and the softmax scale on q_pe — as one kernel (`kernels::rope`), for
+//! q_pe and k_pe, and the softmax scale on q_pe — as one kernel (`kernels::rope_decode`), for
 //! GLM-4.7-Flash (`glm4_moe_lite`) and DeepSeek-V3 / Kimi-K2. Decode only: a prefill step (L > 1)
 //! runs the stock chain, counted in `fallbacks`. Bit-identical to MLX's rope on CPU
 //! (tests/kernels_rope.rs), token-identical (tests/fidelity.rs).
@@ -9,21 +9,24 @@ use std::rc::Rc;
 use anyhow::Result;
 use mlx_rs::Array;
 
-use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::attention_mla::MlaAttention;
 use crate::cache::KvCache;
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::{self, rope};
+use crate::kernels::{self, rope_decode::rope_decode};
 use crate::mlx_env::Backend;
 use crate::model::Model;
-use crate::slots::AttentionSlot;
+use crate::slots::{AttentionSlot, MapLinears};
 
 pub struct Glm47Rope;
 
 static INFO: PatternInfo = PatternInfo {
     name: "glm47_rope",
     slot: SlotKind::Attention,
+    slots: &[SlotKind::Attention],
+    requires: &[],
+    conflicts: &[],
     families: &[Family::Glm4MoeLite, Family::DeepseekV3],
     class: SafetyClass::Safe,
     decode_only: true,
@@ -31,6 +34,7 @@ static INFO: PatternInfo = PatternInfo {
     description: "MLA decode: YaRN pre-scale + RoPE of q_pe/k_pe + softmax scale on q_pe in one kernel",
 };
 
+/// The active MLA attention with the fused positional step.
 pub struct FusedRopeMla {
     pub inner: MlaAttention,
 }
@@ -48,8 +52,12 @@ impl AttentionSlot for FusedRopeMla {
                 return a.stock_pe(q, k, offset);
             }
             fallbacks::fused(INFO.name);
-            rope::rope_decode(q, k, &a.rope, offset, a.scale)
+            rope_decode(q, k, &a.rope, offset, a.scale)
         })
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
+        Some(Rc::new(FusedRopeMla { inner: self.inner.map_linears(f) }))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -58,23 +66,16 @@ impl AttentionSlot for FusedRopeMla {
 }
 
 impl Pattern for Glm47Rope {
-    fn info(&self) -> &PatternInfo {
+    fn info(&self) -> &'static PatternInfo {
         &INFO
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        let mut out = PatternOutcome::default();
-        for (i, layer) in model.layers.iter_mut().enumerate() {
-            let path = format!("model.layers.{i}.self_attn");
-            let stock = layer.attention.stock().clone();
-            match stock.as_any().downcast_ref::<MlaAttention>() {
-                Some(m) => {
-                    layer.attention.swap(Rc::new(FusedRopeMla { inner: m.clone() }), INFO.name);
-                    out.patched.push(path);
-                }
-                None => out.skipped.push((path, "not multi-head latent attention".into())),
-            }
-        }
-        Ok(out)
+        Swaps::new(&INFO)
+            .attention(|active| match active.as_any().downcast_ref::<MlaAttention>() {
+                Some(m) => Swap::With(Rc::new(FusedRopeMla { inner: m.clone() })),
+                None => Swap::skip("not multi-head latent attention"),
+            })
+            .apply(model)
     }
 }

@@ -1,7 +1,21 @@
-//! The pattern registry: each pattern swaps one slot implementation on a loaded model.
+//! The pattern registry: each pattern swaps slot implementations on a loaded model.
 //! One static, explicit list (no lazy registration); selection precedence, highest first:
 //! `--patterns` (or `none`) > `ZMLX_PATTERNS` > the family preset; then `--exclude`, then
 //! per-pattern `ZMLX_<NAME>=0|1`.
+//!
+//! Composition is explicit: patterns apply in registry order, and each one wraps or copies the
+//! implementation *active* in a slot (never the stock one behind another pattern's back), so
+//! two patterns on one slot both take effect; a pair that cannot compose is declared in
+//! `conflicts` (and a dependency in `requires`), which `resolve` refuses with a clear error.
+//! Each slot records the full list of patterns that shaped it (`Slot::patterns`), and the
+//! report lists it per slot. [`Swaps`] does the walk / downcast / swap / record for every
+//! pattern, so a pattern file holds only what is particular to it.
+//!
+//! Adding a pattern `bar`: `patterns/bar.rs` with a `static INFO: PatternInfo` (its `slots` must
+//! list exactly the slot kinds it has rules for; `requires`/`conflicts` if it cannot compose),
+//! the wrapper type(s) implementing the slot trait(s) over the *active* implementation, and
+//! `apply` = `Swaps::new(&INFO).<kind>(|active| …).apply(model)`; then a `mod` line and a
+//! registry entry here (the entry's position is its application order).
 mod debug_drop_expert;
 pub mod deepseek_router;
 pub mod downproj_combine;
@@ -11,12 +25,15 @@ pub mod qmv_linear;
 pub mod swiglu_mlp;
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::config::Family;
 use crate::model::Model;
+pub use crate::slots::SlotKind;
+use crate::slots::{AttentionSlot, CombineSlot, ExpertsSlot, HeadSlot, MlpSlot, RouterSlot, SlotMut};
 
 /// How far a pattern's fidelity is proven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,24 +47,17 @@ pub enum SafetyClass {
     Unsafe,
 }
 
-/// Which slot a pattern replaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlotKind {
-    Attention,
-    Router,
-    Experts,
-    Activation,
-    Combine,
-    SharedExpert,
-    /// Dense projections inside the attention, MLP and head slots.
-    Linear,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct PatternInfo {
     pub name: &'static str,
+    /// The part of the model it is about (what `zmlx patterns` shows).
     pub slot: SlotKind,
+    /// Every kind of slot it swaps (checked when it applies: swapping another kind is an error).
+    pub slots: &'static [SlotKind],
+    /// Patterns it needs in the same selection.
+    pub requires: &'static [&'static str],
+    /// Patterns it cannot be combined with (refused by `resolve`).
+    pub conflicts: &'static [&'static str],
     pub families: &'static [Family],
     pub class: SafetyClass,
     /// Applies only to single-token decode steps; prefill falls back to the stock slot.
@@ -74,9 +84,159 @@ pub struct PatternOutcome {
 }
 
 pub trait Pattern {
-    fn info(&self) -> &PatternInfo;
-    /// Swaps the slot on every module of `model` it applies to.
+    fn info(&self) -> &'static PatternInfo;
+    /// Swaps the slots of `model` it applies to (normally one [`Swaps`] walk).
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome>;
+}
+
+/// What a pattern does with one slot, given the implementation active there.
+pub enum Swap<T: ?Sized> {
+    /// Make this (built from the active one: a wrapper or a modified copy) the active one.
+    With(Rc<T>),
+    /// Leave the slot as it is and report why.
+    Skip(String),
+    /// Leave the slot as it is, silently (the pattern has nothing to do with it).
+    Leave,
+}
+
+impl<T: ?Sized> Swap<T> {
+    pub fn skip(why: impl Into<String>) -> Self {
+        Swap::Skip(why.into())
+    }
+}
+
+type Rule<'r, T> = Box<dyn FnMut(&Rc<T>) -> Swap<T> + 'r>;
+
+/// The walk / downcast / swap / record skeleton shared by every pattern: one rule per slot kind
+/// the pattern touches, each given the slot's *active* implementation; `apply` visits the
+/// model's slots in model order (`Model::slots_mut`), swaps, records the pattern on the slot and
+/// the module path in the outcome.
+pub struct Swaps<'r> {
+    info: &'static PatternInfo,
+    attention: Option<Rule<'r, dyn AttentionSlot>>,
+    router: Option<Rule<'r, dyn RouterSlot>>,
+    experts: Option<Rule<'r, dyn ExpertsSlot>>,
+    combine: Option<Rule<'r, dyn CombineSlot>>,
+    shared_expert: Option<Rule<'r, dyn MlpSlot>>,
+    dense_mlp: Option<Rule<'r, dyn MlpSlot>>,
+    head: Option<Rule<'r, dyn HeadSlot>>,
+    /// Appended to a slot's path in the outcome (e.g. `.down_proj` for the part it replaces).
+    suffix: Vec<(SlotKind, &'static str)>,
+}
+
+impl<'r> Swaps<'r> {
+    pub fn new(info: &'static PatternInfo) -> Self {
+        Swaps {
+            info,
+            attention: None,
+            router: None,
+            experts: None,
+            combine: None,
+            shared_expert: None,
+            dense_mlp: None,
+            head: None,
+            suffix: vec![],
+        }
+    }
+
+    pub fn attention(mut self, f: impl FnMut(&Rc<dyn AttentionSlot>) -> Swap<dyn AttentionSlot> + 'r) -> Self {
+        self.attention = Some(Box::new(f));
+        self
+    }
+
+    pub fn router(mut self, f: impl FnMut(&Rc<dyn RouterSlot>) -> Swap<dyn RouterSlot> + 'r) -> Self {
+        self.router = Some(Box::new(f));
+        self
+    }
+
+    pub fn experts(mut self, f: impl FnMut(&Rc<dyn ExpertsSlot>) -> Swap<dyn ExpertsSlot> + 'r) -> Self {
+        self.experts = Some(Box::new(f));
+        self
+    }
+
+    pub fn combine(mut self, f: impl FnMut(&Rc<dyn CombineSlot>) -> Swap<dyn CombineSlot> + 'r) -> Self {
+        self.combine = Some(Box::new(f));
+        self
+    }
+
+    pub fn shared_expert(mut self, f: impl FnMut(&Rc<dyn MlpSlot>) -> Swap<dyn MlpSlot> + 'r) -> Self {
+        self.shared_expert = Some(Box::new(f));
+        self
+    }
+
+    pub fn dense_mlp(mut self, f: impl FnMut(&Rc<dyn MlpSlot>) -> Swap<dyn MlpSlot> + 'r) -> Self {
+        self.dense_mlp = Some(Box::new(f));
+        self
+    }
+
+    pub fn head(mut self, f: impl FnMut(&Rc<dyn HeadSlot>) -> Swap<dyn HeadSlot> + 'r) -> Self {
+        self.head = Some(Box::new(f));
+        self
+    }
+
+    /// Reports slots of `kind` as `<slot path><suffix>`.
+    pub fn report_suffix(mut self, kind: SlotKind, suffix: &'static str) -> Self {
+        self.suffix.push((kind, suffix));
+        self
+    }
+
+    fn declared(&self) -> Result<()> {
+        let ruled = [
+            (SlotKind::Attention, self.attention.is_some()),
+            (SlotKind::Router, self.router.is_some()),
+            (SlotKind::Experts, self.experts.is_some()),
+            (SlotKind::Combine, self.combine.is_some()),
+            (SlotKind::SharedExpert, self.shared_expert.is_some()),
+            (SlotKind::DenseMlp, self.dense_mlp.is_some()),
+            (SlotKind::Head, self.head.is_some()),
+        ];
+        for (kind, has) in ruled {
+            if has != self.info.slots.contains(&kind) {
+                bail!(
+                    "pattern `{}`: its metadata lists slots {:?}, but it has {} rule for {kind:?} slots",
+                    self.info.name,
+                    self.info.slots,
+                    if has { "a" } else { "no" }
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn apply(mut self, model: &mut Model) -> Result<PatternOutcome> {
+        self.declared()?;
+        let name = self.info.name;
+        let mut out = PatternOutcome::default();
+        for (path, slot) in model.slots_mut() {
+            let kind = slot.kind();
+            let path = match self.suffix.iter().find(|(k, _)| *k == kind) {
+                Some((_, sfx)) => format!("{path}{sfx}"),
+                None => path,
+            };
+            macro_rules! rule {
+                ($rule:expr, $slot:expr) => {
+                    match $rule.as_mut().map(|f| f($slot.get_rc())) {
+                        Some(Swap::With(imp)) => {
+                            $slot.swap(imp, name);
+                            out.patched.push(path);
+                        }
+                        Some(Swap::Skip(why)) => out.skipped.push((path, why)),
+                        Some(Swap::Leave) | None => {}
+                    }
+                };
+            }
+            match slot {
+                SlotMut::Attention(s) => rule!(self.attention, s),
+                SlotMut::Router(s) => rule!(self.router, s),
+                SlotMut::Experts(s) => rule!(self.experts, s),
+                SlotMut::Combine(s) => rule!(self.combine, s),
+                SlotMut::SharedExpert(s) => rule!(self.shared_expert, s),
+                SlotMut::DenseMlp(s) => rule!(self.dense_mlp, s),
+                SlotMut::Head(s) => rule!(self.head, s),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The registry, in application order.
@@ -186,19 +346,38 @@ pub fn resolve(req: &SelectionRequest) -> Result<Selection> {
     // Registry order, deduplicated.
     let ordered: Vec<String> =
         reg.iter().map(|p| p.info().name).filter(|n| names.iter().any(|m| m == n)).map(str::to_owned).collect();
-    for n in &ordered {
-        let info = reg.iter().find(|p| p.info().name == n).unwrap().info();
+    let infos: Vec<&PatternInfo> =
+        ordered.iter().map(|n| reg.iter().find(|p| p.info().name == n).unwrap().info()).collect();
+    for info in &infos {
         if info.class == SafetyClass::Unsafe && !req.allow_unsafe {
-            bail!("pattern `{n}` is unsafe ({}); pass --allow-unsafe to run it anyway", info.description);
+            bail!("pattern `{}` is unsafe ({}); pass --allow-unsafe to run it anyway", info.name, info.description);
         }
     }
+    check_composition(&infos)?;
     Ok(Selection { names: ordered, source: source.to_owned() })
 }
 
-/// Per pattern: what was patched and skipped.
+/// Refuses a selection where a pattern's `requires` is missing or two patterns conflict
+/// (declared on either side).
+pub fn check_composition(selected: &[&PatternInfo]) -> Result<()> {
+    let has = |n: &str| selected.iter().any(|i| i.name == n);
+    for i in selected {
+        if let Some(missing) = i.requires.iter().find(|r| !has(r)) {
+            bail!("pattern `{}` requires `{missing}`; add it to the selection", i.name);
+        }
+        if let Some(other) = i.conflicts.iter().find(|c| has(c)) {
+            bail!("patterns `{}` and `{other}` cannot be combined (declared conflict); pick one", i.name);
+        }
+    }
+    Ok(())
+}
+
+/// Per pattern: what was patched and skipped; per patched slot: every pattern that shaped it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PatchReport {
     pub patterns: BTreeMap<String, PatternOutcome>,
+    /// Slot path → the patterns applied to it, first applied first (only patched slots).
+    pub slots: BTreeMap<String, Vec<String>>,
 }
 
 impl PatchReport {
@@ -217,11 +396,15 @@ impl PatchReport {
                 s.push_str(&format!("\n    skipped {path}: {why}"));
             }
         }
+        for (path, chain) in self.slots.iter().filter(|(_, c)| c.len() > 1) {
+            s.push_str(&format!("\n  composed {path}: {}", chain.join(" + ")));
+        }
         s
     }
 }
 
-/// Applies the selected patterns to `model` (stock slots first: patching is not cumulative).
+/// Applies the selected patterns to `model` in registry order, each on top of what the earlier
+/// ones left active (stock slots first: patching is not cumulative across calls).
 pub fn patch(model: &mut Model, selection: &Selection) -> Result<PatchReport> {
     unpatch(model);
     let mut report = PatchReport::default();
@@ -239,6 +422,11 @@ pub fn patch(model: &mut Model, selection: &Selection) -> Result<PatchReport> {
             }
         };
         report.patterns.insert(info.name.to_owned(), outcome);
+    }
+    for (path, slot) in model.slots_mut() {
+        if !slot.patterns().is_empty() {
+            report.slots.insert(path, slot.patterns().iter().map(|p| p.to_string()).collect());
+        }
     }
     Ok(report)
 }

@@ -1,17 +1,20 @@
 //! `moe_mlp` (safe): the softmax-family router (softmax + top-k + renormalisation, same expert
 //! slot order as the stock path; Mixtral/Qwen only — sigmoid routers are `deepseek_router`'s)
-//! and the weighted combine of the k expert outputs (every family) each run as one fused kernel. `ZMLX_COMBINE_MODE` picks the combine accumulation (default: the
-//! token-identical one for the family on this backend).
+//! and the weighted combine of the k expert outputs (every family) each run as one fused kernel
+//! (`kernels::moe_router`, `kernels::moe_combine`). `ZMLX_COMBINE_MODE` picks the combine
+//! accumulation (default: the token-identical one for the family on this backend).
 use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
 use mlx_rs::{Array, Dtype};
 
-use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::{self, CombineMode, RouterKind};
+use crate::kernels;
+use crate::kernels::moe_combine::{moe_combine, moe_combine_reference, CombineMode};
+use crate::kernels::moe_router::{moe_router, RouterKind};
 use crate::model::Model;
 use crate::moe::{SoftmaxRouter, WeightedSumCombine};
 use crate::nn::Linear;
@@ -24,6 +27,9 @@ pub const COMBINE_MODE_VAR: &str = "ZMLX_COMBINE_MODE";
 static INFO: PatternInfo = PatternInfo {
     name: "moe_mlp",
     slot: SlotKind::Router,
+    slots: &[SlotKind::Router, SlotKind::Combine],
+    requires: &[],
+    conflicts: &[],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
@@ -39,7 +45,7 @@ pub struct FusedRouter {
 
 impl RouterSlot for FusedRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let (indices, weights) = kernels::moe_router(&self.gate.forward(x)?, self.kind, self.k)?;
+        let (indices, weights) = moe_router(&self.gate.forward(x)?, self.kind, self.k)?;
         Ok(Routing { indices, weights })
     }
 
@@ -68,11 +74,11 @@ impl CombineSlot for FusedCombine {
         let out = match self.not_exact(y, weights) {
             Some(why) => {
                 fallbacks::fallback("moe_mlp.combine", why);
-                kernels::moe_combine_reference(y, weights)?
+                moe_combine_reference(y, weights)?
             }
             None => {
                 fallbacks::fused("moe_mlp.combine");
-                kernels::moe_combine(y, weights, self.mode)?
+                moe_combine(y, weights, self.mode)?
             }
         };
         Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
@@ -97,38 +103,22 @@ fn combine_mode() -> Result<CombineMode> {
     }
 }
 
-fn fused_router(stock: &Rc<dyn RouterSlot>) -> Option<Rc<dyn RouterSlot>> {
-    let r = stock.as_any().downcast_ref::<SoftmaxRouter>()?;
-    Some(Rc::new(FusedRouter { gate: r.gate.clone(), kind: r.kind, k: r.k }))
-}
-
 impl Pattern for MoeMlp {
-    fn info(&self) -> &PatternInfo {
+    fn info(&self) -> &'static PatternInfo {
         &INFO
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
         let mode = combine_mode()?;
-        let mut out = PatternOutcome::default();
-        for (_, block) in model.moe_blocks_mut() {
-            match fused_router(&block.router.stock().clone()) {
-                Some(r) => {
-                    block.router.swap(r, INFO.name);
-                    out.patched.push(format!("{}.gate", block.path));
-                }
-                None => out
-                    .skipped
-                    .push((format!("{}.gate", block.path), "sigmoid group router (see deepseek_router)".into())),
-            }
-            let stock = block.combine.stock().clone();
-            match stock.as_any().downcast_ref::<WeightedSumCombine>() {
-                Some(c) => {
-                    block.combine.swap(Rc::new(FusedCombine { mode, cast_back: c.cast_back }), INFO.name);
-                    out.patched.push(format!("{}.combine", block.path));
-                }
-                None => out.skipped.push((format!("{}.combine", block.path), "not a weighted-sum combine".into())),
-            }
-        }
-        Ok(out)
+        Swaps::new(&INFO)
+            .router(|active| match active.as_any().downcast_ref::<SoftmaxRouter>() {
+                Some(r) => Swap::With(Rc::new(FusedRouter { gate: r.gate.clone(), kind: r.kind, k: r.k })),
+                None => Swap::skip("sigmoid group router (see deepseek_router)"),
+            })
+            .combine(|active| match active.as_any().downcast_ref::<WeightedSumCombine>() {
+                Some(c) => Swap::With(Rc::new(FusedCombine { mode, cast_back: c.cast_back })),
+                None => Swap::skip("not a weighted-sum combine"),
+            })
+            .apply(model)
     }
 }

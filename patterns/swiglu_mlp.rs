@@ -10,12 +10,12 @@ use std::rc::Rc;
 use anyhow::Result;
 use mlx_rs::Array;
 
-use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind};
+use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels;
-use crate::kernels::experts;
-use crate::model::{LayerMlp, Model};
+use crate::kernels::qmv_swiglu::{qmv_swiglu, unsupported};
+use crate::kernels::swiglu::swiglu;
+use crate::model::Model;
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
 use crate::nn::Weight;
 use crate::slots::{ActivationSlot, ExpertsSlot, MlpSlot};
@@ -25,6 +25,9 @@ pub struct SwigluMlp;
 static INFO: PatternInfo = PatternInfo {
     name: "swiglu_mlp",
     slot: SlotKind::Activation,
+    slots: &[SlotKind::Experts, SlotKind::SharedExpert, SlotKind::DenseMlp],
+    requires: &[],
+    conflicts: &[],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
@@ -37,7 +40,7 @@ pub struct FusedSwiGlu;
 
 impl ActivationSlot for FusedSwiGlu {
     fn forward(&self, gate: &Array, up: &Array) -> Result<Array> {
-        kernels::swiglu(gate, up)
+        swiglu(gate, up)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -57,12 +60,12 @@ impl FusedSwitchGlu {
         let (Weight::Quant(g), Weight::Quant(u)) = (&self.inner.gate_proj.weight, &self.inner.up_proj.weight) else {
             return Ok(Err("float experts".into()));
         };
-        if let Some(why) = experts::unsupported(x.dtype(), &[g, u]) {
+        if let Some(why) = unsupported(x.dtype(), &[g, u]) {
             return Ok(Err(why));
         }
         let (k, d) = (indices.dim(-1), x.dim(-1));
         let t = indices.size() as i32 / k;
-        Ok(Ok(experts::qmv_swiglu(&x.reshape(&[t, d])?, &indices.reshape(&[t, k])?, g, u)?))
+        Ok(Ok(qmv_swiglu(&x.reshape(&[t, d])?, &indices.reshape(&[t, k])?, g, u)?))
     }
 }
 
@@ -95,59 +98,44 @@ impl ExpertsSlot for FusedSwitchGlu {
         }
     }
 
+    fn wraps(&self) -> Option<&dyn ExpertsSlot> {
+        Some(&self.inner)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
 }
 
-fn fused_dense(stock: &Rc<dyn MlpSlot>) -> Option<Rc<dyn MlpSlot>> {
-    let any = stock.as_any();
+/// The active dense or shared-expert MLP with the fused activation (its projections as active).
+fn fused_dense(active: &Rc<dyn MlpSlot>) -> Swap<dyn MlpSlot> {
+    let any = active.as_any();
     if let Some(g) = any.downcast_ref::<GatedSharedExpert>() {
         let mlp = DenseMlp { activation: Rc::new(FusedSwiGlu), ..g.mlp.clone() };
-        return Some(Rc::new(GatedSharedExpert { mlp, gate: g.gate.clone() }));
+        return Swap::With(Rc::new(GatedSharedExpert { mlp, gate: g.gate.clone() }));
     }
-    let d = any.downcast_ref::<DenseMlp>()?;
-    Some(Rc::new(DenseMlp { activation: Rc::new(FusedSwiGlu), ..d.clone() }))
+    match any.downcast_ref::<DenseMlp>() {
+        Some(d) => Swap::With(Rc::new(DenseMlp { activation: Rc::new(FusedSwiGlu), ..d.clone() })),
+        None => Swap::skip("not a SwiGLU MLP"),
+    }
 }
 
 impl Pattern for SwigluMlp {
-    fn info(&self) -> &PatternInfo {
+    fn info(&self) -> &'static PatternInfo {
         &INFO
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        let mut out = PatternOutcome::default();
-        for (i, layer) in model.layers.iter_mut().enumerate() {
-            match &mut layer.mlp {
-                LayerMlp::Moe(block) => {
-                    let stock = block.experts.stock().clone();
-                    match stock.as_any().downcast_ref::<SwitchGlu>() {
-                        Some(s) => {
-                            let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
-                            let fused: Rc<dyn ExpertsSlot> = Rc::new(FusedSwitchGlu { inner });
-                            block.experts.swap(fused, INFO.name);
-                            out.patched.push(format!("{}.switch_mlp", block.path));
-                        }
-                        None => out
-                            .skipped
-                            .push((format!("{}.switch_mlp", block.path), "experts are not a SwitchGLU".into())),
-                    }
-                    if let Some(shared) = &mut block.shared {
-                        if let Some(f) = fused_dense(&shared.stock().clone()) {
-                            shared.swap(f, INFO.name);
-                            out.patched.push(format!("{}.shared_expert", block.path));
-                        }
-                    }
+        Swaps::new(&INFO)
+            .experts(|active| match active.as_any().downcast_ref::<SwitchGlu>() {
+                Some(s) => {
+                    let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
+                    Swap::With(Rc::new(FusedSwitchGlu { inner }))
                 }
-                LayerMlp::Dense(mlp) => match fused_dense(&mlp.stock().clone()) {
-                    Some(f) => {
-                        mlp.swap(f, INFO.name);
-                        out.patched.push(format!("model.layers.{i}.mlp"));
-                    }
-                    None => out.skipped.push((format!("model.layers.{i}.mlp"), "not a SwiGLU MLP".into())),
-                },
-            }
-        }
-        Ok(out)
+                None => Swap::skip("experts are not a SwitchGLU"),
+            })
+            .shared_expert(fused_dense)
+            .dense_mlp(fused_dense)
+            .apply(model)
     }
 }

@@ -1,5 +1,6 @@
 //! Grouped-query attention with RoPE (Mixtral, Qwen3-MoE), mlx-lm's op order.
 use std::any::Any;
+use std::rc::Rc;
 
 use anyhow::Result;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
@@ -7,7 +8,7 @@ use mlx_rs::Array;
 
 use crate::cache::KvCache;
 use crate::nn::{Linear, LoadCtx, RmsNorm, Rope};
-use crate::slots::AttentionSlot;
+use crate::slots::{AttentionSlot, MapLinears};
 
 #[derive(Clone)]
 pub struct GqaAttention {
@@ -93,6 +94,16 @@ impl AttentionSlot for GqaAttention {
         let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
         let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         self.o_proj.forward(&o)
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
+        Some(Rc::new(GqaAttention {
+            q_proj: f(&self.q_proj),
+            k_proj: f(&self.k_proj),
+            v_proj: f(&self.v_proj),
+            o_proj: f(&self.o_proj),
+            ..self.clone()
+        }))
     }
 
     fn as_any(&self) -> &dyn Any {

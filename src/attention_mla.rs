@@ -5,6 +5,7 @@
 //! space); several tokens the expanded one — they differ in the last bits, so the caller must
 //! chunk exactly like mlx-lm (generate.rs does).
 use std::any::Any;
+use std::rc::Rc;
 
 use anyhow::Result;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
@@ -14,7 +15,7 @@ use mlx_rs::{ops, Array};
 use crate::cache::KvCache;
 use crate::config::{MlaConfig, ModelConfig, RopeScaling};
 use crate::nn::{Linear, LoadCtx, MultiLinear, RmsNorm, Rope};
-use crate::slots::AttentionSlot;
+use crate::slots::{AttentionSlot, MapLinears};
 
 #[derive(Clone)]
 pub enum QueryProj {
@@ -90,13 +91,29 @@ impl MlaAttention {
     }
 }
 
+/// The stock positional step as mlx-lm runs it: `(rope(q_pe) * q_scale, rope(k_pe))` with the
+/// model's `Rope` (the scale rounded to q_pe's dtype first).
+pub fn rope_pe(q_pe: &Array, k_pe: &Array, rope: &Rope, offset: i32, q_scale: f32) -> Result<(Array, Array)> {
+    let scale = Array::from_f32(q_scale).as_dtype(q_pe.dtype())?;
+    Ok((rope.forward(q_pe, offset)?.multiply(&scale)?, rope.forward(k_pe, offset)?))
+}
+
 /// The positional step: `(q_pe, k_pe, offset)` → `(rope(q_pe) * scale, rope(k_pe))`.
 pub type PeStep<'a> = &'a dyn Fn(&Array, &Array, i32) -> Result<(Array, Array)>;
 
 impl MlaAttention {
     /// The stock positional step: RoPE of both parts, then the softmax scale on q.
     pub fn stock_pe(&self, q_pe: &Array, k_pe: &Array, offset: i32) -> Result<(Array, Array)> {
-        crate::kernels::rope::rope_decode_reference(q_pe, k_pe, &self.rope, offset, self.scale)
+        rope_pe(q_pe, k_pe, &self.rope, offset, self.scale)
+    }
+
+    /// A copy with each dense projection (q, kv_a, o) replaced by `f(projection)`.
+    pub fn map_linears(&self, f: MapLinears) -> MlaAttention {
+        let q = match &self.q {
+            QueryProj::Direct(p) => QueryProj::Direct(f(p)),
+            QueryProj::LowRank { a, norm, b } => QueryProj::LowRank { a: f(a), norm: norm.clone(), b: f(b) },
+        };
+        MlaAttention { q, kv_a_proj_with_mqa: f(&self.kv_a_proj_with_mqa), o_proj: f(&self.o_proj), ..self.clone() }
     }
 
     /// The attention with a replaceable positional step (the `glm47_rope` pattern swaps it).
@@ -155,6 +172,10 @@ impl MlaAttention {
 impl AttentionSlot for MlaAttention {
     fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
         self.forward_with(x, cache, &|q, k, o| self.stock_pe(q, k, o))
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
+        Some(Rc::new(self.map_linears(f)))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -89,6 +89,13 @@ fn check_version_of(found: &str, built: &str) -> Result<()> {
     Ok(())
 }
 
+/// The backend of the loaded libmlx, detected once (fixed for the process). Stock layers and
+/// kernels both ask here, so neither depends on the other for it.
+pub fn backend() -> Backend {
+    static B: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+    *B.get_or_init(Backend::detect)
+}
+
 /// The backend the default device runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

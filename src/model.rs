@@ -13,7 +13,7 @@ use crate::mlx_env::Backend;
 use crate::models;
 use crate::moe::MoeBlock;
 use crate::nn::{Embedding, Linear, LoadCtx, RmsNorm};
-use crate::slots::{AttentionSlot, HeadSlot, MlpSlot, Slot};
+use crate::slots::{AttentionSlot, HeadSlot, MapLinears, MlpSlot, Slot, SlotMut};
 use crate::weights::WeightStore;
 
 pub enum LayerMlp {
@@ -53,6 +53,10 @@ pub struct OutputHead {
 impl HeadSlot for OutputHead {
     fn forward(&self, h: &Array) -> Result<Array> {
         self.linear.forward(h)
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn HeadSlot>> {
+        Some(Rc::new(OutputHead { linear: f(&self.linear) }))
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -162,7 +166,7 @@ impl Model {
         // Only Mixtral and Qwen3-MoE honour tie_word_embeddings in mlx-lm; the others always load lm_head.
         let linear = if config.tie_word_embeddings {
             // mlx-lm's embed_tokens.as_linear: the same op as a bias-free Linear over its weight.
-            Linear { weight: embed_tokens.weight.clone(), bias: None, qmv: false }
+            Linear::new(embed_tokens.weight.clone(), None)
         } else {
             Linear::load(&mut ctx, "lm_head", config.hidden_size, config.vocab_size, false)?
         };
@@ -208,21 +212,31 @@ impl Model {
 
     /// Puts every slot back to the implementation it was loaded with.
     pub fn restore_all_slots(&mut self) {
-        self.head.restore();
-        for layer in &mut self.layers {
-            layer.attention.restore();
+        for (_, mut slot) in self.slots_mut() {
+            slot.restore();
+        }
+    }
+
+    /// Every slot with its module path, in model order: per layer attention, then router,
+    /// experts, combine and shared expert (MoE) or the dense MLP; the output head last.
+    pub fn slots_mut(&mut self) -> Vec<(String, SlotMut<'_>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            out.push((format!("model.layers.{i}.self_attn"), SlotMut::Attention(&mut layer.attention)));
             match &mut layer.mlp {
                 LayerMlp::Moe(b) => {
-                    b.router.restore();
-                    b.experts.restore();
-                    b.combine.restore();
+                    out.push((format!("{}.gate", b.path), SlotMut::Router(&mut b.router)));
+                    out.push((format!("{}.switch_mlp", b.path), SlotMut::Experts(&mut b.experts)));
+                    out.push((format!("{}.combine", b.path), SlotMut::Combine(&mut b.combine)));
                     if let Some(s) = &mut b.shared {
-                        s.restore();
+                        out.push((format!("{}.shared_expert", b.path), SlotMut::SharedExpert(s)));
                     }
                 }
-                LayerMlp::Dense(m) => m.restore(),
+                LayerMlp::Dense(m) => out.push((format!("model.layers.{i}.mlp"), SlotMut::DenseMlp(m))),
             }
         }
+        out.push(("lm_head".into(), SlotMut::Head(&mut self.head)));
+        out
     }
 
     /// The MoE blocks with their layer index, for patterns.

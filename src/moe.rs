@@ -3,13 +3,104 @@ use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::{ops, stop_gradient, Array};
+use mlx_rs::ops::indexing::{Ellipsis, NewAxis, TryIndexOp};
+use mlx_rs::{ops, stop_gradient, Array, Dtype};
 
-use crate::kernels::{
-    moe_combine_reference, moe_router_reference, sigmoid_router_reference, swiglu_reference, RouterKind, SigmoidRouting,
-};
 use crate::nn::{Linear, LoadCtx, SwitchLinear};
-use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MlpSlot, RouterSlot, Routing, Slot};
+use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MapLinears, MlpSlot, RouterSlot, Routing, Slot};
+
+// ---------------------------------------------------------------- the stock op chains
+// mlx-lm's exact op sequences. The slots below run them; each fused kernel in `kernels/` is
+// checked bit for bit against the one it replaces (its `*_reference` is the function here).
+
+/// `silu(gate) * up` as mlx-lm's swiglu: `(gate * sigmoid(gate)) * up`, each product rounded.
+pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
+    Ok(gate.multiply(ops::sigmoid(gate)?)?.multiply(up)?)
+}
+
+/// The MoE combine: `(y * w[..., None]).sum(-2)` in the promoted dtype.
+pub fn weighted_sum(y: &Array, w: &Array) -> Result<Array> {
+    Ok(ops::sum_axis(y.multiply(w.try_index((Ellipsis, NewAxis))?)?, -2, false)?)
+}
+
+/// Softmax-family routing semantics (moe-families.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    /// Mixtral: top-k of the raw logits (descending), softmax over the k selected.
+    TopKThenSoftmax,
+    /// Qwen3-MoE: softmax over all experts, top-k ascending, optional renormalisation.
+    SoftmaxThenTopK { norm: bool },
+    /// Qwen2-MoE: softmax over all experts, top-k descending, never renormalised.
+    SoftmaxThenTopKDesc,
+}
+
+/// Softmax-family expert selection over gate logits `[.., E]` (mlx-lm's op chain):
+/// `(indices uint32 [.., k], weights [.., k])`.
+pub fn softmax_route(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Array)> {
+    Ok(match kind {
+        RouterKind::TopKThenSoftmax => {
+            let inds =
+                stop_gradient(&ops::argpartition_axis(logits.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+            let w = ops::softmax_axis(logits.take_along_axis(&inds, -1)?, -1, true)?;
+            (inds, w)
+        }
+        RouterKind::SoftmaxThenTopK { norm } => {
+            let p = ops::softmax_axis(logits, -1, true)?;
+            let inds = stop_gradient(&ops::argpartition_axis(&p, -k, -1)?.try_index((Ellipsis, -k..))?)?;
+            let mut w = p.take_along_axis(&inds, -1)?;
+            if norm {
+                w = w.divide(ops::sum_axis(&w, -1, true)?)?;
+            }
+            (inds, w)
+        }
+        RouterKind::SoftmaxThenTopKDesc => {
+            let p = ops::softmax_axis(logits, -1, true)?;
+            let inds = stop_gradient(&ops::argpartition_axis(p.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+            (inds.clone(), p.take_along_axis(&inds, -1)?)
+        }
+    })
+}
+
+/// DeepSeek-V3 / Kimi-K2 / GLM routing parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SigmoidRouting {
+    pub k: i32,
+    pub n_group: i32,
+    pub topk_group: i32,
+    pub norm_topk_prob: bool,
+    /// GLM-4.7-Flash: `w / (sum + eps)`.
+    pub renorm_eps: Option<f32>,
+    pub routed_scaling_factor: f32,
+}
+
+/// mlx-lm's group_expert_select over gate logits: `(indices uint32, weights f32)`.
+pub fn group_expert_select(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result<(Array, Array)> {
+    let orig = ops::sigmoid(gates.as_dtype(Dtype::Float32)?)?;
+    let mut scores = orig.add(bias)?;
+    if p.n_group > 1 {
+        scores = ops::unflatten(&scores, -1, &[p.n_group, -1])?;
+        let group_scores = ops::sum_axis(ops::indexing::topk_axis(&scores, 2, -1)?, -1, true)?;
+        let drop = p.n_group - p.topk_group;
+        if drop > 0 {
+            let group_idx = ops::argpartition_axis(&group_scores, drop - 1, -2)?.try_index((Ellipsis, ..drop, ..))?;
+            scores = ops::indexing::put_along_axis(&scores, stop_gradient(&group_idx)?, Array::from_f32(0.0), -2)?;
+        }
+        scores = scores.flatten(-2, -1)?;
+    }
+    let k = p.k;
+    let indices = stop_gradient(&ops::argpartition_axis(scores.negative()?, k - 1, -1)?.try_index((Ellipsis, ..k))?)?;
+    let mut weights = orig.take_along_axis(&indices, -1)?;
+    if k > 1 && p.norm_topk_prob {
+        let mut den = ops::sum_axis(&weights, -1, true)?;
+        if let Some(eps) = p.renorm_eps {
+            den = den.add(Array::from_f32(eps))?;
+        }
+        weights = weights.divide(&den)?;
+    }
+    Ok((indices, weights.multiply(Array::from_f32(p.routed_scaling_factor))?))
+}
+
+// ---------------------------------------------------------------- the stock slots
 
 /// Softmax-family routers (Mixtral, Qwen2-MoE, Qwen3-MoE): a gate Linear, then the family's
 /// softmax/top-k/renormalisation chain (see `RouterKind`).
@@ -21,7 +112,7 @@ pub struct SoftmaxRouter {
 
 impl RouterSlot for SoftmaxRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let (indices, weights) = moe_router_reference(&self.gate.forward(x)?, self.kind, self.k)?;
+        let (indices, weights) = softmax_route(&self.gate.forward(x)?, self.kind, self.k)?;
         Ok(Routing { indices, weights })
     }
 
@@ -51,7 +142,7 @@ impl SigmoidGroupRouter {
 
 impl RouterSlot for SigmoidGroupRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
-        let (indices, weights) = sigmoid_router_reference(&self.logits(x)?, &self.bias, &self.params)?;
+        let (indices, weights) = group_expert_select(&self.logits(x)?, &self.bias, &self.params)?;
         Ok(Routing { indices, weights })
     }
 
@@ -65,7 +156,7 @@ pub struct SwiGlu;
 
 impl ActivationSlot for SwiGlu {
     fn forward(&self, gate: &Array, up: &Array) -> Result<Array> {
-        swiglu_reference(gate, up)
+        swiglu(gate, up)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -80,7 +171,7 @@ pub struct WeightedSumCombine {
 
 impl CombineSlot for WeightedSumCombine {
     fn forward(&self, y: &Array, weights: &Array) -> Result<Array> {
-        let out = moe_combine_reference(y, weights)?;
+        let out = weighted_sum(y, weights)?;
         Ok(if self.cast_back { out.as_dtype(y.dtype())? } else { out })
     }
 
@@ -181,10 +272,26 @@ impl DenseMlp {
     }
 }
 
+impl DenseMlp {
+    /// A copy with gate/up/down replaced by `f(projection)` (same activation).
+    pub fn map_linears(&self, f: MapLinears) -> DenseMlp {
+        DenseMlp {
+            gate_proj: f(&self.gate_proj),
+            up_proj: f(&self.up_proj),
+            down_proj: f(&self.down_proj),
+            activation: self.activation.clone(),
+        }
+    }
+}
+
 impl MlpSlot for DenseMlp {
     fn forward(&self, x: &Array) -> Result<Array> {
         let h = self.activation.forward(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn MlpSlot>> {
+        Some(Rc::new(self.map_linears(f)))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -203,6 +310,11 @@ impl MlpSlot for GatedSharedExpert {
     fn forward(&self, x: &Array) -> Result<Array> {
         let shared = self.mlp.forward(x)?;
         Ok(ops::sigmoid(self.gate.forward(x)?)?.multiply(&shared)?)
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn MlpSlot>> {
+        let mlp = self.mlp.map_linears(f);
+        Some(Rc::new(GatedSharedExpert { mlp, gate: f(&self.gate) }))
     }
 
     fn as_any(&self) -> &dyn Any {

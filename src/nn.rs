@@ -2,6 +2,9 @@
 //! QuantizedEmbedding, SwitchLinear / QuantizedSwitchLinear, RMSNorm, RoPE.
 //! Loading follows mlx-lm's class_predicate: a module is quantized iff config.json names it or
 //! its `.scales` tensor exists; bits and group size come from the tensor shapes.
+use std::any::Any;
+use std::rc::Rc;
+
 use anyhow::{bail, Result};
 use mlx_rs::{fast, ops, Array, Dtype};
 
@@ -116,38 +119,25 @@ pub enum Weight {
     Quant(QWeight),
 }
 
-/// nn.Linear / nn.QuantizedLinear.
-#[derive(Clone)]
-pub struct Linear {
-    pub weight: Weight,
-    pub bias: Option<Array>,
-    /// Decode rows of a quantized weight go through zmlx's bit-exact multi-threaded mat-vec
-    /// (`kernels::experts::qmv_linear`). Off as loaded; the `qmv_linear` pattern sets it on
-    /// copies of the slots it swaps in.
-    pub qmv: bool,
+/// A dense projection `x @ W^T (+ b)` of one layer's weights (mistral.rs's `QuantMethod`): the
+/// stock implementation is mlx.nn's Linear / QuantizedLinear ([`MlxLinear`]); a pattern may give
+/// a [`Linear`] another implementation of the same weights (see [`Linear::with`]).
+pub trait DenseProjection: Any {
+    fn forward(&self, x: &Array) -> Result<Array>;
+    fn weight(&self) -> &Weight;
+    fn bias(&self) -> Option<&Array>;
+    fn as_any(&self) -> &dyn Any;
 }
 
-impl Linear {
-    pub fn load(ctx: &mut LoadCtx, path: &str, inp: i32, out: i32, bias: bool) -> Result<Linear> {
-        let weight = ctx.weight(path, &[], out, inp)?;
-        let bias = if bias { Some(ctx.float(&format!("{path}.bias"), &[out])?) } else { None };
-        Ok(Linear { weight, bias, qmv: false })
-    }
+/// nn.Linear / nn.QuantizedLinear: MLX's `addmm`/`matmul` or `quantized_matmul`.
+#[derive(Clone)]
+pub struct MlxLinear {
+    pub weight: Weight,
+    pub bias: Option<Array>,
+}
 
-    pub fn forward(&self, x: &Array) -> Result<Array> {
-        if let (true, Weight::Quant(q)) = (self.qmv, &self.weight) {
-            match crate::kernels::experts::qmv_linear_unsupported(x, q) {
-                None => {
-                    crate::fallbacks::fused("qmv_linear");
-                    let y = crate::kernels::experts::qmv_linear(x, q)?;
-                    return Ok(match &self.bias {
-                        Some(b) => y.add(b)?,
-                        None => y,
-                    });
-                }
-                Some(why) => crate::fallbacks::fallback("qmv_linear", &why),
-            }
-        }
+impl DenseProjection for MlxLinear {
+    fn forward(&self, x: &Array) -> Result<Array> {
         Ok(match (&self.weight, &self.bias) {
             (Weight::Float(w), None) => x.matmul(w.t())?,
             (Weight::Float(w), Some(b)) => ops::addmm(b, x, w.t(), None, None)?,
@@ -160,9 +150,65 @@ impl Linear {
             }
         })
     }
+
+    fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    fn bias(&self) -> Option<&Array> {
+        self.bias.as_ref()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
-fn quantized_matmul(x: &Array, q: &QWeight) -> Result<Array> {
+/// A layer's dense projection: [`MlxLinear`] as loaded. Cloning shares the implementation;
+/// [`Linear::with`] gives a copy another one (the slot holding the copy is what gets swapped and
+/// restored, so the loaded layer never changes).
+#[derive(Clone)]
+pub struct Linear {
+    imp: Rc<dyn DenseProjection>,
+}
+
+impl Linear {
+    /// The stock projection over these weights.
+    pub fn new(weight: Weight, bias: Option<Array>) -> Linear {
+        Linear { imp: Rc::new(MlxLinear { weight, bias }) }
+    }
+
+    pub fn load(ctx: &mut LoadCtx, path: &str, inp: i32, out: i32, bias: bool) -> Result<Linear> {
+        let weight = ctx.weight(path, &[], out, inp)?;
+        let bias = if bias { Some(ctx.float(&format!("{path}.bias"), &[out])?) } else { None };
+        Ok(Linear::new(weight, bias))
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        self.imp.forward(x)
+    }
+
+    pub fn weight(&self) -> &Weight {
+        self.imp.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Array> {
+        self.imp.bias()
+    }
+
+    /// The implementation that runs (a pattern may wrap it).
+    pub fn implementation(&self) -> &Rc<dyn DenseProjection> {
+        &self.imp
+    }
+
+    /// A copy of this layer computed by `imp` (which must project the same weights).
+    pub fn with(&self, imp: Rc<dyn DenseProjection>) -> Linear {
+        Linear { imp }
+    }
+}
+
+/// `quantized_matmul(x, W, transpose=true)` as QuantizedLinear runs it.
+pub fn quantized_matmul(x: &Array, q: &QWeight) -> Result<Array> {
     Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.q.group_size, q.q.bits)?)
 }
 
@@ -296,7 +342,7 @@ impl Rope {
         // inputs such as MLA's split q_pe/k_pe (scripts/gpu/split_repro.py: |Δ| up to 6 vs the
         // same op on a contiguous copy; mlx-lm is hit too). Copy first on GPU backends; the CPU
         // rope is an op-composed fallback that handles views, so it stays as mlx-lm runs it.
-        let x = if crate::kernels::backend() != crate::mlx_env::Backend::Cpu { x.contiguous()? } else { x.clone() };
+        let x = if crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu { x.contiguous()? } else { x.clone() };
         let x = match self.pre_scale {
             Some(m) => x.multiply(Array::from_f32(m as f32).as_dtype(x.dtype())?)?,
             None => x,

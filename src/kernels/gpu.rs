@@ -1,7 +1,10 @@
 //! Safe wrapper over MLX's custom GPU kernels (`fast::cuda_kernel` / `fast::metal_kernel`
 //! through mlx-c's raw bindings): a kernel body string plus inputs, template arguments, grid and
 //! output shapes. The same call shape serves both backends; only the mlx-c functions differ.
+//! Each kernel's mlx-c object is built on first use and cached (launch constants are not rebuilt
+//! per call).
 use std::ffi::CString;
+use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 use mlx_rs::{Array, Dtype, Stream};
@@ -31,10 +34,84 @@ fn strings(names: &[&str]) -> Result<mlx_sys::mlx_vector_string> {
     Ok(v)
 }
 
+/// An mlx-c kernel object, built once per (kernel, backend) from the kernel's static name,
+/// input/output names, body and header, and kept for the process (as a Python caller keeps the
+/// result of `mx.fast.cuda_kernel(...)`): only the per-call template arguments, grid and output
+/// shapes are set at each launch. MLX caches the compiled library by the instantiated name.
+#[derive(Clone, Copy)]
+enum Handle {
+    Cuda(mlx_sys::mlx_fast_cuda_kernel),
+    Metal(mlx_sys::mlx_fast_metal_kernel),
+}
+
+// The handles are opaque pointers to immutable kernel descriptions, never freed.
+unsafe impl Send for Handle {}
+
+static HANDLES: Mutex<Vec<(usize, Backend, Handle)>> = Mutex::new(Vec::new());
+
 impl GpuKernel {
+    fn handle(&'static self, backend: Backend) -> Result<Handle> {
+        let key = self as *const GpuKernel as usize;
+        let mut cache = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, h)) = cache.iter().find(|(k, b, _)| *k == key && *b == backend) {
+            return Ok(*h);
+        }
+        let name = CString::new(self.name)?;
+        let source = CString::new(self.source)?;
+        let header = CString::new(self.header)?;
+        let in_names = strings(self.inputs)?;
+        let out_names = strings(self.outputs)?;
+        let h = unsafe {
+            match backend {
+                Backend::Cuda => Handle::Cuda(mlx_sys::mlx_fast_cuda_kernel_new(
+                    name.as_ptr(),
+                    in_names,
+                    out_names,
+                    source.as_ptr(),
+                    header.as_ptr(),
+                    true,
+                    0,
+                )),
+                Backend::Metal => Handle::Metal(mlx_sys::mlx_fast_metal_kernel_new(
+                    name.as_ptr(),
+                    in_names,
+                    out_names,
+                    source.as_ptr(),
+                    header.as_ptr(),
+                    true,
+                    false,
+                )),
+                Backend::Cpu => {
+                    mlx_sys::mlx_vector_string_free(in_names);
+                    mlx_sys::mlx_vector_string_free(out_names);
+                    return Err(anyhow!("kernel `{}`: no GPU on the CPU backend", self.name));
+                }
+            }
+        };
+        // mlx-c copies the strings into the kernel object.
+        unsafe {
+            mlx_sys::mlx_vector_string_free(in_names);
+            mlx_sys::mlx_vector_string_free(out_names);
+        }
+        let built = match h {
+            Handle::Cuda(k) => !k.ctx.is_null(),
+            Handle::Metal(k) => !k.ctx.is_null(),
+        };
+        if !built {
+            return Err(anyhow!(
+                "{} kernel `{}` could not be created: {}",
+                backend.name(),
+                self.name,
+                crate::mlx_env::take_last_error()
+            ));
+        }
+        cache.push((key, backend, h));
+        Ok(h)
+    }
+
     /// Runs the kernel on the current stream; returns its outputs.
     pub fn apply(
-        &self,
+        &'static self,
         backend: Backend,
         inputs: &[&Array],
         template: &[(&str, TemplateArg)],
@@ -42,11 +119,7 @@ impl GpuKernel {
         threads: (i32, i32, i32),
         outputs: &[(&[i32], Dtype)],
     ) -> Result<Vec<Array>> {
-        let name = CString::new(self.name)?;
-        let source = CString::new(self.source)?;
-        let header = CString::new(self.header)?;
-        let in_names = strings(self.inputs)?;
-        let out_names = strings(self.outputs)?;
+        let handle = self.handle(backend)?;
         let tnames: Vec<CString> = template.iter().map(|(n, _)| CString::new(*n)).collect::<Result<_, _>>()?;
         let ins = unsafe { mlx_sys::mlx_vector_array_new() };
         for a in inputs {
@@ -56,10 +129,8 @@ impl GpuKernel {
         let stream = Stream::thread_local_or_default();
         // The CUDA and Metal entry points of mlx-c have the same shape; only the names differ.
         macro_rules! launch {
-            ($new:ident, $second:expr, $cfg_new:ident, $cfg_free:ident, $out:ident, $grid:ident, $group:ident,
-             $t_dtype:ident, $t_int:ident, $t_bool:ident, $apply:ident, $free:ident) => {{
-                let k =
-                    mlx_sys::$new(name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, $second);
+            ($k:ident, $cfg_new:ident, $cfg_free:ident, $out:ident, $grid:ident, $group:ident,
+             $t_dtype:ident, $t_int:ident, $t_bool:ident, $apply:ident) => {{
                 let cfg = mlx_sys::$cfg_new();
                 for (shape, dt) in outputs {
                     mlx_sys::$out(cfg, shape.as_ptr(), shape.len(), (*dt).into());
@@ -73,17 +144,15 @@ impl GpuKernel {
                         TemplateArg::Bool(b) => mlx_sys::$t_bool(cfg, n.as_ptr(), *b),
                     };
                 }
-                let st = mlx_sys::$apply(&mut res, k, ins, cfg, stream.as_ptr());
+                let st = mlx_sys::$apply(&mut res, $k, ins, cfg, stream.as_ptr());
                 mlx_sys::$cfg_free(cfg);
-                mlx_sys::$free(k);
                 st
             }};
         }
         let status = unsafe {
-            match backend {
-                Backend::Cuda => launch!(
-                    mlx_fast_cuda_kernel_new,
-                    0,
+            match handle {
+                Handle::Cuda(k) => launch!(
+                    k,
                     mlx_fast_cuda_kernel_config_new,
                     mlx_fast_cuda_kernel_config_free,
                     mlx_fast_cuda_kernel_config_add_output_arg,
@@ -92,12 +161,10 @@ impl GpuKernel {
                     mlx_fast_cuda_kernel_config_add_template_arg_dtype,
                     mlx_fast_cuda_kernel_config_add_template_arg_int,
                     mlx_fast_cuda_kernel_config_add_template_arg_bool,
-                    mlx_fast_cuda_kernel_apply,
-                    mlx_fast_cuda_kernel_free
+                    mlx_fast_cuda_kernel_apply
                 ),
-                Backend::Metal => launch!(
-                    mlx_fast_metal_kernel_new,
-                    false,
+                Handle::Metal(k) => launch!(
+                    k,
                     mlx_fast_metal_kernel_config_new,
                     mlx_fast_metal_kernel_config_free,
                     mlx_fast_metal_kernel_config_add_output_arg,
@@ -106,17 +173,11 @@ impl GpuKernel {
                     mlx_fast_metal_kernel_config_add_template_arg_dtype,
                     mlx_fast_metal_kernel_config_add_template_arg_int,
                     mlx_fast_metal_kernel_config_add_template_arg_bool,
-                    mlx_fast_metal_kernel_apply,
-                    mlx_fast_metal_kernel_free
+                    mlx_fast_metal_kernel_apply
                 ),
-                Backend::Cpu => 1,
             }
         };
-        unsafe {
-            mlx_sys::mlx_vector_array_free(ins);
-            mlx_sys::mlx_vector_string_free(in_names);
-            mlx_sys::mlx_vector_string_free(out_names);
-        }
+        unsafe { mlx_sys::mlx_vector_array_free(ins) };
         if status != 0 {
             unsafe { mlx_sys::mlx_vector_array_free(res) };
             return Err(anyhow!(
@@ -135,5 +196,14 @@ impl GpuKernel {
         }
         unsafe { mlx_sys::mlx_vector_array_free(res) };
         Ok(out)
+    }
+}
+
+/// The CUDA or Metal body of a kernel, for a GPU backend.
+pub fn pick(backend: Backend, cuda: &'static GpuKernel, metal: &'static GpuKernel) -> &'static GpuKernel {
+    if backend == Backend::Cuda {
+        cuda
+    } else {
+        metal
     }
 }

@@ -3,14 +3,17 @@
 //! (`[B, 1, L, R]`), including YaRN's pre-scale. In mlx-lm ≥ 0.30.6's MLA layout the rotated
 //! parts are not concatenated with the latents (k_pe is cached separately and enters SDPA as an
 //! additive score), so the "concat" of the original's `glm47_rope` becomes this scale fusion.
-//! CPU: bit-identical to the stock chain (kernels/cpu/zmlx_rope.cpp); CUDA/Metal: MLX's rope
-//! formula, float cos/sin (not claimed bit-identical to MLX's GPU rope kernels).
+//! The `glm47_rope` pattern's kernel. Reference: `attention_mla::rope_pe` (the stock step).
+//! CPU: `zmlx_cpu_rope_decode` (kernels/cpu/zmlx_rope.cpp), bit-identical to the stock chain;
+//! CUDA/Metal: kernels/{cuda,metal}/rope_decode.*, MLX's rope formula, float cos/sin (not
+//! claimed bit-identical to MLX's GPU rope kernels; opt-in `ZMLX_GPU_EXPERIMENTAL`).
 use std::ffi::c_int;
 
 use anyhow::{bail, Result};
 use mlx_rs::{ops, Array, Dtype};
 
-use super::gpu::{GpuKernel, TemplateArg};
+use super::check::{compare, rand, CaseResult};
+use super::gpu::{pick, GpuKernel, TemplateArg};
 use super::{backend, check_float, threads_for, CUDA_HEADER};
 use crate::mlx_env::{raw_array, Backend};
 use crate::nn::Rope;
@@ -44,8 +47,7 @@ pub fn rope_decode_reference(
     offset: i32,
     q_scale: f32,
 ) -> Result<(Array, Array)> {
-    let scale = Array::from_f32(q_scale).as_dtype(q_pe.dtype())?;
-    Ok((rope.forward(q_pe, offset)?.multiply(&scale)?, rope.forward(k_pe, offset)?))
+    crate::attention_mla::rope_pe(q_pe, k_pe, rope, offset, q_scale)
 }
 
 static CUDA: GpuKernel = GpuKernel {
@@ -111,7 +113,7 @@ pub fn rope_decode(q_pe: &Array, k_pe: &Array, rope: &Rope, offset: i32, q_scale
                 }
             };
             let params = Array::from_slice(&[rope.scale, mscale.unwrap_or(1.0), q_scale, offset as f32], &[4]);
-            let kern = if b == Backend::Cuda { &CUDA } else { &METAL };
+            let kern = pick(b, &CUDA, &METAL);
             let total = q_pe.size() + k_pe.size();
             let template = [
                 ("T", TemplateArg::Dtype(q_pe.dtype())),
@@ -131,4 +133,22 @@ pub fn rope_decode(q_pe: &Array, k_pe: &Array, rope: &Rope, offset: i32, q_scale
             Ok((it.next().unwrap(), it.next().unwrap()))
         }
     }
+}
+
+/// Selftest cases for one dtype: traditional (MLA) and half-split rotation, a late offset.
+pub fn selftest(dt: Dtype, out: &mut Vec<CaseResult>) -> Result<()> {
+    for (name, r) in [
+        ("base 1e6 traditional", Rope::plain(64, true, 1_000_000.0)),
+        ("base 1e4 half-split", Rope::plain(64, false, 10_000.0)),
+    ] {
+        let q = rand(&[1, 20, 1, 64], 68, 2.0, dt)?;
+        let k = rand(&[1, 1, 1, 64], 69, 2.0, dt)?;
+        out.push(compare(
+            "rope_decode",
+            format!("{name} offset 777 {dt:?}"),
+            rope_decode_reference(&q, &k, &r, 777, 0.07).map(|(a, b)| vec![a, b]),
+            rope_decode(&q, &k, &r, 777, 0.07).map(|(a, b)| vec![a, b]),
+        ));
+    }
+    Ok(())
 }

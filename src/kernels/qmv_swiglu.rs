@@ -1,0 +1,160 @@
+//! `qmv_swiglu`: for quantized SwitchGLU experts, the gathered gate and up mat-vecs + SwiGLU in
+//! one node → `h` `[T, k, I]` (decode; prefill groups the (token, slot) pairs by expert). The
+//! `swiglu_mlp` pattern's expert path. Reference: gather_qmm → `moe::swiglu` (SwitchGLU's ops).
+//! CPU: `zmlx_cpu_qmv_swiglu` (kernels/cpu/zmlx_qmv.cpp + qmv_rows.inc), bit-identical for
+//! float32 activations (zmlx_qmv.cpp says why); CUDA/Metal: kernels/{cuda,metal}/qmv_swiglu.*,
+//! float accumulation, within a tolerance (not bit-identical; opt-in `ZMLX_GPU_EXPERIMENTAL`).
+use std::ffi::c_int;
+
+use anyhow::{bail, Result};
+use mlx_rs::{ops, Array, Dtype};
+
+use super::check::{compare, qweight, rand, CaseResult};
+use super::gpu::{pick, GpuKernel, TemplateArg};
+use super::{backend, threads_for, CUDA_HEADER};
+use crate::mlx_env::{raw_array, Backend};
+use crate::nn::QWeight;
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn zmlx_cpu_qmv_swiglu(
+        res: *mut mlx_sys::mlx_array,
+        x: mlx_sys::mlx_array,
+        idx: mlx_sys::mlx_array,
+        wg: mlx_sys::mlx_array,
+        sg: mlx_sys::mlx_array,
+        bg: mlx_sys::mlx_array,
+        wu: mlx_sys::mlx_array,
+        su: mlx_sys::mlx_array,
+        bu: mlx_sys::mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
+}
+
+/// Why a quantized expert kernel (`qmv_swiglu`, `qmv_combine`, `qmv_linear`) does not apply to
+/// these weights/activations (None: it does).
+pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
+    let q = weights[0].q;
+    if weights.iter().any(|w| w.q != q) {
+        return Some("gate/up/down quantized with different bits or group sizes".into());
+    }
+    if ![2, 4, 8].contains(&q.bits) {
+        return Some(format!("{}-bit weights (kernel has 2/4/8)", q.bits));
+    }
+    match backend() {
+        b @ (Backend::Cuda | Backend::Metal) if !super::gpu_experimental() => {
+            Some(format!("not bit-exact on {} (set {}=1 to run it anyway)", b.name(), super::GPU_EXPERIMENTAL_VAR))
+        }
+        Backend::Cpu if x_dtype != Dtype::Float32 => {
+            Some(format!("{x_dtype:?} activations (the CPU kernel is bit-exact for float32 only)"))
+        }
+        _ if weights.iter().any(|w| w.scales.dtype() != x_dtype) => {
+            Some("scales dtype differs from the activations".into())
+        }
+        _ => None,
+    }
+}
+
+/// `x` `[T, ..., K]` and uint32 `idx` `[T, k]` (shared with `qmv_combine`).
+pub(super) fn check_shapes(op: &str, x: &Array, idx: &Array) -> Result<()> {
+    if x.ndim() < 2 || idx.ndim() != 2 || idx.dim(0) != x.dim(0) || idx.dtype() != Dtype::Uint32 {
+        bail!(
+            "{op}: expected activations [T, ..., K] and uint32 indices [T, k], got {:?} and {:?} {:?}",
+            x.shape(),
+            idx.shape(),
+            idx.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Stock composition of `qmv_swiglu`: `x` `[T, K]`, `idx` `[T, k]` → `[T, k, I]`.
+pub fn qmv_swiglu_reference(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight) -> Result<Array> {
+    let xe = x.expand_dims_axes(&[-2, -3])?; // [T, 1, 1, K]
+    let mm = |w: &QWeight| {
+        ops::gather_qmm(&xe, &w.weight, &w.scales, &w.biases, None, idx, true, w.q.group_size, w.q.bits, false)
+    };
+    let (u, g) = (mm(up)?, mm(gate)?);
+    Ok(crate::moe::swiglu(&g, &u)?.squeeze_axes(&[-2])?)
+}
+
+static SWIGLU_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_qmv_swiglu",
+    inputs: &["x", "idx", "wg", "sg", "bg", "wu", "su", "bu"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/cuda/qmv_swiglu.cu"),
+    header: CUDA_HEADER,
+};
+static SWIGLU_METAL: GpuKernel = GpuKernel {
+    name: "zmlx_qmv_swiglu",
+    inputs: &["x", "idx", "wg", "sg", "bg", "wu", "su", "bu"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/metal/qmv_swiglu.metal"),
+    header: "",
+};
+
+/// Fused gathered gate/up mat-vecs + SwiGLU: `x` `[T, K]`, `idx` `[T, k]` → `h` `[T, k, I]`.
+pub fn qmv_swiglu(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight) -> Result<Array> {
+    check_shapes("qmv_swiglu", x, idx)?;
+    if let Some(why) = unsupported(x.dtype(), &[gate, up]) {
+        bail!("qmv_swiglu: {why}");
+    }
+    let (q, n, e) = (gate.q, gate.weight.dim(1), gate.weight.dim(0));
+    match backend() {
+        Backend::Cpu => Ok(raw_array(|res, s| unsafe {
+            zmlx_cpu_qmv_swiglu(
+                res,
+                x.as_ptr(),
+                idx.as_ptr(),
+                gate.weight.as_ptr(),
+                gate.scales.as_ptr(),
+                gate.biases.as_ptr(),
+                up.weight.as_ptr(),
+                up.scales.as_ptr(),
+                up.biases.as_ptr(),
+                q.group_size,
+                q.bits,
+                s,
+            )
+        })?),
+        b => {
+            let (t, k) = (idx.dim(0), idx.dim(1));
+            let total = (t * k * n) as usize;
+            let template = [
+                ("T", TemplateArg::Dtype(x.dtype())),
+                ("K", TemplateArg::Int(x.dim(-1))),
+                ("N", TemplateArg::Int(n)),
+                ("KSEL", TemplateArg::Int(k)),
+                ("GS", TemplateArg::Int(q.group_size)),
+                ("BITS", TemplateArg::Int(q.bits)),
+                ("E", TemplateArg::Int(e)),
+            ];
+            let ins = [x, idx, &gate.weight, &gate.scales, &gate.biases, &up.weight, &up.scales, &up.biases];
+            let out = pick(b, &SWIGLU_CUDA, &SWIGLU_METAL).apply(
+                b,
+                &ins,
+                &template,
+                (total as i32, 1, 1),
+                (threads_for(total), 1, 1),
+                &[(&[t, k, n], x.dtype())],
+            )?;
+            Ok(out.into_iter().next().unwrap())
+        }
+    }
+}
+
+/// Selftest case for one dtype and bit width (decode step, E=16 D=2048 I=768 k=4).
+pub fn selftest(dt: Dtype, bits: i32, out: &mut Vec<CaseResult>) -> Result<()> {
+    let (g, u) = (qweight(16, 768, 2048, bits, 61, dt)?, qweight(16, 768, 2048, bits, 62, dt)?);
+    let idx = Array::from_slice(&[1u32, 5, 9, 15], &[1, 4]);
+    let x = rand(&[1, 2048], 64, 1.0, dt)?;
+    out.push(compare(
+        "qmv_swiglu",
+        format!("E=16 D=2048 I=768 k=4 {bits}-bit {dt:?}"),
+        qmv_swiglu_reference(&x, &idx, &g, &u).map(|a| vec![a]),
+        qmv_swiglu(&x, &idx, &g, &u).map(|a| vec![a]),
+    ));
+    Ok(())
+}
