@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 
 use super::{HfExperts, ModelFamily, BENCH_LAYERS};
 use crate::config::{Keys, ModelConfig};
-use crate::kernels::RouterKind;
 use crate::model::{DecoderLayer, LayerMlp};
+use crate::moe::RouterKind;
 use crate::nn::LoadCtx;
 use crate::weights::WeightStore;
 

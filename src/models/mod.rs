@@ -28,8 +28,8 @@ use serde_json::Value;
 
 use crate::attention::{GqaAttention, GqaShape};
 use crate::config::{Keys, ModelConfig};
-use crate::kernels::RouterKind;
 use crate::model::{slot, DecoderLayer};
+use crate::moe::RouterKind;
 use crate::moe::{MoeBlock, SoftmaxRouter, SwitchGlu, WeightedSumCombine};
 use crate::nn::{Linear, LoadCtx};
 use crate::weights::WeightStore;

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 
 use super::{HfExperts, ModelFamily, BENCH_LAYERS};
 use crate::config::{Keys, ModelConfig};
-use crate::kernels::RouterKind;
 use crate::model::{slot, DecoderLayer, LayerMlp};
+use crate::moe::RouterKind;
 use crate::moe::{DenseMlp, GatedSharedExpert};
 use crate::nn::{Linear, LoadCtx};
 use crate::weights::WeightStore;

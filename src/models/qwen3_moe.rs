@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use super::{HfExperts, ModelFamily, BENCH_LAYERS};
 use crate::config::{Keys, ModelConfig};
-use crate::kernels::RouterKind;
 use crate::model::{slot, DecoderLayer, LayerMlp};
 use crate::moe::DenseMlp;
+use crate::moe::RouterKind;
 use crate::nn::LoadCtx;
 use crate::weights::WeightStore;
 

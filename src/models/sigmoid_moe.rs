@@ -7,8 +7,8 @@ use std::rc::Rc;
 use anyhow::Result;
 
 use crate::config::{Keys, ModelConfig};
-use crate::kernels::SigmoidRouting;
 use crate::model::{slot, LayerMlp};
+use crate::moe::SigmoidRouting;
 use crate::moe::{DenseMlp, MoeBlock, SigmoidGroupRouter, SwitchGlu, WeightedSumCombine};
 use crate::nn::LoadCtx;
 
