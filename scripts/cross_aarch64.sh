@@ -7,6 +7,7 @@
 # Inputs (scripts/setup.sh --aarch64 fetches them): g++-aarch64-linux-gnu + qemu-user (apt), a Rust
 # std for the target (rustup's if installed, else Debian's rustc-web + its arm64 std unpacked into
 # .mlx/aarch64/rust-std), the aarch64 mlx-cpu wheel in .mlx/aarch64/mlx-cpu-<ver>.
+# ZMLX_CROSS_RUST=debian uses Debian's rustc-web even where rustup has the target.
 # Output: target/aarch64-cross/aarch64-unknown-linux-gnu/{debug,release}/ (its own target dir:
 # another rustc must not invalidate the host build's artefacts). PROFILE=release for a release build.
 set -euo pipefail
@@ -24,7 +25,7 @@ X=$ROOT/.mlx/aarch64
 command -v aarch64-linux-gnu-g++ >/dev/null || die "aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)"
 
 # Which Rust: rustup's toolchain if it has the target, else Debian's rustc-web with its arm64 std.
-if rustup target list --installed 2>/dev/null | grep -qx $T; then
+if [ "${ZMLX_CROSS_RUST:-}" != debian ] && rustup target list --installed 2>/dev/null | grep -qx $T; then
   CARGO=(cargo)
   say "using rustup's $(rustc -V) with its $T std"
 else

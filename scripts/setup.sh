@@ -100,7 +100,7 @@ if [ $want_aarch64 = 1 ]; then
   # Rust std for the target: rustup's when installed (rustup needs its own server to add it);
   # otherwise Debian's rustc-web (a second rustc in /usr/bin, behind rustup's in PATH) and its
   # arm64 std, fetched with a private apt state (no dpkg --add-architecture on this machine).
-  if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+  if [ "${ZMLX_CROSS_RUST:-}" != debian ] && rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
     say "rust std for aarch64-unknown-linux-gnu present (rustup)"
   else
     need_apt rustc-web cargo-web
