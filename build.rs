@@ -10,7 +10,8 @@
 use std::env;
 
 /// Row-kernel sources that only one architecture compiles (every other .cpp is portable).
-const ARCH_ONLY: &[(&str, &str)] = &[("qmv_avx2.cpp", "x86_64"), ("qmv_avx512.cpp", "x86_64"), ("qmv_neon.cpp", "aarch64")];
+const ARCH_ONLY: &[(&str, &str)] =
+    &[("qmv_avx2.cpp", "x86_64"), ("qmv_avx512.cpp", "x86_64"), ("qmv_neon.cpp", "aarch64")];
 
 fn main() {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();

@@ -128,9 +128,8 @@ fn main() {
         Some(arch) => root.join(".mlx").join(arch),
         None => root.join(".mlx"),
     };
-    let mlx = env::var_os("ZMLX_MLX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| wheels.join(format!("mlx-cpu-{probe_tag}")));
+    let mlx =
+        env::var_os("ZMLX_MLX_DIR").map(PathBuf::from).unwrap_or_else(|| wheels.join(format!("mlx-cpu-{probe_tag}")));
     ensure_inputs(&root, &mlxc, &mlx, overridden);
 
     let pinned = mlxc_pinned_version(&mlxc);
