@@ -4,6 +4,8 @@
 #![allow(non_snake_case)]
 #![allow(clippy::all)]
 
+// `raw::mlx_pad` is shadowed below (unused, and of another pointer type on aarch64 Linux).
+#[allow(dead_code, clashing_extern_declarations)]
 mod raw {
     include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 }
@@ -12,6 +14,7 @@ pub use raw::*;
 // mlx-rs 0.33.0 passes mlx_pad's `mode` as `*const i8` (c_char on x86-64 and on Apple's arm64),
 // but c_char is u8 on aarch64 Linux, so the generated declaration would not type-check there.
 // This explicit item shadows the glob-exported one; the C signature is the same on every target.
+#[allow(clashing_extern_declarations)]
 extern "C" {
     pub fn mlx_pad(
         res: *mut mlx_array,
