@@ -3,7 +3,12 @@
 #   - libclang for bindgen (apt, only if missing),
 #   - libmlx + headers from the PyPI wheel mlx-cpu==$MLX_VERSION into .mlx/mlx-cpu-$MLX_VERSION,
 #   - mlx-c sources from the crates.io package mlx-sys 0.7.0 into .mlx/mlx-c-0.7.0,
-#   - with --oracle: a Python venv .mlx/oracle-venv with mlx-lm (the numerical oracle for tests).
+#   - with --oracle: a Python venv .mlx/oracle-venv with mlx-lm (the numerical oracle for tests),
+#   - with --aarch64: the inputs of the aarch64-unknown-linux-gnu cross build (opt-in; see
+#     scripts/cross_aarch64.sh and docs/building.md): the GCC cross compiler and qemu-user (apt),
+#     a Rust std for the target (rustup's if installed, else Debian's rustc-web with its arm64
+#     std, unpacked into .mlx/aarch64/rust-std) and the aarch64 mlx-cpu wheel in
+#     .mlx/aarch64/mlx-cpu-$MLX_VERSION.
 # Nothing third-party is committed: all of it is fetched here, from the registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +19,14 @@ MLX_LM_VERSION=0.32.0       # 0.32.1+ passes global_scale= to gather_qmm, which 
 MLX_DIR=$ROOT/.mlx
 say() { echo "[setup] $*"; }
 
-want_oracle=0
-for a in "$@"; do case $a in --oracle) want_oracle=1 ;; *) echo "usage: $0 [--oracle]" >&2; exit 2 ;; esac; done
+want_oracle=0 want_aarch64=0
+for a in "$@"; do
+  case $a in
+    --oracle) want_oracle=1 ;;
+    --aarch64) want_aarch64=1 ;;
+    *) echo "usage: $0 [--oracle] [--aarch64]" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$MLX_DIR"
 
 # 1. libclang (bindgen). libclang-dev pulls the clang resource headers (float.h) too.
@@ -69,6 +80,63 @@ if [ $want_oracle = 1 ]; then
     "$VENV/bin/pip" install -q --disable-pip-version-check "mlx==$MLX_VERSION" "mlx-cpu==$MLX_VERSION" "mlx-lm==$MLX_LM_VERSION"
   else
     say "mlx-lm oracle venv present ($VENV)"
+  fi
+fi
+# 5. The aarch64 cross-build inputs (opt-in).
+if [ $want_aarch64 = 1 ]; then
+  X=$MLX_DIR/aarch64
+  mkdir -p "$X"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  apt_updated=0
+  need_apt() {  # installs the named Debian packages that are missing
+    local missing=()
+    for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+    [ ${#missing[@]} = 0 ] && return 0
+    say "installing ${missing[*]} (apt)"
+    if [ $apt_updated = 0 ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  }
+  need_apt g++-aarch64-linux-gnu qemu-user
+  # Rust std for the target: rustup's when installed (rustup needs its own server to add it);
+  # otherwise Debian's rustc-web (a second rustc in /usr/bin, behind rustup's in PATH) and its
+  # arm64 std, fetched with a private apt state (no dpkg --add-architecture on this machine).
+  if [ "${ZMLX_CROSS_RUST:-}" != debian ] && rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+    say "rust std for aarch64-unknown-linux-gnu present (rustup)"
+  else
+    need_apt rustc-web cargo-web
+    ver=$(dpkg-query -W -f='${Version}' rustc-web)
+    stamp=$X/rust-std/.version
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$ver" ]; then
+      say "fetching Debian's arm64 Rust std $ver into $X/rust-std"
+      A=$X/apt
+      rm -rf "$A" "$X/rust-std"
+      mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/debs"
+      : > "$A/status"
+      APT_OPTS=(-o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o "Dir::State::Lists=$A/lists"
+        -o "Dir::State::status=$A/status" -o "Dir::Cache=$A/cache" -o Debug::NoLocking=1)
+      apt-get "${APT_OPTS[@]}" update -qq
+      vmaj=$(/usr/bin/rustc -V | awk '{print $2}' | cut -d. -f1,2)
+      (cd "$A/debs" && apt-get "${APT_OPTS[@]}" download -qq "libstd-rust-web-dev:arm64=$ver" "libstd-rust-web-$vmaj:arm64=$ver" 2>&1 |
+        grep -v "couldn't be accessed by user '_apt'" || true)
+      mkdir -p "$X/rust-std"
+      for d in "$A"/debs/*.deb; do dpkg-deb -x "$d" "$X/rust-std"; done
+      [ -d "$X/rust-std/usr/lib/rustlib/aarch64-unknown-linux-gnu/lib" ] || { echo "[setup] error: no arm64 Rust std in the Debian packages" >&2; exit 1; }
+      echo "$ver" > "$stamp"
+      rm -rf "$A"
+    else
+      say "Debian arm64 Rust std $ver present ($X/rust-std)"
+    fi
+  fi
+  XCPU=$X/mlx-cpu-$MLX_VERSION
+  if [ ! -f "$XCPU/mlx/lib/libmlx.so" ]; then
+    say "fetching the aarch64 mlx-cpu==$MLX_VERSION wheel into $XCPU"
+    rm -rf "$XCPU.tmp" "$X/wheel"
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      --platform manylinux_2_35_aarch64 -d "$X/wheel" "mlx-cpu==$MLX_VERSION"
+    python3 -m zipfile -e "$X"/wheel/mlx_cpu-*.whl "$XCPU.tmp"
+    mv "$XCPU.tmp" "$XCPU"; rm -rf "$X/wheel"
+  else
+    say "aarch64 libmlx $MLX_VERSION present ($XCPU)"
   fi
 fi
 say "done"

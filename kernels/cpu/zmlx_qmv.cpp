@@ -5,9 +5,10 @@
 // W is MLX affine-quantized (bits 2/4/8, any group size) with float32 scales/biases and float32
 // activations — MLX's default CPU compute dtype here.
 //
-// Bit-identity: MLX 0.32's CPU quantized matmul (`_qmm_t`, simd width 1 on x86) computes every
+// Bit-identity: MLX 0.32's CPU quantized matmul (`_qmm_t`, simd width 1 on Linux) computes every
 // output row as ONE sequential float sum   sum = sum + x[k] * (scale * q[k] + bias)   over k.
-// We keep exactly that per-row op sequence (no FMA: -ffp-contract=off, and no fma target) but run
+// We keep exactly that per-row op sequence (on x86-64 no FMA: -ffp-contract=off, and no fma
+// target; on aarch64 the two fused multiply-adds libmlx was compiled to, see qmv_rows.inc) but run
 // 8 rows per vector lane-wise, 4 vectors interleaved to hide the add latency, on several threads.
 // The combine then accumulates y * w from 0 in slot order j = 0..k-1 (MLX's strided sum over
 // axis -2); the activation uses MLX's own scalar functors. So the result is bit-identical to
@@ -91,36 +92,66 @@ void parallel_items(size_t n, F&& f) {
   for (auto& th : pool) th.join();
 }
 
-// The widest row kernel this CPU runs; ZMLX_CPU_ISA=base|avx2|avx512 caps it (tests run each).
-enum class Isa { Base, Avx2, Avx512 };
+// The widest row kernel this CPU runs; ZMLX_CPU_ISA caps it (tests run each):
+//   x86-64:  base (SSE2) | avx2 | avx512   (chosen at run time with __builtin_cpu_supports)
+//   aarch64: base (scalar) | neon          (NEON is in every ARMv8-A CPU: no run-time check)
+//   others:  base (scalar)
+// A name this architecture lacks (e.g. avx2 on aarch64) falls back to the widest, with a warning
+// only for names no architecture has, so one test harness runs everywhere.
+enum class Isa { Base, Avx2, Avx512, Neon };
 Isa isa() {
   static Isa v = [] {
+#if defined(__x86_64__)
     Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? Isa::Avx512
                : __builtin_cpu_supports("avx2")                                       ? Isa::Avx2
                                                                                        : Isa::Base;
+#elif defined(__aarch64__)
+    Isa best = Isa::Neon;
+#else
+    Isa best = Isa::Base;
+#endif
     const char* e = std::getenv("ZMLX_CPU_ISA");
     if (!e) return best;
     std::string s(e);
-    if (s != "base" && s != "avx2" && s != "avx512")
-      std::fprintf(stderr, "[zmlx] ZMLX_CPU_ISA=%s: expected base, avx2 or avx512; using the widest this CPU has\n", e);
-    Isa cap = s == "base" ? Isa::Base : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
-    return std::min(best, cap);
+    if (s == "base") return Isa::Base;
+#if defined(__x86_64__)
+    if (s == "avx2") return std::min(best, Isa::Avx2);
+    if (s == "avx512") return best;
+#elif defined(__aarch64__)
+    if (s == "neon") return best;
+#endif
+    if (s != "avx2" && s != "avx512" && s != "neon")
+      std::fprintf(stderr,
+                   "[zmlx] ZMLX_CPU_ISA=%s: expected base, avx2 or avx512 (x86-64), base or neon (aarch64); "
+                   "using the widest this CPU has\n",
+                   e);
+    return best;
   }();
   return v;
 }
 
 bool qmv_rows(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int K, int gs, float* out) {
   switch (isa()) {
+#if defined(__x86_64__)
     case Isa::Avx512: return zmlx_qmv_rows_avx512(bits, x, m, r0, r1, K, gs, out);
     case Isa::Avx2: return zmlx_qmv_rows_avx2(bits, x, m, r0, r1, K, gs, out);
+#endif
+#if defined(__aarch64__)
+    case Isa::Neon: return zmlx_qmv_rows_neon(bits, x, m, r0, r1, K, gs, out);
+#endif
     default: return zmlx_qmv_rows_base(bits, x, m, r0, r1, K, gs, out);
   }
 }
 
 bool qmv_accum(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int K, int gs, float w, float* acc) {
   switch (isa()) {
+#if defined(__x86_64__)
     case Isa::Avx512: return zmlx_qmv_accum_avx512(bits, x, m, r0, r1, K, gs, w, acc);
     case Isa::Avx2: return zmlx_qmv_accum_avx2(bits, x, m, r0, r1, K, gs, w, acc);
+#endif
+#if defined(__aarch64__)
+    case Isa::Neon: return zmlx_qmv_accum_neon(bits, x, m, r0, r1, K, gs, w, acc);
+#endif
     default: return zmlx_qmv_accum_base(bits, x, m, r0, r1, K, gs, w, acc);
   }
 }

@@ -1,9 +1,12 @@
-//! Builds mlx-c against a prebuilt libmlx from a PyPI wheel (Linux).
+//! Builds mlx-c against a prebuilt libmlx from a PyPI wheel (Linux; macOS with the `mlx`
+//! wheel's libmlx.dylib is the same layout, see docs/building.md).
 //!
 //! Inputs (fetched by `scripts/setup.sh`, never committed):
 //! - mlx-c sources: `$ZMLX_MLXC_DIR` or `<repo>/.mlx/mlx-c-0.7.0`
 //! - libmlx + headers: `$ZMLX_MLX_DIR` or `<repo>/.mlx/mlx-cpu-<tag>` (a wheel unpacked with
-//!   `pip install --target`, so `mlx/lib/libmlx.so` and `mlx/include` exist)
+//!   `pip install --target`, so `mlx/lib/libmlx.so` and `mlx/include` exist). Cross builds
+//!   (TARGET != HOST) default to `<repo>/.mlx/<arch>/mlx-cpu-<tag>` instead, the target's wheel
+//!   (`scripts/cross_aarch64.sh` fetches the aarch64 one).
 //!
 //! mlx-c is always linked statically; libmlx dynamically. Dependents get the libmlx directory as
 //! `DEP_MLX_LIBDIR` and add it as RUNPATH (a dependency's build script cannot do that for them).
@@ -24,12 +27,37 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
+/// libmlx's file name for the target OS.
+fn libmlx_name() -> &'static str {
+    match env::var("CARGO_CFG_TARGET_OS").as_deref() {
+        Ok("macos") | Ok("ios") => "libmlx.dylib",
+        _ => "libmlx.so",
+    }
+}
+
+/// A cross build (TARGET != HOST) names the target's wheel directory: `.mlx/<arch>/`.
+fn cross_arch() -> Option<String> {
+    let (target, host) = (env::var("TARGET").ok()?, env::var("HOST").ok()?);
+    (target != host).then(|| env::var("CARGO_CFG_TARGET_ARCH").unwrap_or(target))
+}
+
 /// Runs scripts/setup.sh once if the inputs are missing, so a plain `cargo build` works on a
-/// fresh clone; an explicit env override is never "repaired".
+/// fresh clone; an explicit env override is never "repaired", nor a cross build (its inputs come
+/// from scripts/cross_aarch64.sh).
 fn ensure_inputs(root: &Path, mlxc: &Path, mlx: &Path, overridden: bool) {
-    let ok = |mlxc: &Path, mlx: &Path| mlxc.join("CMakeLists.txt").exists() && mlx.join("mlx/lib/libmlx.so").exists();
+    let lib = format!("mlx/lib/{}", libmlx_name());
+    let ok = |mlxc: &Path, mlx: &Path| mlxc.join("CMakeLists.txt").exists() && mlx.join(&lib).exists();
     if ok(mlxc, mlx) || overridden {
         return;
+    }
+    if let Some(arch) = cross_arch() {
+        fail(&format!(
+            "cross build for {arch}: libmlx for the target ({}) or the mlx-c sources ({}) are missing.\n\
+             Run `bash scripts/cross_{arch}.sh` (fetches the {arch} mlx-cpu wheel into .mlx/{arch}/), \
+             or set ZMLX_MLX_DIR to an unpacked MLX wheel of the target.",
+            mlx.join(&lib).display(),
+            mlxc.display()
+        ));
     }
     let setup = root.join("scripts/setup.sh");
     println!("cargo:warning=MLX inputs missing; running {}", setup.display());
@@ -40,7 +68,7 @@ fn ensure_inputs(root: &Path, mlxc: &Path, mlx: &Path, overridden: bool) {
              Run `bash scripts/setup.sh` (needs pip and crates.io access), or point \
              ZMLX_MLXC_DIR / ZMLX_MLX_DIR at existing copies.",
             mlxc.display(),
-            mlx.join("mlx/lib/libmlx.so").display(),
+            mlx.join(&lib).display(),
             setup.display()
         ));
     }
@@ -96,9 +124,12 @@ fn main() {
     // The wheel version is derived from mlx-c's pin, so there is one place that names it.
     let probe_tag = if mlxc.join("CMakeLists.txt").exists() { mlxc_pinned_version(&mlxc) } else { "0.32.2".into() };
     let overridden = env::var_os("ZMLX_MLX_DIR").is_some() || env::var_os("ZMLX_MLXC_DIR").is_some();
-    let mlx = env::var_os("ZMLX_MLX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(format!(".mlx/mlx-cpu-{probe_tag}")));
+    let wheels = match cross_arch() {
+        Some(arch) => root.join(".mlx").join(arch),
+        None => root.join(".mlx"),
+    };
+    let mlx =
+        env::var_os("ZMLX_MLX_DIR").map(PathBuf::from).unwrap_or_else(|| wheels.join(format!("mlx-cpu-{probe_tag}")));
     ensure_inputs(&root, &mlxc, &mlx, overridden);
 
     let pinned = mlxc_pinned_version(&mlxc);
@@ -130,7 +161,10 @@ fn main() {
         .opt_level(2)
         .files(mlxc_sources(&mlxc));
     build.compile("mlxc");
-    cc::Build::new().file(shim.join("mach_time.c")).pic(true).opt_level(2).compile("zmlx_mach_time");
+    // mach_approximate_time() for mlx-rs; Apple targets have the real one.
+    if !matches!(env::var("CARGO_CFG_TARGET_OS").as_deref(), Ok("macos") | Ok("ios")) {
+        cc::Build::new().file(shim.join("mach_time.c")).pic(true).opt_level(2).compile("zmlx_mach_time");
+    }
 
     println!("cargo:rustc-link-search=native={}", libdir.display());
     println!("cargo:rustc-link-lib=dylib=mlx");

@@ -29,10 +29,13 @@ std::string format(const char* f, A&&... args) {
 } // namespace std
 #endif
 
-// 2. mlx-c's half.h declares float16_t/bfloat16_t only on aarch64; mlx-rs needs the
-//    float16/bfloat16 entry points, so give them MLX's own 2-byte types here.
+// 2. mlx-c's half.h declares float16_t/bfloat16_t only on aarch64 (the native __fp16/__bf16,
+//    as on macOS); elsewhere mlx-rs still needs the float16/bfloat16 entry points, so give them
+//    MLX's own 2-byte types here.
+#if !defined(__aarch64__) && !defined(__ARM_FEATURE_FP16_SCALAR_ARITHMETIC) && !defined(__ARM_FEATURE_BF16)
 #include "mlx/types/half_types.h"
 #define HAS_FLOAT16
 #define HAS_BFLOAT16
 typedef mlx::core::float16_t float16_t;
 typedef mlx::core::bfloat16_t bfloat16_t;
+#endif
