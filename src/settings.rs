@@ -27,7 +27,7 @@ fn gigabytes(v: &str) -> bool {
 }
 
 fn isa(v: &str) -> bool {
-    matches!(v.trim(), "base" | "avx2" | "avx512")
+    matches!(v.trim(), "base" | "avx2" | "avx512" | "neon")
 }
 
 fn combine_mode(v: &str) -> bool {
@@ -49,7 +49,7 @@ const KNOWN: &[Known] = &[
     Known { name: "ZMLX_PATTERNS", accepts: "comma-separated pattern names or `none`", check: anything },
     Known { name: "ZMLX_LEDGER", accepts: "a ledger file path", check: anything },
     Known { name: "ZMLX_CPU_THREADS", accepts: "an integer from 1 to 64", check: threads },
-    Known { name: "ZMLX_CPU_ISA", accepts: "base, avx2 or avx512", check: isa },
+    Known { name: "ZMLX_CPU_ISA", accepts: "base, avx2, avx512 (x86-64) or neon (aarch64)", check: isa },
     Known { name: "ZMLX_MEMORY_LIMIT_GB", accepts: "a number of GB > 0 (e.g. 60)", check: gigabytes },
     Known { name: "ZMLX_GPU_EXPERIMENTAL", accepts: "0 or 1", check: switch },
     Known { name: "ZMLX_DEBUG_FALLBACK", accepts: "0 or 1", check: switch },
