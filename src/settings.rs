@@ -38,6 +38,10 @@ fn any_path(v: &str) -> bool {
     !v.trim().is_empty()
 }
 
+fn cross_rust(v: &str) -> bool {
+    matches!(v.trim(), "" | "debian")
+}
+
 fn anything(_: &str) -> bool {
     true
 }
@@ -62,6 +66,10 @@ const KNOWN: &[Known] = &[
         accepts: "a CUDA wheel version (scripts/check_cuda_kernels.sh)",
         check: any_path,
     },
+    Known { name: "ZMLX_CROSS_RUST", accepts: "debian (scripts/cross_aarch64.sh)", check: cross_rust },
+    // Build-time inputs (sys/mlx-sys/build.rs); harmless when set at run time.
+    Known { name: "ZMLX_MLX_DIR", accepts: "an unpacked MLX wheel directory", check: any_path },
+    Known { name: "ZMLX_MLXC_DIR", accepts: "an mlx-c source directory", check: any_path },
 ];
 
 /// `1/true/on/yes` → true, `0/false/off/no` → false (case-insensitive, trimmed).

@@ -62,6 +62,7 @@ fn every_subcommand_with_bad_flags_exits_2_without_panicking() {
         (&["validate", "/x", "--arbiter", "f16"], &["--arbiter"]),
         (&["run", "/x", "--cooldown", "NaN"], &["--cooldown"]),
         (&["run", "/x", "--warmup=-1"], &["--warmup"]),
+        (&["validate", "/x", "--warmup", "1000000"], &["--warmup", "0 to 100"]),
         (&["profile", "/x", "--tokens", "0"], &["--tokens"]),
         (&["synth", "--family", "llama", "--out", "/tmp/x"], &["unknown family `llama`"]),
         (

@@ -75,6 +75,13 @@ pub fn parse_cooldown(s: &str) -> Result<f64, String> {
     Ok(c)
 }
 
+pub fn parse_warmup(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= 100 => Ok(n),
+        _ => Err(format!("`{s}`: use 0 to 100 warm-up generations")),
+    }
+}
+
 pub fn parse_bits(s: &str) -> Result<i32, String> {
     match s.trim().parse::<i32>() {
         Ok(b) if [2, 3, 4, 5, 6, 8].contains(&b) => Ok(b),

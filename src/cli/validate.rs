@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::args::{at_least_one, parse_cooldown, PatternArgs};
+use super::args::{at_least_one, parse_cooldown, parse_warmup, PatternArgs};
 use crate::model::DtypeChoice;
 use crate::run::RunOptions;
 use crate::validate::{render, validate, ValidateOptions, DEFAULT_PROMPT};
@@ -28,8 +28,8 @@ pub struct ValidateArgs {
     /// Generate exactly --max-tokens per run, through EOS (benchmarks: equal token counts).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Untimed warm-up generations per configuration before the runs.
-    #[arg(long, default_value_t = 2)]
+    /// Untimed warm-up generations per configuration before the runs (0 to 100).
+    #[arg(long, default_value_t = 2, value_parser = parse_warmup)]
     pub warmup: usize,
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DtypeChoice,
