@@ -10,8 +10,14 @@
 use std::env;
 
 /// Row-kernel sources that only one architecture compiles (every other .cpp is portable).
-const ARCH_ONLY: &[(&str, &str)] =
-    &[("qmv_avx2.cpp", "x86_64"), ("qmv_avx512.cpp", "x86_64"), ("qmv_neon.cpp", "aarch64")];
+const ARCH_ONLY: &[(&str, &str)] = &[
+    ("qmv_avx2.cpp", "x86_64"),
+    ("qmv_avx512.cpp", "x86_64"),
+    ("qmv_neon.cpp", "aarch64"),
+    ("qmv_fast_avx2.cpp", "x86_64"),
+    ("qmv_fast_avx512.cpp", "x86_64"),
+    ("qmv_fast_neon.cpp", "aarch64"),
+];
 
 fn main() {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
@@ -34,12 +40,16 @@ fn main() {
 
     let include = env::var("DEP_MLX_INCLUDE").expect("mlx-sys publishes its include dirs");
     let mut build = cc::Build::new();
-    // -ffp-contract=off everywhere: GCC contracts a*b+c into an FMA by default on aarch64 (and
+    // The `fast` (validated) row kernels may contract a*b+c into FMAs: a separate library.
+    let mut fast = cc::Build::new();
+    fast.cpp(true).std("c++20").opt_level(3).pic(true).warnings(false).flag("-ffp-contract=fast").flag("-Wno-psabi");
+    // -ffp-contract=off everywhere else: GCC contracts a*b+c into an FMA by default on aarch64 (and
     // on x86-64 with an fma target), which would change the bits; where MLX's own libmlx is
     // fused (aarch64 quantized mat-vec) the kernels call fmaf explicitly instead.
     build.cpp(true).std("c++20").opt_level(3).pic(true).warnings(false).flag("-ffp-contract=off");
     for dir in env::split_paths(&include) {
-        build.include(dir);
+        build.include(&dir);
+        fast.include(&dir);
     }
     // Upstream mlx-sys (macOS) links MLX statically and says so (MLX_STATIC).
     if let Ok(defines) = env::var("DEP_MLX_DEFINES") {
@@ -57,8 +67,13 @@ fn main() {
             continue;
         }
         println!("cargo:rerun-if-changed={}", path.display());
-        build.file(path);
+        if name.starts_with("qmv_fast") {
+            fast.file(path);
+        } else {
+            build.file(path);
+        }
     }
+    fast.compile("zmlx_cpu_fast_kernels");
     build.compile("zmlx_cpu_kernels");
     println!("cargo:rerun-if-changed=kernels/cpu");
     // The MLX release built against, from mlx-sys's `version` metadata (ours and upstream's both

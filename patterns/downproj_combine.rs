@@ -16,7 +16,8 @@ use mlx_rs::Array;
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::qmv_combine::qmv_combine;
+use crate::kernels::qmv_combine::qmv_combine_class;
+use crate::kernels::KernelClass;
 use crate::kernels::qmv_swiglu::unsupported;
 use crate::model::Model;
 use crate::moe::SwitchGlu;
@@ -30,7 +31,7 @@ static INFO: PatternInfo = PatternInfo {
     slot: SlotKind::Experts,
     slots: &[SlotKind::Experts],
     requires: &[],
-    conflicts: &[],
+    conflicts: &["downproj_combine_fast"],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
@@ -42,6 +43,10 @@ static INFO: PatternInfo = PatternInfo {
 pub struct FusedDownCombine {
     pub inner: Rc<dyn ExpertsSlot>,
     pub down: QWeight,
+    /// Exact (`downproj_combine`) or fast (`downproj_combine_fast`) row kernels.
+    pub class: KernelClass,
+    /// The pattern name its calls are counted under.
+    pub counter: &'static str,
 }
 
 impl FusedDownCombine {
@@ -59,7 +64,8 @@ impl FusedDownCombine {
             return Ok(Err("the experts slot gives no fused hidden state (stock SwitchGLU at prefill)".into()));
         };
         let (t, k) = (h.dim(0), h.dim(1));
-        let out = qmv_combine(&h, &routing.indices.reshape(&[t, k])?, &routing.weights.reshape(&[t, k])?, &self.down)?;
+        let (idx, w) = (routing.indices.reshape(&[t, k])?, routing.weights.reshape(&[t, k])?);
+        let out = qmv_combine_class(&h, &idx, &w, &self.down, self.class)?;
         let mut shape = routing.indices.shape().to_vec();
         *shape.last_mut().unwrap() = x.dim(-1);
         let out = out.reshape(&shape)?;
@@ -80,11 +86,11 @@ impl ExpertsSlot for FusedDownCombine {
     fn forward_combined(&self, x: &Array, routing: &Routing, combine: &dyn CombineSlot) -> Result<Array> {
         match self.try_fused(x, routing, combine)? {
             Ok(out) => {
-                fallbacks::fused(INFO.name);
+                fallbacks::fused(self.counter);
                 Ok(out)
             }
             Err(why) => {
-                fallbacks::fallback(INFO.name, &why);
+                fallbacks::fallback(self.counter, &why);
                 self.inner.forward_combined(x, routing, combine)
             }
         }
@@ -99,7 +105,7 @@ impl ExpertsSlot for FusedDownCombine {
     }
 }
 
-fn fused(active: &Rc<dyn ExpertsSlot>) -> Swap<dyn ExpertsSlot> {
+fn fused(active: &Rc<dyn ExpertsSlot>, class: KernelClass, counter: &'static str) -> Swap<dyn ExpertsSlot> {
     let Some(s) = find_experts::<SwitchGlu>(&**active) else {
         return Swap::skip("experts are not a SwitchGLU");
     };
@@ -110,7 +116,7 @@ fn fused(active: &Rc<dyn ExpertsSlot>) -> Swap<dyn ExpertsSlot> {
         return Swap::skip(format!("{}-bit experts (the kernel has 2/4/8)", down.q.bits));
     }
     // Activation dtype and backend are checked per call (fallbacks are counted).
-    Swap::With(Rc::new(FusedDownCombine { inner: active.clone(), down: down.clone() }))
+    Swap::With(Rc::new(FusedDownCombine { inner: active.clone(), down: down.clone(), class, counter }))
 }
 
 impl Pattern for DownprojCombine {
@@ -119,6 +125,14 @@ impl Pattern for DownprojCombine {
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        Swaps::new(&INFO).experts(fused).report_suffix(SlotKind::Experts, ".down_proj").apply(model)
+        apply_with(&INFO, KernelClass::Exact, model)
     }
+}
+
+/// `downproj_combine`'s swap with the given row kernels (shared with `downproj_combine_fast`).
+pub(super) fn apply_with(info: &'static PatternInfo, class: KernelClass, model: &mut Model) -> Result<PatternOutcome> {
+    Swaps::new(info)
+        .experts(|active| fused(active, class, info.name))
+        .report_suffix(SlotKind::Experts, ".down_proj")
+        .apply(model)
 }

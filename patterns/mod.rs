@@ -19,6 +19,7 @@
 mod debug_drop_expert;
 pub mod deepseek_router;
 pub mod downproj_combine;
+pub mod fast;
 pub mod glm47_rope;
 pub mod moe_mlp;
 pub mod qmv_linear;
@@ -41,6 +42,10 @@ use crate::slots::{AttentionSlot, CombineSlot, ExpertsSlot, HeadSlot, MlpSlot, R
 pub enum SafetyClass {
     /// Token-identical to the stock slot on every family it claims, proven by tests.
     Safe,
+    /// Not bit-identical (reassociated float sums), but token-identical to the unpatched model
+    /// on every family's bench and full-size checkpoints over the validation suite, with the
+    /// logit max-abs / KL differences recorded (`zmlx validate --logits`). Used by `fast` presets.
+    Validated,
     /// Runs, not (yet) proven token-identical.
     Experimental,
     /// Known to change tokens or otherwise risky; refused without `--allow-unsafe`.
@@ -243,11 +248,14 @@ impl<'r> Swaps<'r> {
 pub fn registry() -> Vec<Box<dyn Pattern>> {
     vec![
         Box::new(swiglu_mlp::SwigluMlp),
+        Box::new(fast::SwigluMlpFast),
         Box::new(moe_mlp::MoeMlp),
         Box::new(deepseek_router::DeepseekRouter),
         Box::new(downproj_combine::DownprojCombine),
+        Box::new(fast::DownprojCombineFast),
         Box::new(glm47_rope::Glm47Rope),
         Box::new(qmv_linear::QmvLinear),
+        Box::new(fast::QmvLinearFast),
         Box::new(debug_drop_expert::DebugDropExpert),
     ]
 }
@@ -269,6 +277,33 @@ pub fn family_preset(family: Family) -> Vec<&'static str> {
     family.module().preset_patterns()
 }
 
+/// The family's `fast` preset: its (safe) preset with each exact quantized-kernel pattern
+/// replaced by its `validated` fast twin (`patterns::fast::TWINS`). Empty on GPU backends.
+pub fn family_fast_preset(family: Family) -> Vec<&'static str> {
+    family_preset(family)
+        .into_iter()
+        .map(|n| fast::TWINS.iter().find(|(exact, _)| *exact == n).map_or(n, |(_, f)| *f))
+        .collect()
+}
+
+/// `safe` / `fast` in a pattern list stand for the family's presets.
+fn expand_presets(list: Vec<String>, family: Family) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in list {
+        let names: Vec<String> = match n.as_str() {
+            "safe" => family_preset(family).into_iter().map(str::to_owned).collect(),
+            "fast" => family_fast_preset(family).into_iter().map(str::to_owned).collect(),
+            _ => vec![n],
+        };
+        for n in names {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 /// A resolved selection: pattern names in registry order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Selection {
@@ -287,7 +322,10 @@ pub struct SelectionRequest<'a> {
 }
 
 fn unknown(name: &str) -> anyhow::Error {
-    anyhow::anyhow!("unknown pattern `{name}`; valid patterns: {} (or `none`)", pattern_names().join(", "))
+    anyhow::anyhow!(
+        "unknown pattern `{name}`; valid patterns: {} (or `none`; `safe` / `fast` = the family's presets)",
+        pattern_names().join(", ")
+    )
 }
 
 fn parse_switch(var: &str, v: &str) -> Result<bool> {
@@ -303,7 +341,7 @@ pub fn relevant_env() -> Result<BTreeMap<String, String>> {
 
 pub fn resolve(req: &SelectionRequest) -> Result<Selection> {
     let reg = registry();
-    let (mut names, source): (Vec<String>, &str) = if let Some(p) = req.patterns {
+    let (names, source): (Vec<String>, &str) = if let Some(p) = req.patterns {
         let list: Vec<String> =
             p.iter().flat_map(|s| s.split(',')).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         if list.iter().any(|n| n == "none") {
@@ -324,6 +362,7 @@ pub fn resolve(req: &SelectionRequest) -> Result<Selection> {
     } else {
         (family_preset(req.family).into_iter().map(str::to_owned).collect(), "preset")
     };
+    let mut names = expand_presets(names, req.family);
     for n in names.iter().chain(req.exclude.iter()) {
         if !reg.iter().any(|p| p.info().name == n) {
             return Err(unknown(n));

@@ -17,7 +17,8 @@ use mlx_rs::Array;
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::qmv_linear::{qmv_linear, qmv_linear_unsupported};
+use crate::kernels::qmv_linear::{qmv_linear_class, qmv_linear_unsupported};
+use crate::kernels::KernelClass;
 use crate::model::Model;
 use crate::nn::{DenseProjection, Linear, QWeight, Weight};
 
@@ -28,7 +29,7 @@ static INFO: PatternInfo = PatternInfo {
     slot: SlotKind::Linear,
     slots: &[SlotKind::Attention, SlotKind::SharedExpert, SlotKind::DenseMlp, SlotKind::Head],
     requires: &[],
-    conflicts: &[],
+    conflicts: &["qmv_linear_fast"],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
@@ -41,21 +42,25 @@ static INFO: PatternInfo = PatternInfo {
 pub struct QmvProjection {
     pub weight: QWeight,
     pub inner: Rc<dyn DenseProjection>,
+    /// Exact (`qmv_linear`) or fast (`qmv_linear_fast`) row kernels.
+    pub class: KernelClass,
+    /// The pattern name its calls are counted under.
+    pub counter: &'static str,
 }
 
 impl DenseProjection for QmvProjection {
     fn forward(&self, x: &Array) -> Result<Array> {
         match qmv_linear_unsupported(x, &self.weight) {
             None => {
-                fallbacks::fused(INFO.name);
-                let y = qmv_linear(x, &self.weight)?;
+                fallbacks::fused(self.counter);
+                let y = qmv_linear_class(x, &self.weight, self.class)?;
                 Ok(match self.inner.bias() {
                     Some(b) => y.add(b)?,
                     None => y,
                 })
             }
             Some(why) => {
-                fallbacks::fallback(INFO.name, &why);
+                fallbacks::fallback(self.counter, &why);
                 self.inner.forward(x)
             }
         }
@@ -76,12 +81,16 @@ impl DenseProjection for QmvProjection {
 
 /// Rebuilds the active implementation with every quantized projection on the kernel; skips it
 /// when it has none (float weights) or cannot be rebuilt.
-fn on_kernel<T: ?Sized>(rebuild: impl FnOnce(&mut dyn FnMut(&Linear) -> Linear) -> Option<Rc<T>>) -> Swap<T> {
+fn on_kernel<T: ?Sized>(
+    class: KernelClass,
+    counter: &'static str,
+    rebuild: impl FnOnce(&mut dyn FnMut(&Linear) -> Linear) -> Option<Rc<T>>,
+) -> Swap<T> {
     let quantized = Cell::new(0);
     let mut f = |l: &Linear| match l.weight() {
         Weight::Quant(q) => {
             quantized.set(quantized.get() + 1);
-            l.with(Rc::new(QmvProjection { weight: q.clone(), inner: l.implementation().clone() }))
+            l.with(Rc::new(QmvProjection { weight: q.clone(), inner: l.implementation().clone(), class, counter }))
         }
         Weight::Float(_) => l.clone(),
     };
@@ -97,11 +106,17 @@ impl Pattern for QmvLinear {
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        Swaps::new(&INFO)
-            .attention(|active| on_kernel(|f| active.with_linears(f)))
-            .shared_expert(|active| on_kernel(|f| active.with_linears(f)))
-            .dense_mlp(|active| on_kernel(|f| active.with_linears(f)))
-            .head(|active| on_kernel(|f| active.with_linears(f)))
-            .apply(model)
+        apply_with(&INFO, KernelClass::Exact, model)
     }
+}
+
+/// `qmv_linear`'s swaps with the given row kernels (shared with `qmv_linear_fast`).
+pub(super) fn apply_with(info: &'static PatternInfo, class: KernelClass, model: &mut Model) -> Result<PatternOutcome> {
+    let n = info.name;
+    Swaps::new(info)
+        .attention(|active| on_kernel(class, n, |f| active.with_linears(f)))
+        .shared_expert(|active| on_kernel(class, n, |f| active.with_linears(f)))
+        .dense_mlp(|active| on_kernel(class, n, |f| active.with_linears(f)))
+        .head(|active| on_kernel(class, n, |f| active.with_linears(f)))
+        .apply(model)
 }

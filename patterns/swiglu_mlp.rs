@@ -13,7 +13,8 @@ use mlx_rs::Array;
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::qmv_swiglu::{qmv_swiglu, unsupported};
+use crate::kernels::qmv_swiglu::{qmv_swiglu_class, unsupported};
+use crate::kernels::KernelClass;
 use crate::kernels::swiglu::swiglu;
 use crate::model::Model;
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
@@ -27,7 +28,7 @@ static INFO: PatternInfo = PatternInfo {
     slot: SlotKind::Activation,
     slots: &[SlotKind::Experts, SlotKind::SharedExpert, SlotKind::DenseMlp],
     requires: &[],
-    conflicts: &[],
+    conflicts: &["swiglu_mlp_fast"],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
@@ -52,6 +53,10 @@ impl ActivationSlot for FusedSwiGlu {
 pub struct FusedSwitchGlu {
     /// The stock experts with the fused activation (used wherever `qmv_swiglu` does not apply).
     pub inner: SwitchGlu,
+    /// Exact (`swiglu_mlp`) or fast (`swiglu_mlp_fast`) row kernels.
+    pub class: KernelClass,
+    /// The fused/fallback counter name (`<pattern>.experts`).
+    pub counter: &'static str,
 }
 
 impl FusedSwitchGlu {
@@ -65,7 +70,7 @@ impl FusedSwitchGlu {
         }
         let (k, d) = (indices.dim(-1), x.dim(-1));
         let t = indices.size() as i32 / k;
-        Ok(Ok(qmv_swiglu(&x.reshape(&[t, d])?, &indices.reshape(&[t, k])?, g, u)?))
+        Ok(Ok(qmv_swiglu_class(&x.reshape(&[t, d])?, &indices.reshape(&[t, k])?, g, u, self.class)?))
     }
 }
 
@@ -74,11 +79,11 @@ impl ExpertsSlot for FusedSwitchGlu {
         let h = match self.fused_hidden(x, indices)? {
             Ok(h) => h,
             Err(why) => {
-                fallbacks::fallback("swiglu_mlp.experts", &why);
+                fallbacks::fallback(self.counter, &why);
                 return self.inner.forward(x, indices);
             }
         };
-        fallbacks::fused("swiglu_mlp.experts");
+        fallbacks::fused(self.counter);
         let (t, k) = (h.dim(0), h.dim(1));
         let idx = indices.reshape(&[t, k])?;
         let y = self.inner.down_proj.forward(&h.expand_dims(-2)?, &idx, false)?;
@@ -90,7 +95,7 @@ impl ExpertsSlot for FusedSwitchGlu {
     fn hidden(&self, x: &Array, indices: &Array) -> Result<Option<Array>> {
         match self.fused_hidden(x, indices)? {
             Ok(h) => {
-                fallbacks::fused("swiglu_mlp.experts");
+                fallbacks::fused(self.counter);
                 Ok(Some(h))
             }
             // Not counted here: the caller falls back to `forward`, which counts.
@@ -126,16 +131,26 @@ impl Pattern for SwigluMlp {
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        Swaps::new(&INFO)
-            .experts(|active| match active.as_any().downcast_ref::<SwitchGlu>() {
-                Some(s) => {
-                    let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
-                    Swap::With(Rc::new(FusedSwitchGlu { inner }))
-                }
-                None => Swap::skip("experts are not a SwitchGLU"),
-            })
-            .shared_expert(fused_dense)
-            .dense_mlp(fused_dense)
-            .apply(model)
+        apply_with(&INFO, KernelClass::Exact, "swiglu_mlp.experts", model)
     }
+}
+
+/// `swiglu_mlp`'s swaps with the given row kernels (shared with `swiglu_mlp_fast`).
+pub(super) fn apply_with(
+    info: &'static PatternInfo,
+    class: KernelClass,
+    counter: &'static str,
+    model: &mut Model,
+) -> Result<PatternOutcome> {
+    Swaps::new(info)
+        .experts(|active| match active.as_any().downcast_ref::<SwitchGlu>() {
+            Some(s) => {
+                let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
+                Swap::With(Rc::new(FusedSwitchGlu { inner, class, counter }))
+            }
+            None => Swap::skip("experts are not a SwitchGLU"),
+        })
+        .shared_expert(fused_dense)
+        .dense_mlp(fused_dense)
+        .apply(model)
 }

@@ -109,6 +109,12 @@ pub struct MatrixEntry {
     /// Threads of zmlx's CPU kernels (MLX's own CPU ops are single-threaded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// Teacher-forced logit differences patched vs unpatched (`validate --logits`; always for
+    /// `validated` patterns): max |diff| and max KL(baseline || patched) over the positions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logit_max_abs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logit_kl_max: Option<f64>,
 
     /// Keys neither tool knows, kept in file order and written back after ours.
     #[serde(flatten)]
@@ -157,6 +163,8 @@ impl Default for MatrixEntry {
             cooldown_s: None,
             capsule: None,
             threads: None,
+            logit_max_abs: None,
+            logit_kl_max: None,
             extra: Map::new(),
         }
     }

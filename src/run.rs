@@ -104,6 +104,8 @@ pub fn entry_for(
         cooldown_s: Some(cooldown_s),
         capsule: capsule.map(|p| p.display().to_string()),
         threads: Some(hardware::kernel_threads()),
+        logit_max_abs: r.logit_stats.as_ref().map(|l| l.max_abs),
+        logit_kl_max: r.logit_stats.as_ref().map(|l| l.kl_max),
         ..Default::default()
     }
 }

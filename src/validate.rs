@@ -202,6 +202,65 @@ pub struct ValidationReport {
     pub prefill_change: f64,
     /// Fused and stock (fallback) calls per pattern during the patched runs.
     pub pattern_calls: std::collections::BTreeMap<String, crate::fallbacks::Counts>,
+    /// Logit differences patched vs unpatched over the baseline's first run (teacher-forced):
+    /// with `--logits`, and always when a `validated` pattern is selected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logit_stats: Option<LogitStats>,
+}
+
+/// How far the patched model's logits are from the unpatched model's, position by position,
+/// on the same token sequence (the prompt's last position and every generated one).
+#[derive(Debug, Clone, Serialize)]
+pub struct LogitStats {
+    pub positions: usize,
+    /// max over positions and vocabulary of |logit_patched - logit_baseline|.
+    pub max_abs: f64,
+    /// KL(baseline || patched) of the next-token distributions: mean and max over positions.
+    pub kl_mean: f64,
+    pub kl_max: f64,
+    /// The baseline's smallest top-1 / top-2 logit gap over these positions (how close the
+    /// checkpoint came to a tie; a max_abs near it would risk a different token).
+    pub min_margin: f64,
+    /// The median top-1 / top-2 gap.
+    pub median_margin: f64,
+}
+
+/// Teacher-forced logit comparison of the two configurations on `seq` (positions from `start`).
+fn logit_stats(baseline: &Array, patched: &Array, start: i32) -> Result<LogitStats> {
+    let lb = baseline.try_index(start..)?;
+    let lp = patched.try_index(start..)?;
+    let max_abs = ops::abs(lb.subtract(&lp)?)?.max(None)?.item_cast::<f32>() as f64;
+    let lsb = lb.subtract(ops::logsumexp_axis(&lb, -1, true)?)?;
+    let lsp = lp.subtract(ops::logsumexp_axis(&lp, -1, true)?)?;
+    let kl = ops::exp(&lsb)?.multiply(lsb.subtract(&lsp)?)?.sum_axis(-1, None)?;
+    let kl = kl.as_slice::<f32>().to_vec();
+    let positions = kl.len();
+    let v = lb.dim(-1) as usize;
+    let values = lb.as_slice::<f32>();
+    let mut margins: Vec<f64> = values
+        .chunks(v)
+        .map(|row| {
+            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for &x in row {
+                if x > a {
+                    b = a;
+                    a = x;
+                } else if x > b {
+                    b = x;
+                }
+            }
+            (a - b) as f64
+        })
+        .collect();
+    margins.sort_by(|a, b| a.total_cmp(b));
+    Ok(LogitStats {
+        positions,
+        max_abs,
+        kl_mean: kl.iter().map(|&k| k as f64).sum::<f64>() / positions.max(1) as f64,
+        kl_max: kl.iter().fold(0.0f64, |m, &k| m.max(k as f64)),
+        min_margin: margins.first().copied().unwrap_or(0.0),
+        median_margin: median(&margins),
+    })
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -329,6 +388,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         decode_speedup: 0.0,
         prefill_change: -1.0,
         pattern_calls: Default::default(),
+        logit_stats: None,
     };
     // Patched == unpatched when nothing was swapped: there is nothing to validate or time.
     if report.modules_patched() == 0 {
@@ -429,6 +489,21 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
             Some(d)
         }
     };
+    let validated = patterns::registry()
+        .iter()
+        .any(|p| p.info().class == patterns::SafetyClass::Validated && opts.selection.names.iter().any(|n| n == p.info().name));
+    let logit_stats = match b_ids.first() {
+        Some(first) if (opts.logits || validated) && report.modules_patched() > 0 => {
+            let mut seq = prompt.clone();
+            seq.extend_from_slice(&first[..first.len().saturating_sub(1)]);
+            let lb = teacher_forced_logits(&model, &seq)?;
+            set(&mut model, true)?;
+            let lp = teacher_forced_logits(&model, &seq)?;
+            patterns::unpatch(&mut model);
+            Some(logit_stats(&lb, &lp, prompt.len() as i32 - 1)?)
+        }
+        _ => None,
+    };
     let baseline = config_result(vec![], 0, base_runs);
     let patched = config_result(opts.selection.names.clone(), report.modules_patched(), patched_runs);
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
@@ -460,6 +535,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         patched,
         fidelity,
         pattern_calls,
+        logit_stats,
     })
 }
 
@@ -493,6 +569,12 @@ pub fn render(r: &ValidationReport) -> String {
     );
     let f = &r.fidelity;
     s += &format!("FIDELITY: {}  [{}]\n", f.detail(), f.verdict);
+    if let Some(l) = &r.logit_stats {
+        s += &format!(
+            "LOGITS (teacher-forced, {} positions): max |diff| {:.3e}, KL mean {:.3e} max {:.3e}; baseline top-1/top-2 gap min {:.3} median {:.3}\n",
+            l.positions, l.max_abs, l.kl_mean, l.kl_max, l.min_margin, l.median_margin
+        );
+    }
     if let Some(d) = &f.first_divergence {
         let token = |t: Option<u32>, text: &str| match t {
             Some(t) => format!("{t} {text:?}"),

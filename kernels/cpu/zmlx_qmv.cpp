@@ -38,58 +38,21 @@
 
 #include "zmlx_common.h"
 
+#include "qmv_fast.h"
 #include "qmv_rows.h"
+#include "zmlx_pool.h"
 
 namespace mx = mlx::core;
 namespace dt = mlx::core::detail;
 
 namespace {
 
-// Worker threads: ZMLX_CPU_THREADS, else the hardware's (at most 8).
-int thread_count() {
-  static int n = [] {
-    if (const char* v = std::getenv("ZMLX_CPU_THREADS")) {
-      int t = std::atoi(v);
-      if (t >= 1) return std::min(t, 64);
-    }
-    unsigned h = std::thread::hardware_concurrency();
-    return int(std::clamp(h == 0 ? 1u : h, 1u, 8u));
-  }();
-  return n;
-}
+using zmlx_pool::parallel_items;
 
-// Runs f(begin, end) over [0, n) split in contiguous ranges, one per thread. f must not throw.
+// f(begin, end) over [0, n) in contiguous ranges, one per worker.
 template <class F>
 void parallel_for(size_t n, F&& f) {
-  size_t t = std::min<size_t>(thread_count(), n);
-  if (t <= 1) {
-    f(size_t(0), n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  size_t step = (n + t - 1) / t;
-  for (size_t i = 1; i < t; ++i) {
-    size_t b = i * step, e = std::min(n, b + step);
-    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f(size_t(0), std::min(n, step));
-  for (auto& th : pool) th.join();
-}
-
-// Runs f(i) for i in [0, n) on the worker threads, handing out items one at a time (the
-// prefill work items differ in size: one expert may hold many more tokens than another).
-template <class F>
-void parallel_items(size_t n, F&& f) {
-  size_t t = std::min<size_t>(thread_count(), n);
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
-  };
-  if (t <= 1) return work();
-  std::vector<std::thread> pool;
-  for (size_t i = 1; i < t; ++i) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
+  zmlx_pool::parallel_ranges(n, std::forward<F>(f));
 }
 
 // The widest row kernel this CPU runs; ZMLX_CPU_ISA caps it (tests run each):
@@ -154,6 +117,31 @@ bool qmv_accum(int bits, const float* x, const ZmlxQMat& m, int r0, int r1, int 
 #endif
     default: return zmlx_qmv_accum_base(bits, x, m, r0, r1, K, gs, w, acc);
   }
+}
+
+// The `fast` (validated) kernels: same ISA choice; AVX2 also needs FMA for them.
+int fast_lanes() { return isa() == Isa::Avx512 ? 16 : 8; }
+
+bool qmv_fast_rows(int bits, const float* xp, const float* xs, int T, long ldx, const ZmlxQMat& m, int r0, int r1,
+                   int K, int gs, float* out, long ldo) {
+  switch (isa()) {
+#if defined(__x86_64__)
+    case Isa::Avx512: return zmlx_qmv_fast_rows_avx512(bits, xp, xs, T, ldx, m, r0, r1, K, gs, out, ldo);
+    case Isa::Avx2:
+      if (__builtin_cpu_supports("fma")) return zmlx_qmv_fast_rows_avx2(bits, xp, xs, T, ldx, m, r0, r1, K, gs, out, ldo);
+      return zmlx_qmv_fast_rows_base(bits, xp, xs, T, ldx, m, r0, r1, K, gs, out, ldo);
+#endif
+#if defined(__aarch64__)
+    case Isa::Neon: return zmlx_qmv_fast_rows_neon(bits, xp, xs, T, ldx, m, r0, r1, K, gs, out, ldo);
+#endif
+    default: return zmlx_qmv_fast_rows_base(bits, xp, xs, T, ldx, m, r0, r1, K, gs, out, ldo);
+  }
+}
+
+// Whether the fast kernels take this shape (whole vectors of packed bytes per group); the
+// primitives run the exact kernels otherwise.
+bool fast_supported(int bits, int gs) {
+  return (bits == 2 || bits == 4 || bits == 8) && gs % (8 / bits) == 0 && (gs * bits / 8) % fast_lanes() == 0;
 }
 
 // Rows per work item: a multiple of 32 so the interleaved path does the bulk.
@@ -283,6 +271,121 @@ void run_combine(int bits, const float* h, const uint32_t* idx, const float* wts
   });
 }
 
+// ---- fast (validated) paths: the same work split, rows from qmv_fast_rows ----
+
+// Prepared activations (qmv_fast.h) of `n` rows of length K; row i is the activation src(i).
+struct Prepared {
+  std::vector<float> xp, xs;
+  int K = 0, G = 0;
+  const float* p(size_t i) const { return xp.data() + i * K; }
+  const float* s(size_t i) const { return xs.data() + i * G; }
+};
+
+template <class Src>
+Prepared prepare(size_t n, int K, int gs, int bits, Src&& src) {
+  Prepared pr;
+  pr.K = K;
+  pr.G = K / gs;
+  pr.xp.resize(n * K);
+  pr.xs.resize(n * pr.G);
+  auto one = [&](size_t i) { zmlx_qmv_fast_prep(src(i), K, gs, bits, pr.xp.data() + i * K, pr.xs.data() + i * pr.G); };
+  if (n >= 16) parallel_items(n, one);
+  else for (size_t i = 0; i < n; ++i) one(i);
+  return pr;
+}
+
+// Per-thread scratch for row blocks (grows to the largest group seen).
+float* scratch(size_t n, int which) {
+  thread_local std::vector<float> buf[2];
+  if (buf[which].size() < n) buf[which].resize(n);
+  return buf[which].data();
+}
+
+void run_swiglu_fast(int bits, const float* x, const uint32_t* idx, float* out, int tokens, int k, int K, int gs,
+                     const ExpertMats& gate, const ExpertMats& up) {
+  int n = int(gate.rows);
+  nan_bad_tokens(idx, out, tokens, k, gate.experts, n, k);
+  ExpertGroups g = group_by_expert(idx, tokens, k, gate.experts);
+  // One prepared activation per grouped slot, so each expert's tokens are contiguous.
+  Prepared pr = prepare(g.slots.size(), K, gs, bits, [&](size_t s) { return x + size_t(g.slots[s] / k) * K; });
+  int chunks = (n + CHUNK - 1) / CHUNK;
+  parallel_items(g.expert.size() * chunks, [&](size_t it) {
+    size_t gi = it / chunks, b = g.begin[gi], cnt = g.begin[gi + 1] - b;
+    int r0 = int(it % chunks) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+    float* gv = scratch(cnt * CHUNK, 0);
+    float* uv = scratch(cnt * CHUNK, 1);
+    qmv_fast_rows(bits, pr.p(b), pr.s(b), int(cnt), K, gate.at(g.expert[gi]), r0, r1, K, gs, gv, CHUNK);
+    qmv_fast_rows(bits, pr.p(b), pr.s(b), int(cnt), K, up.at(g.expert[gi]), r0, r1, K, gs, uv, CHUNK);
+    for (size_t i = 0; i < cnt; ++i) {
+      float* o = out + size_t(g.slots[b + i]) * n;
+      const float* gr = gv + i * CHUNK;
+      const float* ur = uv + i * CHUNK;
+      for (int r = r0; r < r1; ++r)
+        o[r] = dt::Multiply{}(dt::Multiply{}(gr[r - r0], dt::Sigmoid{}(gr[r - r0])), ur[r - r0]);
+    }
+  });
+}
+
+void run_combine_fast(int bits, const float* h, const uint32_t* idx, const float* wts, float* out, int tokens, int k,
+                      int K, int gs, const ExpertMats& down) {
+  int n = int(down.rows);
+  int chunks = (n + CHUNK - 1) / CHUNK;
+  if (tokens == 1) {
+    bool ok = indices_ok(idx, k, down.experts);
+    if (!ok) {
+      std::fill(out, out + n, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    Prepared pr = prepare(size_t(k), K, gs, bits, [&](size_t j) { return h + j * K; });
+    parallel_for(size_t(chunks), [&](size_t i0, size_t i1) {
+      float y[CHUNK];
+      for (size_t c = i0; c < i1; ++c) {
+        int r0 = int(c) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+        float* o = out + r0;
+        std::fill(o, o + (r1 - r0), 0.0f);
+        for (int j = 0; j < k; ++j) {
+          qmv_fast_rows(bits, pr.p(j), pr.s(j), 1, K, down.at(idx[j]), r0, r1, K, gs, y, CHUNK);
+          for (int r = 0; r < r1 - r0; ++r) o[r] += y[r] * wts[j];
+        }
+      }
+    });
+    return;
+  }
+  std::vector<float> y(size_t(tokens) * k * n);
+  ExpertGroups g = group_by_expert(idx, tokens, k, down.experts);
+  Prepared pr = prepare(g.slots.size(), K, gs, bits, [&](size_t s) { return h + size_t(g.slots[s]) * K; });
+  parallel_items(g.expert.size() * chunks, [&](size_t it) {
+    size_t gi = it / chunks, b = g.begin[gi], cnt = g.begin[gi + 1] - b;
+    int r0 = int(it % chunks) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+    float* yv = scratch(cnt * CHUNK, 0);
+    qmv_fast_rows(bits, pr.p(b), pr.s(b), int(cnt), K, down.at(g.expert[gi]), r0, r1, K, gs, yv, CHUNK);
+    for (size_t i = 0; i < cnt; ++i)
+      std::copy(yv + i * CHUNK, yv + i * CHUNK + (r1 - r0), y.data() + size_t(g.slots[b + i]) * n + r0);
+  });
+  parallel_items(size_t(tokens), [&](size_t t) {
+    float* o = out + t * n;
+    if (!indices_ok(idx + t * k, k, down.experts)) {
+      std::fill(o, o + n, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    std::fill(o, o + n, 0.0f);
+    for (int j = 0; j < k; ++j) {
+      const float* yj = y.data() + (t * k + j) * n;
+      float w = wts[t * k + j];
+      for (int r = 0; r < n; ++r) o[r] += yj[r] * w;
+    }
+  });
+}
+
+void run_linear_fast(int bits, const float* x, const ZmlxQMat& m, float* o, int tokens, int K, int n, int gs) {
+  Prepared pr = prepare(size_t(tokens), K, gs, bits, [&](size_t t) { return x + t * K; });
+  int chunks = (n + CHUNK - 1) / CHUNK;
+  parallel_items(size_t(chunks), [&](size_t c) {
+    int r0 = int(c) * CHUNK, r1 = std::min(n, r0 + CHUNK);
+    qmv_fast_rows(bits, pr.p(0), pr.s(0), tokens, K, m, r0, r1, K, gs, o + r0, n);
+  });
+}
+
 // A row-contiguous copy of a small, possibly strided input (activations, indices, weights).
 template <typename T>
 const T* dense(const mx::array& a, std::vector<T>& buf) {
@@ -305,76 +408,84 @@ const T* dense(const mx::array& a, std::vector<T>& buf) {
 // inputs: x [T, K] f32, idx [T, k] u32, wg, sg, bg, wu, su, bu  ->  h [T, k, N] f32
 class QmvSwiglu : public mx::UnaryPrimitive {
  public:
-  QmvSwiglu(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  QmvSwiglu(mx::Stream s, int gs, int bits, bool fast = false)
+      : mx::UnaryPrimitive(s), gs_(gs), bits_(bits), fast_(fast && fast_supported(bits, gs)) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_]() {
+    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_, fast = fast_]() {
       std::vector<float> xb;
       std::vector<uint32_t> ib;
       const float* x = dense(in[0], xb);
       const uint32_t* idx = dense(in[1], ib);
       int tokens = in[1].shape(0), k = in[1].shape(1), K = in[0].shape(1);
-      run_swiglu(bits, x, idx, o, tokens, k, K, gs, expert_mats(in[2], in[3], in[4]), expert_mats(in[5], in[6], in[7]));
+      auto run = fast ? run_swiglu_fast : run_swiglu;
+      run(bits, x, idx, o, tokens, k, K, gs, expert_mats(in[2], in[3], in[4]), expert_mats(in[5], in[6], in[7]));
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("zmlx qmv_swiglu: CPU-only primitive; GPU backends use the CUDA/Metal kernel");
   }
-  const char* name() const override { return "ZmlxQmvSwiglu"; }
+  const char* name() const override { return fast_ ? "ZmlxQmvSwigluFast" : "ZmlxQmvSwiglu"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     auto& p = static_cast<const QmvSwiglu&>(o);
-    return p.gs_ == gs_ && p.bits_ == bits_;
+    return p.gs_ == gs_ && p.bits_ == bits_ && p.fast_ == fast_;
   }
 
  private:
   int gs_, bits_;
+  bool fast_;
 };
 
 // inputs: h [T, k, K] f32, idx [T, k] u32, w [T, k] f32, wd, sd, bd  ->  out [T, N] f32
 class QmvCombine : public mx::UnaryPrimitive {
  public:
-  QmvCombine(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  QmvCombine(mx::Stream s, int gs, int bits, bool fast = false)
+      : mx::UnaryPrimitive(s), gs_(gs), bits_(bits), fast_(fast && fast_supported(bits, gs)) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_]() {
+    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_, fast = fast_]() {
       std::vector<float> hb, wb;
       std::vector<uint32_t> ib;
       const float* h = dense(in[0], hb);
       const uint32_t* idx = dense(in[1], ib);
       const float* w = dense(in[2], wb);
       int tokens = in[1].shape(0), k = in[1].shape(1), K = in[0].shape(2);
-      run_combine(bits, h, idx, w, o, tokens, k, K, gs, expert_mats(in[3], in[4], in[5]));
+      auto run = fast ? run_combine_fast : run_combine;
+      run(bits, h, idx, w, o, tokens, k, K, gs, expert_mats(in[3], in[4], in[5]));
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("zmlx qmv_combine: CPU-only primitive; GPU backends use the CUDA/Metal kernel");
   }
-  const char* name() const override { return "ZmlxQmvCombine"; }
+  const char* name() const override { return fast_ ? "ZmlxQmvCombineFast" : "ZmlxQmvCombine"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     auto& p = static_cast<const QmvCombine&>(o);
-    return p.gs_ == gs_ && p.bits_ == bits_;
+    return p.gs_ == gs_ && p.bits_ == bits_ && p.fast_ == fast_;
   }
 
  private:
   int gs_, bits_;
+  bool fast_;
 };
 
 // inputs: x [T, K] f32, w [N, K*bits/32] u32, s, b [N, K/gs] f32  ->  out [T, N] f32
 // (quantized_matmul(x, w, transpose=true) for a few rows: each row is `_qmm_t`'s sum).
 class QmvLinear : public mx::UnaryPrimitive {
  public:
-  QmvLinear(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  QmvLinear(mx::Stream s, int gs, int bits, bool fast = false)
+      : mx::UnaryPrimitive(s), gs_(gs), bits_(bits), fast_(fast && fast_supported(bits, gs)) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_]() {
+    enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_, fast = fast_]() {
       std::vector<float> xb;
       const float* x = dense(in[0], xb);
       int tokens = in[0].shape(0), K = in[0].shape(1), n = in[1].shape(0);
       ZmlxQMat m{in[1].data<uint8_t>(), in[2].data<float>(), in[3].data<float>(), long(in[1].shape(1)) * 4,
                  long(in[2].shape(1))};
+      if (fast) return run_linear_fast(bits, x, m, o, tokens, K, n, gs);
       // Chunk-major: a chunk's rows stay in cache while every token (prefill) runs over them.
       int chunks = (n + CHUNK - 1) / CHUNK;
       parallel_items(size_t(chunks), [&](size_t c) {
@@ -386,14 +497,15 @@ class QmvLinear : public mx::UnaryPrimitive {
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("zmlx qmv_linear: CPU-only primitive");
   }
-  const char* name() const override { return "ZmlxQmvLinear"; }
+  const char* name() const override { return fast_ ? "ZmlxQmvLinearFast" : "ZmlxQmvLinear"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     auto& p = static_cast<const QmvLinear&>(o);
-    return p.gs_ == gs_ && p.bits_ == bits_;
+    return p.gs_ == gs_ && p.bits_ == bits_ && p.fast_ == fast_;
   }
 
  private:
   int gs_, bits_;
+  bool fast_;
 };
 
 // Packed expert weights must be evaluated row-contiguous buffers: they are read in place.
@@ -414,7 +526,7 @@ void check_expert(const char* op, const mx::array& w, const mx::array& s, const 
 }  // namespace
 
 // The worker count the row kernels use (recorded in ledger lines and capsules).
-extern "C" int zmlx_cpu_threads() { return thread_count(); }
+extern "C" int zmlx_cpu_threads() { return zmlx_pool::threads(); }
 
 extern "C" int zmlx_cpu_qmv_swiglu(mlx_array* res, const mlx_array x, const mlx_array idx, const mlx_array wg,
                                    const mlx_array sg, const mlx_array bg, const mlx_array wu, const mlx_array su,
@@ -482,4 +594,40 @@ extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_
     mx::Shape shape = {x0.shape(0), w0.shape(0)};
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvLinear>(st, group_size, bits), ins));
   });
+}
+
+// The `fast` (validated) variants: the same checks and inputs (the exact entry point builds the
+// node), then the node's primitive is swapped for the fast one. Shapes the fast kernels do not
+// take (fast_supported) run the exact kernels.
+namespace {
+template <class Prim>
+int make_fast(mlx_array* res, const mlx_stream s, int group_size, int bits) {
+  return zmlx_cpu::guarded([&] {
+    auto& a = mlx_array_get_(*res);
+    auto prim = std::make_shared<Prim>(mlx_stream_get_(s), group_size, bits, true);
+    mlx_array_set_(*res, mx::array(a.shape(), a.dtype(), prim, a.inputs()));
+  });
+}
+}  // namespace
+
+extern "C" int zmlx_cpu_qmv_fast_supported(int bits, int group_size) { return fast_supported(bits, group_size); }
+
+extern "C" int zmlx_cpu_qmv_swiglu_fast(mlx_array* res, const mlx_array x, const mlx_array idx, const mlx_array wg,
+                                        const mlx_array sg, const mlx_array bg, const mlx_array wu, const mlx_array su,
+                                        const mlx_array bu, int group_size, int bits, const mlx_stream s) {
+  if (int rc = zmlx_cpu_qmv_swiglu(res, x, idx, wg, sg, bg, wu, su, bu, group_size, bits, s)) return rc;
+  return make_fast<QmvSwiglu>(res, s, group_size, bits);
+}
+
+extern "C" int zmlx_cpu_qmv_combine_fast(mlx_array* res, const mlx_array h, const mlx_array idx, const mlx_array w,
+                                         const mlx_array wd, const mlx_array sd, const mlx_array bd, int group_size,
+                                         int bits, const mlx_stream s) {
+  if (int rc = zmlx_cpu_qmv_combine(res, h, idx, w, wd, sd, bd, group_size, bits, s)) return rc;
+  return make_fast<QmvCombine>(res, s, group_size, bits);
+}
+
+extern "C" int zmlx_cpu_qmv_linear_fast(mlx_array* res, const mlx_array x, const mlx_array w, const mlx_array sc,
+                                        const mlx_array bi, int group_size, int bits, const mlx_stream s) {
+  if (int rc = zmlx_cpu_qmv_linear(res, x, w, sc, bi, group_size, bits, s)) return rc;
+  return make_fast<QmvLinear>(res, s, group_size, bits);
 }

@@ -90,3 +90,23 @@ fn cuda_block_dim(threads: i32) -> i32 {
     }
     bd
 }
+
+/// Which CPU row kernels a quantized expert/dense kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelClass {
+    /// Bit-identical to MLX's `_qmm_t` (qmv_rows.inc): the `safe` patterns.
+    Exact,
+    /// Reassociated per-group sums with FMA (qmv_fast.inc): not bit-exact, `validated` patterns.
+    Fast,
+}
+
+extern "C" {
+    fn zmlx_cpu_qmv_fast_supported(bits: std::ffi::c_int, group_size: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+/// Whether the fast CPU kernels take this bit width and group size on this CPU (else the node
+/// runs the exact kernels: same result class as `Exact`).
+pub fn fast_supported(bits: i32, group_size: i32) -> bool {
+    unsafe { zmlx_cpu_qmv_fast_supported(bits, group_size) != 0 }
+}

@@ -12,13 +12,26 @@ use mlx_rs::{ops, Array, Dtype};
 use super::check::{compare, qweight, rand, CaseResult};
 use super::gpu::{pick, GpuKernel, TemplateArg};
 use super::qmv_swiglu::{check_shapes, unsupported};
-use super::{backend, threads_for, CUDA_HEADER};
+use super::{backend, threads_for, KernelClass, CUDA_HEADER};
 use crate::mlx_env::{raw_array, Backend};
 use crate::nn::QWeight;
 
 extern "C" {
     #[allow(clippy::too_many_arguments)]
     fn zmlx_cpu_qmv_combine(
+        res: *mut mlx_sys::mlx_array,
+        h: mlx_sys::mlx_array,
+        idx: mlx_sys::mlx_array,
+        w: mlx_sys::mlx_array,
+        wd: mlx_sys::mlx_array,
+        sd: mlx_sys::mlx_array,
+        bd: mlx_sys::mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn zmlx_cpu_qmv_combine_fast(
         res: *mut mlx_sys::mlx_array,
         h: mlx_sys::mlx_array,
         idx: mlx_sys::mlx_array,
@@ -67,6 +80,11 @@ static COMBINE_METAL: GpuKernel = GpuKernel {
 /// Fused gathered down mat-vec + weighted combine: `h` `[T, k, I]`, `idx`/`w` `[T, k]` →
 /// `[T, D]` in `promote(h, w)` (float32 on CPU).
 pub fn qmv_combine(h: &Array, idx: &Array, w: &Array, down: &QWeight) -> Result<Array> {
+    qmv_combine_class(h, idx, w, down, KernelClass::Exact)
+}
+
+/// [`qmv_combine`] with the chosen CPU row kernels (`Fast`: not bit-exact; GPUs ignore the class).
+pub fn qmv_combine_class(h: &Array, idx: &Array, w: &Array, down: &QWeight, class: KernelClass) -> Result<Array> {
     check_shapes("qmv_combine", h, idx)?;
     if h.ndim() != 3 || w.shape() != idx.shape() {
         bail!("qmv_combine: expected h [T, k, I] and weights [T, k], got {:?} and {:?}", h.shape(), w.shape());
@@ -81,7 +99,8 @@ pub fn qmv_combine(h: &Array, idx: &Array, w: &Array, down: &QWeight) -> Result<
                 bail!("qmv_combine: the CPU kernel needs float32 combine weights, got {:?}", w.dtype());
             }
             Ok(raw_array(|res, s| unsafe {
-                zmlx_cpu_qmv_combine(
+                let f = if class == KernelClass::Fast { zmlx_cpu_qmv_combine_fast } else { zmlx_cpu_qmv_combine };
+                f(
                     res,
                     h.as_ptr(),
                     idx.as_ptr(),

@@ -9,7 +9,7 @@ use std::ffi::c_int;
 use anyhow::{bail, Result};
 use mlx_rs::{Array, Dtype};
 
-use super::backend;
+use super::{backend, KernelClass};
 use super::check::{compare, qweight, rand, CaseResult};
 use super::qmv_swiglu::unsupported;
 use crate::mlx_env::{raw_array, Backend};
@@ -17,6 +17,16 @@ use crate::nn::QWeight;
 
 extern "C" {
     fn zmlx_cpu_qmv_linear(
+        res: *mut mlx_sys::mlx_array,
+        x: mlx_sys::mlx_array,
+        w: mlx_sys::mlx_array,
+        s: mlx_sys::mlx_array,
+        b: mlx_sys::mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        st: mlx_sys::mlx_stream,
+    ) -> c_int;
+    fn zmlx_cpu_qmv_linear_fast(
         res: *mut mlx_sys::mlx_array,
         x: mlx_sys::mlx_array,
         w: mlx_sys::mlx_array,
@@ -45,6 +55,11 @@ pub fn qmv_linear_unsupported(x: &Array, w: &QWeight) -> Option<String> {
 /// `quantized_matmul(x, w, transpose=true)` as one multi-threaded node, any number of rows
 /// (decode and prefill); bit-identical on CPU. `x` `[..., K]` → `[..., N]`.
 pub fn qmv_linear(x: &Array, w: &QWeight) -> Result<Array> {
+    qmv_linear_class(x, w, KernelClass::Exact)
+}
+
+/// [`qmv_linear`] with the chosen CPU row kernels (`Fast`: reassociated, not bit-exact).
+pub fn qmv_linear_class(x: &Array, w: &QWeight, class: KernelClass) -> Result<Array> {
     if let Some(why) = qmv_linear_unsupported(x, w) {
         bail!("qmv_linear: {why}");
     }
@@ -52,7 +67,8 @@ pub fn qmv_linear(x: &Array, w: &QWeight) -> Result<Array> {
     let rows = (x.size() / k.max(1) as usize) as i32;
     let x2 = x.reshape(&[rows, k])?;
     let out = raw_array(|res, s| unsafe {
-        zmlx_cpu_qmv_linear(
+        let f = if class == KernelClass::Fast { zmlx_cpu_qmv_linear_fast } else { zmlx_cpu_qmv_linear };
+        f(
             res,
             x2.as_ptr(),
             w.weight.as_ptr(),

@@ -11,13 +11,28 @@ use mlx_rs::{ops, Array, Dtype};
 
 use super::check::{compare, qweight, rand, CaseResult};
 use super::gpu::{pick, GpuKernel, TemplateArg};
-use super::{backend, threads_for, CUDA_HEADER};
+use super::{backend, threads_for, KernelClass, CUDA_HEADER};
 use crate::mlx_env::{raw_array, Backend};
 use crate::nn::QWeight;
 
 extern "C" {
     #[allow(clippy::too_many_arguments)]
     fn zmlx_cpu_qmv_swiglu(
+        res: *mut mlx_sys::mlx_array,
+        x: mlx_sys::mlx_array,
+        idx: mlx_sys::mlx_array,
+        wg: mlx_sys::mlx_array,
+        sg: mlx_sys::mlx_array,
+        bg: mlx_sys::mlx_array,
+        wu: mlx_sys::mlx_array,
+        su: mlx_sys::mlx_array,
+        bu: mlx_sys::mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        s: mlx_sys::mlx_stream,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn zmlx_cpu_qmv_swiglu_fast(
         res: *mut mlx_sys::mlx_array,
         x: mlx_sys::mlx_array,
         idx: mlx_sys::mlx_array,
@@ -97,6 +112,11 @@ static SWIGLU_METAL: GpuKernel = GpuKernel {
 
 /// Fused gathered gate/up mat-vecs + SwiGLU: `x` `[T, K]`, `idx` `[T, k]` → `h` `[T, k, I]`.
 pub fn qmv_swiglu(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight) -> Result<Array> {
+    qmv_swiglu_class(x, idx, gate, up, KernelClass::Exact)
+}
+
+/// [`qmv_swiglu`] with the chosen CPU row kernels (`Fast`: not bit-exact; GPUs ignore the class).
+pub fn qmv_swiglu_class(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight, class: KernelClass) -> Result<Array> {
     check_shapes("qmv_swiglu", x, idx)?;
     if let Some(why) = unsupported(x.dtype(), &[gate, up]) {
         bail!("qmv_swiglu: {why}");
@@ -104,7 +124,8 @@ pub fn qmv_swiglu(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight) -> Resul
     let (q, n, e) = (gate.q, gate.weight.dim(1), gate.weight.dim(0));
     match backend() {
         Backend::Cpu => Ok(raw_array(|res, s| unsafe {
-            zmlx_cpu_qmv_swiglu(
+            let f = if class == KernelClass::Fast { zmlx_cpu_qmv_swiglu_fast } else { zmlx_cpu_qmv_swiglu };
+            f(
                 res,
                 x.as_ptr(),
                 idx.as_ptr(),
