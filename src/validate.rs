@@ -337,7 +337,7 @@ fn context_diff(tok: &TextTokenizer, b: &[u32], p: &[u32], index: usize) -> Stri
 }
 
 /// Logits `[L, V]` (float32) of a full-sequence forward pass with a fresh cache.
-fn teacher_forced_logits(model: &Model, seq: &[u32]) -> Result<Array> {
+pub fn teacher_forced_logits(model: &Model, seq: &[u32]) -> Result<Array> {
     let mut cache = model.new_cache();
     let tokens = Array::from_slice(seq, &[1, seq.len() as i32]);
     let logits = model.forward(&tokens, &mut cache)?.try_index(0)?;
