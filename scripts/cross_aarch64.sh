@@ -3,7 +3,7 @@
 # and with --test runs the kernel tests under qemu-user. See docs/building.md.
 #   bash scripts/cross_aarch64.sh            # lib + bin + the kernel test binaries (no run)
 #   bash scripts/cross_aarch64.sh --test     # ... and run tests/kernels.rs, tests/expert_kernels.rs
-#                                            #     and tests/kernels_rope.rs under qemu-aarch64
+#                                            #     tests/kernels_rope.rs and tests/fast_kernels.rs under qemu-aarch64
 # Inputs (scripts/setup.sh --aarch64 fetches them): g++-aarch64-linux-gnu + qemu-user (apt), a Rust
 # std for the target (rustup's if installed, else Debian's rustc-web + its arm64 std unpacked into
 # .mlx/aarch64/rust-std), the aarch64 mlx-cpu wheel in .mlx/aarch64/mlx-cpu-<ver>.
@@ -48,7 +48,7 @@ export CARGO_TARGET_DIR=$ROOT/target/aarch64-cross
 PROFILE=${PROFILE:-debug}
 prof=(); [ "$PROFILE" = release ] && prof=(--release)
 
-TESTS=(--test kernels --test expert_kernels --test kernels_rope)
+TESTS=(--test kernels --test expert_kernels --test kernels_rope --test fast_kernels)
 start=$(date +%s)
 say "cargo build --target $T (lib + bins + kernel tests, $PROFILE)"
 "${CARGO[@]}" build --locked --target $T "${prof[@]}" --lib --bins "${TESTS[@]}"
@@ -59,14 +59,14 @@ if [ $run_tests = 1 ]; then
   command -v qemu-aarch64 >/dev/null || die "qemu-aarch64 missing (apt-get install qemu-user)"
   start=$(date +%s)
   export ZMLX_CPU_THREADS=${ZMLX_CPU_THREADS:-1}
-  # The default row kernel (neon). expert_kernels_bit_exact_on_each_isa re-executes its own test
+  # The default row kernel (neon). The *_on_each_isa tests re-execute its own test
   # binary, which the host kernel cannot exec without a binfmt_misc entry for qemu; the second
   # run below does its job (ZMLX_CPU_ISA set: it returns at once and every other test runs on
   # the scalar kernel).
   say "running the kernel tests under qemu-aarch64: neon row kernel"
-  "${CARGO[@]}" test --locked --target $T "${prof[@]}" "${TESTS[@]}" -- --skip expert_kernels_bit_exact_on_each_isa
+  "${CARGO[@]}" test --locked --target $T "${prof[@]}" "${TESTS[@]}" -- --skip expert_kernels_bit_exact_on_each_isa --skip fast_kernels_on_each_isa
   say "running the expert kernel tests under qemu-aarch64: ZMLX_CPU_ISA=base (scalar row kernel)"
-  ZMLX_CPU_ISA=base "${CARGO[@]}" test --locked --target $T "${prof[@]}" --test expert_kernels
+  ZMLX_CPU_ISA=base "${CARGO[@]}" test --locked --target $T "${prof[@]}" --test expert_kernels --test fast_kernels
   say "kernel tests passed under qemu in $(( $(date +%s) - start )) s"
 fi
 say "done"
