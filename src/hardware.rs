@@ -16,7 +16,7 @@ extern "C" {
     fn zmlx_cpu_threads() -> std::ffi::c_int;
 }
 
-/// Threads zmlx's CPU row kernels run on: `ZMLX_CPU_THREADS`, else the hardware's (at most 8).
+/// Threads of zmlx's CPU kernel pool: `ZMLX_CPU_THREADS`, else the CPUs available (affinity, cgroup quota), ≤ 64.
 /// MLX's own CPU ops run on one thread whatever this says.
 pub fn kernel_threads() -> u32 {
     unsafe { zmlx_cpu_threads() }.max(1) as u32
@@ -73,4 +73,18 @@ pub fn describe(backend: Backend) -> Hardware {
     let device = device.unwrap_or_else(|| format!("unknown {} device", backend.name()));
     let gib = mem.unwrap_or(0) >> 30;
     Hardware { hardware: format!("{device} {gib}GB"), memory_gb: gib as f64, device }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Unset, the pool is sized like Rust's `available_parallelism` (which also honours the
+    /// affinity mask and cgroup CPU quotas), capped at 64; the test command unsets ZMLX_*.
+    #[test]
+    fn kernel_pool_sized_from_available_cpus() {
+        if std::env::var_os("ZMLX_CPU_THREADS").is_some() {
+            return;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(64) as u32;
+        assert_eq!(super::kernel_threads(), cpus);
+    }
 }
