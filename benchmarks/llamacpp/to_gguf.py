@@ -201,6 +201,9 @@ def convert(a):
         w.add_expert_count(cfg["num_experts"])
         w.add_expert_used_count(cfg["num_experts_per_tok"])
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise SystemExit(f"qwen3_moe with dense layers (mlp_only_layers {cfg.get('mlp_only_layers')}, decoder_sparse_step "
+                             f"{cfg.get('decoder_sparse_step')}): llama.cpp's qwen3moe has experts in every layer")
         if not cfg.get("norm_topk_prob", True):
             raise SystemExit("qwen3_moe with norm_topk_prob false: llama.cpp's qwen3moe always normalizes")
     else:
