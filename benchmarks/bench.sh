@@ -71,6 +71,7 @@ print(json.dumps({
     "mlx_cpu": "MLX's CPU ops run single-threaded, scalar; only BLAS (float matmuls) reads the thread env",
     "warmup": int(sys.argv[1]), "gen_tokens": int(sys.argv[2]), "ignore_eos": True,
     "prompt_tokens": int(sys.argv[3]), "trials": int(sys.argv[4]),
+    "loadavg_at_start": os.getloadavg(),
 }))
 PY
 cat "$CAP/threads.json"
@@ -155,7 +156,7 @@ PY
             if [ -x "$LLAMACPP_BIN/llama-simple" ] && [ -x "$LLAMACPP_BIN/llama-tokenize" ]; then
               "$PY" benchmarks/llamacpp/greedy_check.py --simple "$LLAMACPP_BIN/llama-simple" \
                 --tokenize "$LLAMACPP_BIN/llama-tokenize" --gguf "$g" --ckpt "$d" --prompt-file "$WORK/prompt.txt" \
-                --ref-raw "$RAW" --family "$fam" --quant "$q" --n 32 > "$WORK/tokens.json" || rm -f "$WORK/tokens.json"
+                --ref-raw "$RAW" --family "$fam" --quant "$q" --n "$GEN_TOKENS" > "$WORK/tokens.json" || rm -f "$WORK/tokens.json"
             fi
             echo "[bench] llama.cpp $t: llama-bench -t $THREADS -p $PROMPT_TOKENS, -n $GEN_TOKENS -d $PROMPT_TOKENS, -r $TRIALS"
             "$PY" benchmarks/llamacpp/bench_llamacpp.py --bench "$LLAMACPP_BIN/llama-bench" --gguf "$g" --type "$t" \
@@ -169,5 +170,6 @@ PY
     fi
   done
 done
+cat /proc/loadavg > "$CAP/loadavg_at_end.txt" 2>/dev/null || true
 "$PY" benchmarks/bench_table.py "$RAW" "$CAP/triad.json" "$CAP/threads.json" | tee "$CAP/table.md"
 echo "[bench] capsule: $CAP  ledger: $LEDGER"

@@ -135,7 +135,9 @@ def main():
         print(f"Threads: THREADS={threads.get('threads')} of {threads.get('cpus_available')} CPUs ({threads.get('cpu_model')}); "
               f"zmlx kernels ZMLX_CPU_THREADS={env.get('ZMLX_CPU_THREADS')} "
               f"(report: {', '.join(map(str, zt)) if zt else nr}), ISA {threads.get('zmlx_isa')}; "
-              f"both sides {blas}; MLX's own CPU ops: 1 thread, scalar")
+              f"both sides {blas}; MLX's own CPU ops: 1 thread, scalar"
+              + (f"; load average at start {', '.join(f'{x:.2f}' for x in threads['loadavg_at_start'])}"
+                 if threads.get("loadavg_at_start") else ""))
     else:
         print(f"Threads: {nr} (capsule predates threads.json){'; zmlx report: ' + ', '.join(map(str, zt)) if zt else ''}")
     mw, zw, zi = uniq(mlx_warm), uniq(zmlx_warm), uniq(zmlx_ignore)

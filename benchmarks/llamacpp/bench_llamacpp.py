@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--notes", default="")
     a = ap.parse_args()
 
+    load = os.getloadavg()  # the 2-core VM is shared: a busy machine hurts llama.cpp's spinning threads most
     cmd_pp, pp = llama_bench(a, a.prompt, 0, 0)
     cmd_tg, tg = llama_bench(a, 0, a.gen, a.prompt)
     pp, tg = pp[0], tg[0]
@@ -61,7 +62,7 @@ def main():
            "prefill_tps": pp["avg_ts"], "prefill_stddev": pp.get("stddev_ts"), "prefill_runs": pp.get("samples_ts"),
            "decode_tps": tg["avg_ts"], "decode_stddev": tg.get("stddev_ts"), "decode_runs": tg.get("samples_ts"),
            "prompt_tokens": a.prompt, "gen_tokens": a.gen, "decode_depth": a.prompt, "threads": a.threads,
-           "reps": a.reps, "build": build, "cpu_info": pp.get("cpu_info"), "backends": pp.get("backends"),
+           "reps": a.reps, "loadavg_at_start": load, "build": build, "cpu_info": pp.get("cpu_info"), "backends": pp.get("backends"),
            "model_type": pp.get("model_type"), "model_size": pp.get("model_size"),
            "model_n_params": pp.get("model_n_params"), "gguf": a.gguf, "cmd_pp": cmd_pp, "cmd_tg": cmd_tg,
            "llama_bench": [pp, tg], "conversion": conv and {k: conv.get(k) for k in ("type", "kinds", "bf16_to_f16", "verify", "bytes")},
