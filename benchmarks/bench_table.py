@@ -223,7 +223,7 @@ def engine_table(raw, rows, f):
             w = ("Q4_1 = the same weights" if t == "q4_1" else "Q4_0 re-quantized" if t == "q4_0" else t)
             if ver:
                 w += (f" (bit-exact {ver.get('exact_ok')}/{ver.get('must_be_exact')})" if t == "q4_1"
-                      else f" (max |err| {ver.get('max_abs_err_all', float('nan')):.3g})")
+                      else f" (max abs err {ver.get('max_abs_err_all', float('nan')):.3g})")
             g = x.get("greedy_check")
             chk = (f"greedy: {g['matching_tokens']}/{g['compared_tokens']} = mlx-lm, prompt ids "
                    f"{'equal' if g.get('prompt_ids_equal') else 'differ'}") if g else "-"
