@@ -14,6 +14,14 @@
 #   env: FAMILIES (all six), QUANTS ("4"; "none 4" adds the bf16 checkpoints), PROMPT_TOKENS
 #   (128), GEN_TOKENS (128), TRIALS (2), WARMUP (2), THREADS (`nproc`), LEDGER
 #   (benchmarks/matrix-cpu.jsonl), NOTES.
+#   LLAMACPP=1 (default 0): also llama.cpp, the peer a CPU user would pick (benchmarks/llamacpp/):
+#   builds llama-bench once (build.sh, ~25 min on 2 cores, cached in .mlx/llama.cpp), converts each
+#   4-bit qwen3_moe/mixtral checkpoint to GGUF q4_0 (re-quantized) and q4_1 (the same weights,
+#   verified bit-exact), checks llama.cpp's greedy tokens against mlx-lm's, and runs llama-bench
+#   with the same THREADS, PROMPT_TOKENS, GEN_TOKENS (at PROMPT_TOKENS of context) and TRIALS
+#   repetitions: raw.jsonl sides llamacpp_q4_0/llamacpp_q4_1, one ledger line per configuration.
+#   FAST=1 (default 0): hook for a future zmlx "fast" preset (`zmlx run --patterns fast`); skipped
+#   with a message while `zmlx run --help` does not mention it.
 # The defaults fit the 20-minute budget on a 2-core VM; the issue's full setting is
 #   QUANTS="none 4" PROMPT_TOKENS=512 TRIALS=3 (about 2 hours there).
 set -euo pipefail
@@ -63,9 +71,18 @@ print(json.dumps({
     "mlx_cpu": "MLX's CPU ops run single-threaded, scalar; only BLAS (float matmuls) reads the thread env",
     "warmup": int(sys.argv[1]), "gen_tokens": int(sys.argv[2]), "ignore_eos": True,
     "prompt_tokens": int(sys.argv[3]), "trials": int(sys.argv[4]),
+    "loadavg_at_start": os.getloadavg(),
 }))
 PY
 cat "$CAP/threads.json"
+LLAMACPP=${LLAMACPP:-0}
+FAST=${FAST:-0}
+if [ "$LLAMACPP" = 1 ]; then
+  echo "[bench] llama.cpp: build (cached after the first time)"
+  bash benchmarks/llamacpp/build.sh | tee "$CAP/llamacpp_build.txt"
+  LLAMACPP_BIN=$(sed -n 's/^LLAMACPP_BIN=//p' "$CAP/llamacpp_build.txt")
+  export GGUF_PY=$(sed -n 's/^GGUF_PY=//p' "$CAP/llamacpp_build.txt")
+fi
 echo "[bench] triad bandwidth (1 and $THREADS threads)"
 "$PY" benchmarks/roofline.py triad "$THREADS" > "$CAP/triad.json"
 cat "$CAP/triad.json"
@@ -104,12 +121,55 @@ PY
     set -e
     "$PY" -c "import json,sys; r=json.load(open('$WORK/run.json')); print(json.dumps({'side':'zmlx_run','family':'$fam','quant':'$q','exit':$rc,'report':r}))" >> "$RAW" \
       || echo "{\"side\":\"zmlx_run\",\"family\":\"$fam\",\"quant\":\"$q\",\"exit\":$rc}" >> "$RAW"
+    if [ "$FAST" = 1 ]; then
+      # Hook for the zmlx "fast" preset (not bit-exact; `zmlx run --patterns fast`), not built yet.
+      if $Z run --help 2>&1 | grep -qiw fast; then
+        set +e
+        $Z run "$d" --patterns fast --runs "$TRIALS" --max-tokens "$GEN_TOKENS" --ignore-eos --warmup "$WARMUP" \
+          --prompt-file "$WORK/prompt.txt" \
+          --notes "bench.sh: prompt $PROMPT_TOKENS, gen $GEN_TOKENS (EOS ignored), warm-up $WARMUP, threads $THREADS, fast preset vs unpatched${NOTES:+; $NOTES}" \
+          --ledger "$LEDGER" --capsule "$CAP" --json > "$WORK/run_fast.json"
+        rc=$?
+        set -e
+        "$PY" -c "import json,sys; r=json.load(open('$WORK/run_fast.json')); print(json.dumps({'side':'zmlx_fast_run','family':'$fam','quant':'$q','exit':$rc,'report':r}))" >> "$RAW" \
+          || echo "{\"side\":\"zmlx_fast_run\",\"family\":\"$fam\",\"quant\":\"$q\",\"exit\":$rc}" >> "$RAW"
+      else
+        echo "[bench] FAST=1: skipped: this zmlx has no fast preset (\`zmlx run --help\` does not mention 'fast')"
+      fi
+    fi
     for _ in $(seq 2 "$TRIALS"); do mlx; done
     $Z profile "$d" --tokens 8 --json --prompt "$(head -c 400 "$WORK/prompt.txt")" 2>/dev/null \
       | "$PY" -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'side':'profile','family':'$fam','quant':'$q','stock':r['stock'],'patched':r['patched']}))" >> "$RAW" || true
     "$PY" benchmarks/roofline.py bytes "$d" $((PROMPT_TOKENS + GEN_TOKENS / 2)) \
       | "$PY" -c "import json,sys; r=json.load(sys.stdin); r.update(side='bytes', family='$fam', quant='$q'); print(json.dumps(r))" >> "$RAW"
+    if [ "$LLAMACPP" = 1 ]; then
+      case "$fam:$q" in
+        qwen3_moe:4|mixtral:4)
+          for t in q4_0 q4_1; do
+            g=$WORK/$fam-$q.$t.gguf
+            # Re-convert when the checkpoint was re-synthesized after the GGUF was written.
+            if [ ! -f "$g" ] || [ ! -f "$g.json" ] || [ "$d/config.json" -nt "$g" ]; then
+              echo "[bench] llama.cpp: converting $d -> $g ($t, verified against MLX's dequantize)"
+              "$PY" benchmarks/llamacpp/to_gguf.py "$d" "$g" --type "$t" --verify --verify-json "$g.json" >/dev/null
+            fi
+            cp "$g.json" "$CAP/gguf-$fam-$q-$t.json"
+            if [ -x "$LLAMACPP_BIN/llama-simple" ] && [ -x "$LLAMACPP_BIN/llama-tokenize" ]; then
+              "$PY" benchmarks/llamacpp/greedy_check.py --simple "$LLAMACPP_BIN/llama-simple" \
+                --tokenize "$LLAMACPP_BIN/llama-tokenize" --gguf "$g" --ckpt "$d" --prompt-file "$WORK/prompt.txt" \
+                --ref-raw "$RAW" --family "$fam" --quant "$q" --n "$GEN_TOKENS" > "$WORK/tokens.json" || rm -f "$WORK/tokens.json"
+            fi
+            echo "[bench] llama.cpp $t: llama-bench -t $THREADS -p $PROMPT_TOKENS, -n $GEN_TOKENS -d $PROMPT_TOKENS, -r $TRIALS"
+            "$PY" benchmarks/llamacpp/bench_llamacpp.py --bench "$LLAMACPP_BIN/llama-bench" --gguf "$g" --type "$t" \
+              --threads "$THREADS" --prompt "$PROMPT_TOKENS" --gen "$GEN_TOKENS" --reps "$TRIALS" --family "$fam" \
+              --quant "$q" --ckpt "$d" --run-json "$WORK/run.json" --convert-json "$g.json" \
+              --tokens-json "$WORK/tokens.json" --ledger "$LEDGER" --capsule "$CAP" ${NOTES:+--notes "$NOTES"} >> "$RAW"
+            rm -f "$WORK/tokens.json"
+          done ;;
+        *) echo "[bench] llama.cpp: no GGUF conversion for $fam q=$q (to_gguf.py: qwen3_moe, mixtral; 4-bit)" ;;
+      esac
+    fi
   done
 done
+cat /proc/loadavg > "$CAP/loadavg_at_end.txt" 2>/dev/null || true
 "$PY" benchmarks/bench_table.py "$RAW" "$CAP/triad.json" "$CAP/threads.json" | tee "$CAP/table.md"
 echo "[bench] capsule: $CAP  ledger: $LEDGER"

@@ -6,6 +6,10 @@ fraction of the roofline (triad bandwidth / bytes per token). The header gives t
 settings and the warm-up; notes under the table say where the speedups come from. Prints a
 Markdown table and writes summary.json next to raw.jsonl.
 
+With llama.cpp sides in raw.jsonl (`LLAMACPP=1 bash bench.sh`: llamacpp_q4_0, llamacpp_q4_1) or a
+zmlx fast-preset run (FAST=1: zmlx_fast_run), a second table puts every engine side by side per
+checkpoint: prefill and decode tok/s and the ratio zmlx preset / that engine.
+
 usage: python bench_table.py RAW.jsonl TRIAD.json [THREADS.json]
   THREADS.json defaults to threads.json next to RAW.jsonl; capsules from before it (and rows
   without the new fields) are summarised with those fields shown as not recorded.
@@ -131,7 +135,9 @@ def main():
         print(f"Threads: THREADS={threads.get('threads')} of {threads.get('cpus_available')} CPUs ({threads.get('cpu_model')}); "
               f"zmlx kernels ZMLX_CPU_THREADS={env.get('ZMLX_CPU_THREADS')} "
               f"(report: {', '.join(map(str, zt)) if zt else nr}), ISA {threads.get('zmlx_isa')}; "
-              f"both sides {blas}; MLX's own CPU ops: 1 thread, scalar")
+              f"both sides {blas}; MLX's own CPU ops: 1 thread, scalar"
+              + (f"; load average at start {', '.join(f'{x:.2f}' for x in threads['loadavg_at_start'])}"
+                 if threads.get("loadavg_at_start") else ""))
     else:
         print(f"Threads: {nr} (capsule predates threads.json){'; zmlx report: ' + ', '.join(map(str, zt)) if zt else ''}")
     mw, zw, zi = uniq(mlx_warm), uniq(zmlx_warm), uniq(zmlx_ignore)
@@ -180,8 +186,58 @@ def main():
         if p:
             slots = ", ".join(f"{k} {p['ms_stock'][k]:.1f}->{p['ms_patched'].get(k, float('nan')):.1f}" for k in p["ms_stock"])
             print(f"- {r['family']} {r['quant']}: ops {p['ops_stock']} -> {p['ops_patched']}; {slots}")
-    json.dump({"triad_gbs": triad, "triad": tri, "threads": threads, "rows": rows},
+    engines = engine_table(raw, rows, f)
+    json.dump({"triad_gbs": triad, "triad": tri, "threads": threads, "rows": rows, "engines": engines},
               open(os.path.join(os.path.dirname(raw_path), "summary.json"), "w"), indent=1)
+
+
+def engine_table(raw, rows, f):
+    """mlx-lm, zmlx (unpatched, preset, fast) and llama.cpp (q4_0, q4_1) per checkpoint."""
+    if not any(r["side"].startswith("llamacpp_") or r["side"] == "zmlx_fast_run" for r in raw):
+        return []
+    out = []
+    print("\nEngines side by side (prefill = PROMPT_TOKENS-token prompt; decode = GEN_TOKENS tokens after it; "
+          "llama.cpp: llama-bench pp at depth 0, tg at depth PROMPT_TOKENS, random token ids, its own warm-up):\n")
+    print("| family | ckpt | engine | weights | prefill tok/s | decode tok/s | zmlx preset / this: prefill | decode | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fam, q = r["family"], ("none" if r["quant"] == "bf16" else r["quant"].split("-")[0])
+        rs = [x for x in raw if x["family"] == fam and str(x["quant"]) == q]
+        pp, pd = r["patched_prefill"], r["patched_decode"]
+        ratio = lambda a, b: f(a / b, 2) + "x" if a and b and a == a and b == b else "-"
+        eng = [("mlx-lm", "MLX affine (f32 compute)", r["mlx_lm_prefill"], r["mlx_lm_decode"], "reference"),
+               ("zmlx unpatched", "same", r["zmlx_prefill"], r["zmlx_decode"], f"= mlx-lm tokens: {r['tokens_equal_mlx_lm']}"),
+               ("zmlx preset", "same", pp, pd, r["fidelity"])]
+        fast = next((x for x in rs if x["side"] == "zmlx_fast_run"), None)
+        if fast:
+            rep, _ = run_report(fast)
+            fp = rep.get("patched") or {}
+            eng.append(("zmlx fast", "same", fp.get("median_prompt_tps"), fp.get("median_decode_tps"),
+                        (rep.get("fidelity") or {}).get("verdict", f"exit {fast.get('exit')}")))
+        for x in rs:
+            if not x["side"].startswith("llamacpp_"):
+                continue
+            t = x["type"]
+            conv = x.get("conversion") or {}
+            ver = conv.get("verify") or {}
+            w = ("Q4_1 = the same weights" if t == "q4_1" else "Q4_0 re-quantized" if t == "q4_0" else t)
+            if ver:
+                w += (f" (bit-exact {ver.get('exact_ok')}/{ver.get('must_be_exact')})" if t == "q4_1"
+                      else f" (max abs err {ver.get('max_abs_err_all', float('nan')):.3g})")
+            g = x.get("greedy_check")
+            chk = (f"greedy: {g['matching_tokens']}/{g['compared_tokens']} = mlx-lm, prompt ids "
+                   f"{'equal' if g.get('prompt_ids_equal') else 'differ'}") if g else "-"
+            eng.append((f"llama.cpp {t}", w, x["prefill_tps"], x["decode_tps"], chk))
+        for name, w, p_, d_, chk in eng:
+            print(f"| {fam} | {r['quant']} | {name} | {w} | {f(p_, 1)} | {f(d_, 2)} | {ratio(pp, p_)} | {ratio(pd, d_)} | {chk} |")
+            out.append({"family": fam, "quant": r["quant"], "engine": name, "weights": w, "prefill_tps": p_,
+                        "decode_tps": d_, "preset_over_prefill": pp / p_ if pp and p_ else None,
+                        "preset_over_decode": pd / d_ if pd and d_ else None, "check": chk})
+    builds = uniq([x.get("build") for x in raw if x["side"].startswith("llamacpp_")])
+    if builds:
+        print(f"\nllama.cpp: {', '.join(builds)}; Q4_x x Q8 dot products (activations quantized to 8 bits per "
+              "block of 32, int8 SIMD); zmlx/MLX keep activations in f32, bit-exact to MLX.")
+    return out
 
 
 if __name__ == "__main__":
