@@ -8,7 +8,8 @@ use crate::patterns::{self, Selection, SelectionRequest};
 /// `--patterns / --exclude / --allow-unsafe`, resolved the same way by every command.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct PatternArgs {
-    /// Patterns to apply (`none` for none); default: ZMLX_PATTERNS, else the family preset.
+    /// Patterns to apply (`none` for none; `safe` / `fast` = the family's safe / fast preset);
+    /// default: ZMLX_PATTERNS, else the safe family preset.
     #[arg(long, num_args = 1..)]
     pub patterns: Option<Vec<String>>,
     /// Patterns to leave out of the selection.
