@@ -18,6 +18,23 @@ extern "C" {
 
 /// Threads zmlx's CPU row kernels run on: `ZMLX_CPU_THREADS`, else the hardware's (at most 8).
 /// MLX's own CPU ops run on one thread whatever this says.
+/// This process's peak resident set size so far, in bytes (`getrusage` `ru_maxrss`, KiB on Linux):
+/// mapped checkpoint pages count once touched, so it is the honest "memory of a run".
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    // ru_maxrss is KiB on Linux, bytes on macOS.
+    let v = ru.ru_maxrss.max(0) as u64;
+    if cfg!(target_os = "macos") {
+        v
+    } else {
+        v * 1024
+    }
+}
+
 pub fn kernel_threads() -> u32 {
     unsafe { zmlx_cpu_threads() }.max(1) as u32
 }

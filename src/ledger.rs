@@ -109,6 +109,14 @@ pub struct MatrixEntry {
     /// Threads of zmlx's CPU kernels (MLX's own CPU ops are single-threaded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// Seconds the checkpoint took to load.
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "opt_f64_or_null")]
+    pub load_seconds: Option<f64>,
+    /// Peak resident set size of the run's process (`getrusage`), bytes: the checkpoint's mapped
+    /// or copied weights, the KV cache and everything else (the `peak_mem_*_gb` fields are MLX's
+    /// allocator only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
 
     /// Keys neither tool knows, kept in file order and written back after ours.
     #[serde(flatten)]
@@ -157,6 +165,8 @@ impl Default for MatrixEntry {
             cooldown_s: None,
             capsule: None,
             threads: None,
+            load_seconds: None,
+            peak_rss_bytes: None,
             extra: Map::new(),
         }
     }

@@ -104,6 +104,8 @@ pub fn entry_for(
         cooldown_s: Some(cooldown_s),
         capsule: capsule.map(|p| p.display().to_string()),
         threads: Some(hardware::kernel_threads()),
+        load_seconds: Some(r4(r.load_seconds)),
+        peak_rss_bytes: Some(hardware::peak_rss_bytes()),
         ..Default::default()
     }
 }
@@ -123,6 +125,8 @@ pub fn capsule_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, c
         command_line: command_line.to_vec(),
         env: capsule::capture_env(),
         threads: Some(hardware::kernel_threads()),
+        load_seconds: Some(r.load_seconds),
+        peak_rss_bytes: Some(hardware::peak_rss_bytes()),
         ..Default::default()
     };
     meta.set_command(&variant, capsule::shell_join(command_line));
