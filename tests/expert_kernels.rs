@@ -149,7 +149,7 @@ fn edge_scales(w: &QWeight, dt: Dtype) -> QWeight {
     let w = with_scales(w, dt);
     let edges: &[f32] = match dt {
         // f16: smallest subnormal 2^-24, largest subnormal, smallest normal 2^-14, max 65504.
-        Dtype::Float16 => &[5.9604645e-8, 6.0975552e-5, 6.1035156e-5, 0.0, -0.0, 65504.0, -3.0517578e-5, 1.0009766],
+        Dtype::Float16 => &[5.9604645e-8, 6.097555e-5, 6.1035156e-5, 0.0, -0.0, 65504.0, -3.0517578e-5, 1.0009766],
         // bf16: a subnormal, the smallest normal, zero, large values.
         _ => &[9.2e-41, 1.1754944e-38, 0.0, -0.0, 3.0e38, -1.5e-39, 1.0078125, -7.0e30],
     };
