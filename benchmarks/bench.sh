@@ -111,7 +111,7 @@ PY
               | "$PY" -c "import json,sys; r=json.load(sys.stdin); r.update(side='mlx_lm', family='$fam', quant='$q'); print(json.dumps(r))" >> "$RAW"; }
     mlx
     $Z generate --model "$d" --prompt hi --max-tokens 1 --json --patterns none \
-      | "$PY" -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'side':'zmlx_load','family':'$fam','quant':'$q','load_seconds':r['load_seconds']}))" >> "$RAW"
+      | "$PY" -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'side':'zmlx_load','family':'$fam','quant':'$q','load_seconds':r['load_seconds'],'peak_rss_bytes':r.get('peak_rss_bytes')}))" >> "$RAW"
     set +e
     $Z run "$d" --runs "$TRIALS" --max-tokens "$GEN_TOKENS" --ignore-eos --warmup "$WARMUP" \
       --prompt-file "$WORK/prompt.txt" \

@@ -109,6 +109,10 @@ def main():
             "load_mlx_lm_s": med([x["load_seconds"] for x in m]), "load_zmlx_s": zl.get("load_seconds"),
             "peak_gb_mlx_lm": med([x["peak_memory_gb"] for x in m]), "peak_gb_zmlx": b.get("peak_mem_gb"),
             "peak_gb_patched": p.get("peak_mem_gb"),
+            # Process peak RSS (weights included, mapped or not): mlx-lm's timing process vs a
+            # one-token `zmlx generate` (the load line).
+            "rss_gb_mlx_lm": med([x["peak_rss_bytes"] / 1e9 for x in m if x.get("peak_rss_bytes")]),
+            "rss_gb_zmlx": zl["peak_rss_bytes"] / 1e9 if zl.get("peak_rss_bytes") else None,
             "bytes_per_token": by.get("bytes_per_token"), "roofline_tps": roof,
             "patched_roofline_fraction": p_dec / roof if roof else None,
             "profile": pf and {
@@ -145,8 +149,8 @@ def main():
           f"mlx-lm {', '.join(map(str, mw)) if mw else nr + ' (0 before --warmup)'}; "
           f"EOS ignored: zmlx {', '.join(map(str, zi)) if zi else nr}, mlx-lm True\n")
 
-    print("| family | ckpt | mlx-lm dec | zmlx dec | patched dec | zmlx/mlx-lm | patched/unpatched | prefill mlx-lm / zmlx / patched | fidelity | gen tokens mlx-lm / zmlx | = mlx-lm tokens | load s mlx-lm / zmlx | peak GB mlx-lm / zmlx | roofline tok/s | patched % roof | why |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| family | ckpt | mlx-lm dec | zmlx dec | patched dec | zmlx/mlx-lm | patched/unpatched | prefill mlx-lm / zmlx / patched | fidelity | gen tokens mlx-lm / zmlx | = mlx-lm tokens | load s mlx-lm / zmlx | peak GB mlx-lm / zmlx | peak RSS GB mlx-lm / zmlx | roofline tok/s | patched % roof | why |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     flagged = []
     for r in rows:
         nm, nz = r["gen_tokens_mlx_lm"], r["gen_tokens_zmlx"]
@@ -160,6 +164,7 @@ def main():
               f"{f(r['zmlx_vs_mlx_lm'], 3)} | {f(r['patched_vs_unpatched'], 3)} | {f(r['mlx_lm_prefill'], 1)} / {f(r['zmlx_prefill'], 1)} / {f(r['patched_prefill'], 1)} | "
               f"{r['fidelity']} | {counts} | {'-' if r['tokens_equal_mlx_lm'] is None else r['tokens_equal_mlx_lm']} | "
               f"{f(r['load_mlx_lm_s'])} / {f(r['load_zmlx_s'])} | {f(r['peak_gb_mlx_lm'])} / {f(r['peak_gb_zmlx'])} | "
+              f"{f(r['rss_gb_mlx_lm'])} / {f(r['rss_gb_zmlx'])} | "
               f"{f(r['roofline_tps'], 0)} | {f(100 * r['patched_roofline_fraction'] if r['patched_roofline_fraction'] else None, 1)} | {why} |")
 
     print("\nWhere the speedup comes from:")

@@ -1,8 +1,9 @@
 """One mlx-lm timing run for `benchmarks/bench.sh`: load, warm up (as `zmlx run --warmup N`:
 N greedy generations of 5 tokens on the tokenized "Hello"), prefill PROMPT_IDS, greedy-decode
 exactly N tokens (EOS ignored, as `zmlx run --ignore-eos`) with mlx-lm's own stream_generate;
-prints one JSON object (load seconds, prompt and generation tok/s, peak memory, token ids, the
-warm-up and the thread settings it ran with) to stdout.
+prints one JSON object (load seconds, prompt and generation tok/s, peak memory — MLX's allocator
+and the process's peak RSS, after load and at the end — token ids, the warm-up and the thread
+settings it ran with) to stdout.
 
 usage: python mlx_lm_bench.py --model DIR --prompt-ids 1,2,3 --max-tokens N [--warmup N]
                               [--dtype f32|native]
@@ -10,6 +11,7 @@ usage: python mlx_lm_bench.py --model DIR --prompt-ids 1,2,3 --max-tokens N [--w
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -46,6 +48,21 @@ def thread_settings():
     }
 
 
+def peak_rss_bytes():
+    """Peak resident set size of this process, bytes, as `zmlx generate --json` reports it: VmHWM
+    on Linux (ru_maxrss survives exec, so it would include a large parent's size), else
+    ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -62,6 +79,7 @@ def main():
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     load_s = time.perf_counter() - t0
+    load_rss = peak_rss_bytes()
     ids = [int(x) for x in a.prompt_ids.split(",")]
     # Warm-up as zmlx's: the tokenizer's own encoding of "Hello" (special tokens as its
     # post-processor adds them), 5 greedy tokens, EOS still stopping, not timed.
@@ -81,7 +99,8 @@ def main():
     print(json.dumps({
         "load_seconds": load_s, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
         "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
-        "peak_memory_gb": last.peak_memory, "token_ids": out, "max_tokens": a.max_tokens,
+        "peak_memory_gb": last.peak_memory, "peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": load_rss,
+        "token_ids": out, "max_tokens": a.max_tokens,
         "ignore_eos": True, "warmup": a.warmup, "warmup_seconds": warm_s, "dtype": a.dtype,
         "mlx_version": mx.__version__, "mlx_lm_version": getattr(mlx_lm, "__version__", None),
         "threads": thread_settings(),

@@ -64,6 +64,12 @@ pub struct CapsuleMeta {
     /// Threads of zmlx's CPU kernels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// Seconds the checkpoint took to load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_seconds: Option<f64>,
+    /// Peak resident set size of the run's process (`getrusage`), bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// Everything else, including the original's `command_<variant>` keys.

@@ -18,6 +18,34 @@ extern "C" {
 
 /// Threads of zmlx's CPU kernel pool: `ZMLX_CPU_THREADS`, else the CPUs available (affinity, cgroup quota), ≤ 64.
 /// MLX's own CPU ops run on one thread whatever this says.
+/// This process's peak resident set size so far, in bytes: mapped checkpoint pages count once
+/// touched, so it is the honest "memory of a run". On Linux the `VmHWM` of /proc/self/status
+/// (the high-water mark of this address space), because `getrusage`'s `ru_maxrss` survives
+/// `execve`: a process started by a large parent (a test harness, a Python driver) reports at
+/// least the parent's size at fork. Elsewhere `ru_maxrss` (bytes on macOS).
+pub fn peak_rss_bytes() -> u64 {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
+        if let Some(kib) = hwm {
+            return kib * 1024;
+        }
+    }
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    // ru_maxrss is KiB on Linux, bytes on macOS.
+    let v = ru.ru_maxrss.max(0) as u64;
+    if cfg!(target_os = "macos") {
+        v
+    } else {
+        v * 1024
+    }
+}
+
 pub fn kernel_threads() -> u32 {
     unsafe { zmlx_cpu_threads() }.max(1) as u32
 }

@@ -115,6 +115,14 @@ pub struct MatrixEntry {
     pub logit_max_abs: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logit_kl_max: Option<f64>,
+    /// Seconds the checkpoint took to load.
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "opt_f64_or_null")]
+    pub load_seconds: Option<f64>,
+    /// Peak resident set size of the run's process (`getrusage`), bytes: the checkpoint's mapped
+    /// or copied weights, the KV cache and everything else (the `peak_mem_*_gb` fields are MLX's
+    /// allocator only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
 
     /// Keys neither tool knows, kept in file order and written back after ours.
     #[serde(flatten)]
@@ -165,6 +173,8 @@ impl Default for MatrixEntry {
             threads: None,
             logit_max_abs: None,
             logit_kl_max: None,
+            load_seconds: None,
+            peak_rss_bytes: None,
             extra: Map::new(),
         }
     }

@@ -106,6 +106,8 @@ pub fn entry_for(
         threads: Some(hardware::kernel_threads()),
         logit_max_abs: r.logit_stats.as_ref().map(|l| l.max_abs),
         logit_kl_max: r.logit_stats.as_ref().map(|l| l.kl_max),
+        load_seconds: Some(r4(r.load_seconds)),
+        peak_rss_bytes: Some(hardware::peak_rss_bytes()),
         ..Default::default()
     }
 }
@@ -125,6 +127,8 @@ pub fn capsule_for(r: &ValidationReport, notes: &str, hw: &hardware::Hardware, c
         command_line: command_line.to_vec(),
         env: capsule::capture_env(),
         threads: Some(hardware::kernel_threads()),
+        load_seconds: Some(r.load_seconds),
+        peak_rss_bytes: Some(hardware::peak_rss_bytes()),
         ..Default::default()
     };
     meta.set_command(&variant, capsule::shell_join(command_line));

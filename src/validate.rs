@@ -193,6 +193,8 @@ pub struct ValidationReport {
     pub warmup: usize,
     /// Threads of zmlx's CPU kernels (MLX's own CPU ops are single-threaded).
     pub threads: u32,
+    /// Seconds `Model::load` took.
+    pub load_seconds: f64,
     pub selection: Selection,
     pub patch_report: PatchReport,
     pub baseline: ConfigResult,
@@ -347,7 +349,7 @@ pub fn teacher_forced_logits(model: &Model, seq: &[u32]) -> Result<Array> {
 pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationReport> {
     opts.check()?;
     let backend = mlx_env::init()?;
-    let (mut model, _) = Model::load(model_dir, opts.dtype, backend)?;
+    let (mut model, load) = Model::load(model_dir, opts.dtype, backend)?;
     let tok = TextTokenizer::load(model_dir, &model.config)?;
     let prompt = tok.encode(&opts.prompt)?;
     if prompt.is_empty() {
@@ -380,6 +382,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         ignore_eos: opts.ignore_eos,
         warmup: opts.warmup,
         threads: crate::hardware::kernel_threads(),
+        load_seconds: load.seconds,
         selection: opts.selection.clone(),
         patch_report: report,
         baseline: empty(vec![]),
@@ -527,6 +530,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         ignore_eos: opts.ignore_eos,
         warmup: opts.warmup,
         threads: crate::hardware::kernel_threads(),
+        load_seconds: load.seconds,
         selection: opts.selection.clone(),
         patch_report: report,
         decode_speedup,

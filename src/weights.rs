@@ -1,8 +1,11 @@
-//! Checkpoint tensors: finds the safetensors files, validates their headers (truncation, dtypes)
-//! before MLX reads them, and hands tensors out by name with errors that name file and tensor.
+//! Checkpoint tensors: finds the safetensors files, validates their headers (truncation, dtypes),
+//! memory-maps them as MLX arrays without copying, and hands tensors out by name with errors that
+//! name file and tensor.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{Array, Dtype};
@@ -13,7 +16,7 @@ struct Origin {
     file: PathBuf,
 }
 
-/// All tensors of a checkpoint, lazily loaded by MLX, keyed by name.
+/// All tensors of a checkpoint, arrays over the mapped files, keyed by name.
 pub struct WeightStore {
     tensors: BTreeMap<String, Array>,
     origin: HashMap<String, Origin>,
@@ -87,40 +90,175 @@ fn safetensors_dtype(d: safetensors::Dtype) -> Option<Dtype> {
     })
 }
 
-/// Checks a safetensors file's header against its size, so a truncated download is reported
-/// by name instead of surfacing later as a read error deep inside MLX.
-fn validate_file(path: &Path) -> Result<Vec<String>> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: read-only mapping of a file we do not modify; only the header is parsed.
-    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+/// The header of a safetensors file, checked against the file's size, so a truncated download is
+/// reported by name instead of surfacing later as a read error deep inside MLX. Returns the
+/// offset where the tensor data starts and the tensors (name, dtype, shape, byte range).
+/// One tensor of a safetensors header.
+struct TensorEntry {
+    name: String,
+    dtype: Dtype,
+    /// Bytes per element.
+    size: usize,
+    shape: Vec<i32>,
+    /// Byte range in the data section.
+    range: (usize, usize),
+}
+
+fn read_header(path: &Path, bytes: &[u8]) -> Result<(usize, Vec<TensorEntry>)> {
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
         anyhow!(
             "{} is not a valid safetensors file ({e:?}); it is probably truncated or corrupt — re-download it",
             path.display()
         )
     })?;
-    let mut names = Vec::new();
+    let mut out = Vec::new();
     for (name, info) in meta.tensors() {
-        if safetensors_dtype(info.dtype).is_none() {
+        let Some(dtype) = safetensors_dtype(info.dtype) else {
             bail!("{}: tensor `{name}` has dtype {:?}, which MLX cannot load", path.display(), info.dtype);
-        }
-        names.push(name);
+        };
+        let shape =
+            info.shape.iter().map(|&d| i32::try_from(d)).collect::<Result<Vec<i32>, _>>().map_err(|_| {
+                anyhow!("{}: tensor `{name}` has a dimension over 2^31 ({:?})", path.display(), info.shape)
+            })?;
+        out.push(TensorEntry { name, dtype, size: info.dtype.size(), shape, range: info.data_offsets });
     }
-    Ok(names)
+    Ok((n + 8, out))
+}
+
+extern "C" {
+    /// kernels/cpu/zmlx_mmap.cpp: an MLX CPU array reading `data` in place.
+    fn zmlx_cpu_array_over(
+        res: *mut mlx_sys::mlx_array,
+        data: *mut std::ffi::c_void,
+        shape: *const std::ffi::c_int,
+        dim: std::ffi::c_int,
+        dtype: mlx_sys::mlx_dtype,
+        payload: *mut std::ffi::c_void,
+        dtor: unsafe extern "C" fn(*mut std::ffi::c_void),
+    ) -> std::ffi::c_int;
+    /// kernels/cpu/zmlx_mmap.cpp: a new uninitialised MLX CPU array and its bytes.
+    fn zmlx_cpu_array_alloc(
+        res: *mut mlx_sys::mlx_array,
+        shape: *const std::ffi::c_int,
+        dim: std::ffi::c_int,
+        dtype: mlx_sys::mlx_dtype,
+        data: *mut *mut std::ffi::c_void,
+    ) -> std::ffi::c_int;
+}
+
+/// Drops the mapping reference an MLX array held (the `dtor` of `mlx_array_new_data_managed_payload`).
+unsafe extern "C" fn release_mapping(payload: *mut std::ffi::c_void) {
+    // SAFETY: `payload` is the `Arc::into_raw` made for this array in `map_file`, released once.
+    drop(unsafe { Arc::from_raw(payload as *const memmap2::MmapMut) });
+}
+
+/// Every tensor of one safetensors file as an MLX array over a private copy-on-write mapping of
+/// the file, without copying on the CPU backend: MLX's own constructors copy there (its CPU
+/// allocator cannot adopt foreign memory), so `zmlx_cpu_array_over` (kernels/cpu/zmlx_mmap.cpp)
+/// builds the array on the mapped bytes. The checkpoint's pages are then the weights and nothing
+/// is read before it is used (the kernel pages them in, and can drop clean pages again under
+/// pressure). Other backends go through `mlx_array_new_data_managed_payload`, which copies
+/// (CUDA; Metal unless page-aligned), releasing the mapping reference right after.
+/// Each array holds a reference to the mapping; the file is unmapped when the last one is freed.
+/// The mapping is private and writable, so if MLX ever writes in place into a weight buffer it
+/// gets its own copy of the page, never the file. A tensor whose data is not aligned to its
+/// element size is read into a buffer MLX owns instead (MLX's CPU kernels assume element-aligned
+/// data): safetensors does not promise alignment, and MLX's `save_safetensors` (so every
+/// `mlx_lm.convert` output) writes the header unpadded, so there it is usually every tensor —
+/// one copy, as MLX's loader makes, without the mapping's pages staying resident.
+/// Byte order: safetensors is little-endian, as is every target zmlx builds for (x86-64, aarch64).
+fn map_file(path: &Path) -> Result<Vec<(String, Array)>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: a private mapping; the file is not ours to change and we never write through it.
+    // (Another process truncating the file under us would fault, as with any mmap-based loader.)
+    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    let (start, tensors) = read_header(path, &map)?;
+    let base = map.as_mut_ptr();
+    // The CPU backend adopts the mapped bytes (zmlx_mmap.cpp); others copy inside MLX.
+    let zero_copy = crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu;
+    let map = Arc::new(map);
+    let mut out = Vec::with_capacity(tensors.len());
+    for TensorEntry { name, dtype, size, shape, range: (b, e) } in tensors {
+        // SAFETY: read_header checked every byte range against the file's length.
+        let ptr = unsafe { base.add(start + b) };
+        let dim = shape.len() as i32;
+        let raw = if e > b && (ptr as usize) % size != 0 {
+            if zero_copy {
+                // Read it (not through the mapping, whose pages would stay resident) into a
+                // buffer MLX owns.
+                let mut raw = unsafe { mlx_sys::mlx_array_new() };
+                let mut data = std::ptr::null_mut();
+                let rc = unsafe { zmlx_cpu_array_alloc(&mut raw, shape.as_ptr(), dim, dtype.into(), &mut data) };
+                if rc != 0 || data.is_null() {
+                    unsafe { mlx_sys::mlx_array_free(raw) };
+                    bail!("MLX could not allocate tensor `{name}` of {} ({} bytes)", path.display(), e - b);
+                }
+                // SAFETY: `data` is the new array's own buffer of exactly `e - b` bytes.
+                let dst = unsafe { std::slice::from_raw_parts_mut(data as *mut u8, e - b) };
+                if let Err(err) = file.read_exact_at(dst, (start + b) as u64) {
+                    unsafe { mlx_sys::mlx_array_free(raw) };
+                    bail!("cannot read tensor `{name}` of {}: {err}", path.display());
+                }
+                raw
+            } else {
+                unsafe { mlx_sys::mlx_array_new_data(ptr as *const _, shape.as_ptr(), dim, dtype.into()) }
+            }
+        } else {
+            let payload = Arc::into_raw(Arc::clone(&map)) as *mut std::ffi::c_void;
+            // SAFETY: `ptr` points at `e - b` bytes of the mapping (with the 8-byte header
+            // before it), which the payload keeps alive until MLX calls `release_mapping`.
+            if zero_copy {
+                let mut raw = unsafe { mlx_sys::mlx_array_new() };
+                let rc = unsafe {
+                    zmlx_cpu_array_over(
+                        &mut raw,
+                        ptr as *mut _,
+                        shape.as_ptr(),
+                        dim,
+                        dtype.into(),
+                        payload,
+                        release_mapping,
+                    )
+                };
+                if rc != 0 {
+                    unsafe { mlx_sys::mlx_array_free(raw) };
+                    bail!(
+                        "MLX could not read {}: cannot make an array of tensor `{name}` over the mapped file",
+                        path.display()
+                    );
+                }
+                raw
+            } else {
+                unsafe {
+                    mlx_sys::mlx_array_new_data_managed_payload(
+                        ptr as *mut _,
+                        shape.as_ptr(),
+                        dim,
+                        dtype.into(),
+                        payload,
+                        Some(release_mapping),
+                    )
+                }
+            }
+        };
+        if raw.ctx.is_null() {
+            bail!("MLX could not read {}: cannot make an array of tensor `{name}`", path.display());
+        }
+        // SAFETY: a fresh, owned mlx_array.
+        out.push((name, unsafe { Array::from_ptr(raw) }));
+    }
+    Ok(out)
 }
 
 impl WeightStore {
-    /// Opens every safetensors file of `dir`; tensors are read lazily by MLX when evaluated.
+    /// Opens every safetensors file of `dir`, memory-mapped: tensors are arrays over the files'
+    /// pages (see [`map_file`]), read only when used.
     pub fn open(dir: &Path) -> Result<WeightStore> {
         let mut tensors = BTreeMap::new();
         let mut origin = HashMap::new();
         for file in checkpoint_files(dir)? {
-            let names = validate_file(&file)?;
-            let loaded =
-                Array::load_safetensors(&file).map_err(|e| anyhow!("MLX could not read {}: {e}", file.display()))?;
-            if loaded.len() != names.len() {
-                bail!("{}: MLX read {} tensors but the header lists {}", file.display(), loaded.len(), names.len());
-            }
+            let loaded = map_file(&file)?;
             for (name, arr) in loaded {
                 if let Some(prev) = origin.get(&name) {
                     let prev: &Origin = prev;

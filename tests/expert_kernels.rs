@@ -1,7 +1,9 @@
 //! The decode-step expert kernels (`qmv_swiglu`, `qmv_combine`) vs their MLX-ops references on
 //! CPU: bit-exact for 2/4/8 bits and group sizes 32/64/128, one, several and 40 (prefill) tokens, k = 1 and
 //! k = E, all tokens on one expert, repeated experts, NaN/inf activations, non-contiguous
-//! inputs, both instruction sets (AVX2 and baseline, via a child process), and clear errors.
+//! inputs, scales/biases stored as f32, bf16 and f16 (random and edge values: subnormal, zero,
+//! negative, large, inf), every instruction set (baseline, AVX2, AVX-512 where present, via
+//! child processes), and clear errors.
 mod common;
 
 use common::mlx_lock;
@@ -135,17 +137,102 @@ fn expert_kernels_reject_bad_input() {
     assert!(e.contains("weights [T, k]"), "{e}");
 }
 
-/// Re-runs the bit-exactness tests in children capped at the baseline x86-64 and the AVX2 row
-/// kernels (`ZMLX_CPU_ISA`; the parent runs the widest this CPU has, AVX-512 where present),
-/// one thread each.
+/// `w` with its scales/biases in `dt` (as a checkpoint stores them; the kernels read them as is).
+fn with_scales(w: &QWeight, dt: Dtype) -> QWeight {
+    QWeight { scales: w.scales.as_dtype(dt).unwrap(), biases: w.biases.as_dtype(dt).unwrap(), ..w.clone() }
+}
+
+/// Edge scales/biases in `dt`: every value the element type can hold that a group could get —
+/// subnormal, zero and negative zero, tiny/large normals, and for biases also inf — placed on
+/// a pattern over the first rows, the rest random.
+fn edge_scales(w: &QWeight, dt: Dtype) -> QWeight {
+    let w = with_scales(w, dt);
+    let edges: &[f32] = match dt {
+        // f16: smallest subnormal 2^-24, largest subnormal, smallest normal 2^-14, max 65504.
+        Dtype::Float16 => &[5.9604645e-8, 6.097555e-5, 6.1035156e-5, 0.0, -0.0, 65504.0, -3.0517578e-5, 1.0009766],
+        // bf16: a subnormal, the smallest normal, zero, large values.
+        _ => &[9.2e-41, 1.1754944e-38, 0.0, -0.0, 3.0e38, -1.5e-39, 1.0078125, -7.0e30],
+    };
+    let patch = |a: &Array, extra: &[f32]| -> Array {
+        let mut v: Vec<f32> = a.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>().to_vec();
+        let all: Vec<f32> = edges.iter().chain(extra).copied().collect();
+        for (i, x) in v.iter_mut().enumerate().take(all.len() * 7) {
+            if i % 7 == 0 {
+                *x = all[i / 7];
+            }
+        }
+        Array::from_slice(&v, a.shape()).as_dtype(dt).unwrap()
+    };
+    let scales = patch(&w.scales, &[]);
+    let biases = patch(&w.biases, &[f32::INFINITY, f32::NEG_INFINITY]);
+    // The edge values survive the round trip through `dt` (else the test would not test them).
+    QWeight { scales, biases, ..w }
+}
+
+#[test]
+fn expert_kernels_half_precision_scales() {
+    let _g = mlx_lock();
+    for dt in [Dtype::Bfloat16, Dtype::Float16] {
+        for (e, dm, im, bits, gs) in [(8, 256, 128, 4, 64), (6, 256, 96, 8, 32), (4, 128, 256, 2, 128)] {
+            let seed = bits as u64 * 7 + gs as u64;
+            let (g, u) = (qweight(e, im, dm, gs, bits, seed + 1), qweight(e, im, dm, gs, bits, seed + 2));
+            let d = qweight(e, dm, im, gs, bits, seed + 3);
+            for (what, conv) in [("random", with_scales as fn(&QWeight, Dtype) -> QWeight), ("edge", edge_scales)] {
+                let (g, u, d) = (conv(&g, dt), conv(&u, dt), conv(&d, dt));
+                for rows in
+                    [vec![vec![1u32, 3]], (0..12u32).map(|t| vec![t % e as u32, (t * 5 + 1) % e as u32]).collect()]
+                {
+                    let idx = indices(&rows);
+                    let (t, k) = (idx.dim(0), idx.dim(1));
+                    let x = rand(&[t, dm], seed + 4, 1.0);
+                    let name = format!("{dt:?} {what} scales, {t} token(s), E{e} D{dm} I{im} {bits}b g{gs}");
+                    check(&x, &idx, &softmaxish(t, k, seed + 5), &g, &u, &d, &name);
+                }
+                // qmv_linear over one expert of `d` (a dense [D, I] projection), 1 and 9 rows.
+                let lw = QWeight {
+                    weight: d.weight.take_axis(Array::from_int(1), 0).unwrap(),
+                    scales: d.scales.take_axis(Array::from_int(1), 0).unwrap(),
+                    biases: d.biases.take_axis(Array::from_int(1), 0).unwrap(),
+                    q: d.q,
+                };
+                for rows in [1, 9] {
+                    let x = rand(&[1, rows, im], seed + 6, 1.0);
+                    let want = ops::quantized_matmul(&x, &lw.weight, &lw.scales, &lw.biases, true, gs, bits).unwrap();
+                    let got = experts::qmv_linear(&x, &lw).unwrap();
+                    assert!(
+                        bit_equal(&want, &got),
+                        "qmv_linear {dt:?} {what} scales N={dm} K={im} {bits}b rows={rows}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn expert_kernels_scales_and_biases_must_share_a_dtype() {
+    let _g = mlx_lock();
+    let g = qweight(4, 64, 128, 64, 4, 1);
+    let mixed = QWeight { biases: g.biases.as_dtype(Dtype::Bfloat16).unwrap(), ..g.clone() };
+    let e = experts::qmv_swiglu(&rand(&[1, 128], 1, 1.0), &indices(&[vec![0, 1]]), &mixed, &g).unwrap_err().to_string();
+    assert!(e.contains("differ in dtype"), "{e}");
+}
+
+/// Re-runs the bit-exactness tests in children capped at the baseline x86-64, the AVX2 and the
+/// AVX-512 row kernels (`ZMLX_CPU_ISA`; a CPU without AVX-512 runs its widest, as the parent
+/// does), one thread each.
 #[test]
 fn expert_kernels_bit_exact_on_each_isa() {
     if std::env::var("ZMLX_CPU_ISA").is_ok() {
         return; // already a child
     }
     let exe = std::env::current_exe().unwrap();
-    for isa in ["base", "avx2"] {
-        for test in ["expert_kernels_bit_exact_bits_groups_and_routing", "qmv_linear_bit_exact_and_limits"] {
+    for isa in ["base", "avx2", "avx512"] {
+        for test in [
+            "expert_kernels_bit_exact_bits_groups_and_routing",
+            "qmv_linear_bit_exact_and_limits",
+            "expert_kernels_half_precision_scales",
+        ] {
             let out = std::process::Command::new(&exe)
                 .args([test, "--exact", "--test-threads=1"])
                 .env("ZMLX_CPU_ISA", isa)

@@ -7,7 +7,7 @@
 mod common;
 
 use common::mlx_lock;
-use mlx_rs::{ops, random, Array};
+use mlx_rs::{ops, random, Array, Dtype};
 use zmlx::config::QuantParams;
 use zmlx::kernels::qmv_combine::qmv_combine_class;
 use zmlx::kernels::qmv_linear::qmv_linear_class;
@@ -59,12 +59,19 @@ fn close(want: &Array, got: &Array, what: &str) {
     assert!(worst <= 1e-5 * scale + 1e-6, "{what}: max |diff| {worst} > tolerance (scale {scale})");
 }
 
-fn check_experts(t: i32, k: i32, e: i32, dm: i32, im: i32, bits: i32, gs: i32, seed: u64) {
-    let (g, u, d) = (qweight(e, im, dm, gs, bits, seed), qweight(e, im, dm, gs, bits, seed + 1), qweight(e, dm, im, gs, bits, seed + 2));
+/// The weight with scales/biases stored as `dt` (checkpoints keep bf16/f16 scales as stored).
+fn with_scales(w: QWeight, dt: Dtype) -> QWeight {
+    QWeight { scales: w.scales.as_dtype(dt).unwrap(), biases: w.biases.as_dtype(dt).unwrap(), ..w }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_experts(t: i32, k: i32, e: i32, dm: i32, im: i32, bits: i32, gs: i32, seed: u64, sdt: Dtype) {
+    let q = |n, kk, s| with_scales(qweight(e, n, kk, gs, bits, s), sdt);
+    let (g, u, d) = (q(im, dm, seed), q(im, dm, seed + 1), q(dm, im, seed + 2));
     let rows: Vec<Vec<u32>> = (0..t as u32).map(|ti| (0..k as u32).map(|j| (ti * 3 + j * 5) % e as u32).collect()).collect();
     let idx = indices(&rows);
     let x = rand(&[t, dm], seed + 3, 1.0);
-    let what = format!("T{t} k{k} E{e} D{dm} I{im} {bits}b g{gs}");
+    let what = format!("T{t} k{k} E{e} D{dm} I{im} {bits}b g{gs} scales {sdt:?}");
     let want_h = experts::qmv_swiglu_reference(&x, &idx, &g, &u).unwrap();
     close(&want_h, &qmv_swiglu_class(&x, &idx, &g, &u, FAST).unwrap(), &format!("qmv_swiglu fast {what}"));
     let w = ops::softmax_axis(rand(&[t, k], seed + 4, 1.0), -1, true).unwrap();
@@ -80,7 +87,8 @@ fn fast_expert_kernels_within_tolerance() {
     for (bits, gs) in [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32), (2, 64), (2, 128)] {
         for (t, k) in [(1, 4), (3, 2), (5, 3), (40, 4)] {
             seed += 10;
-            check_experts(t, k, 8, 256, 384, bits, gs, seed);
+            let sdt = [Dtype::Float32, Dtype::Bfloat16, Dtype::Float16][(seed / 10 % 3) as usize];
+            check_experts(t, k, 8, 256, 384, bits, gs, seed, sdt);
         }
     }
 }
@@ -91,7 +99,8 @@ fn fast_linear_within_tolerance() {
     for (n, k, bits, gs, rows) in
         [(200, 256, 4, 64, 1), (513, 128, 8, 32, 3), (44, 256, 2, 128, 8), (2048, 512, 4, 64, 2), (301, 256, 4, 64, 9), (130, 128, 8, 64, 70)]
     {
-        let w = dense(&qweight(1, n, k, gs, bits, n as u64));
+        let sdt = if rows % 2 == 0 { Dtype::Bfloat16 } else { Dtype::Float32 };
+        let w = with_scales(dense(&qweight(1, n, k, gs, bits, n as u64)), sdt);
         let x = rand(&[1, rows, k], 7, 1.0);
         let want = ops::quantized_matmul(&x, &w.weight, &w.scales, &w.biases, true, gs, bits).unwrap();
         close(&want, &qmv_linear_class(&x, &w, FAST).unwrap(), &format!("qmv_linear fast N{n} K{k} {bits}b g{gs} rows{rows}"));

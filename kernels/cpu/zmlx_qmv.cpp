@@ -2,8 +2,9 @@
 // runs one token's k experts, prefill groups the (token, slot) pairs by expert:
 //   qmv_swiglu:  h[t, j, :] = silu(W_gate[e] x_t) * (W_up[e] x_t),      e = idx[t, j]
 //   qmv_combine: out[t, :]  = sum_j  (W_down[e] h[t, j]) * w[t, j]        (never materialises [k, D])
-// W is MLX affine-quantized (bits 2/4/8, any group size) with float32 scales/biases and float32
-// activations — MLX's default CPU compute dtype here.
+// W is MLX affine-quantized (bits 2/4/8, any group size) with float32, bfloat16 or float16
+// scales/biases (as stored; widened exactly per group) and float32 activations — MLX's default CPU
+// compute dtype here.
 //
 // Bit-identity: MLX 0.32's CPU quantized matmul (`_qmm_t`, simd width 1 on Linux) computes every
 // output row as ONE sequential float sum   sum = sum + x[k] * (scale * q[k] + bias)   over k.
@@ -147,21 +148,31 @@ bool fast_supported(int bits, int gs) {
 // Rows per work item: a multiple of 32 so the interleaved path does the bulk.
 constexpr int CHUNK = 64;
 
-// Stacked expert matrices [E, rows, K] (packed), scales/biases [E, rows, K / gs].
+// ZMLX_SCALE_* of a scales/biases dtype; -1 if the row kernels cannot read it.
+int scale_type(mx::Dtype d) {
+  if (d == mx::float32) return ZMLX_SCALE_F32;
+  if (d == mx::bfloat16) return ZMLX_SCALE_BF16;
+  if (d == mx::float16) return ZMLX_SCALE_F16;
+  return -1;
+}
+
+// Stacked expert matrices [E, rows, K] (packed), scales/biases [E, rows, K / gs] (f32/bf16/f16, as stored).
 struct ExpertMats {
   const uint8_t* w;
-  const float* s;
-  const float* b;
+  const uint8_t* s;
+  const uint8_t* b;
   long rows, row_bytes, groups, experts;
+  int stype;
+  long ssize;  // bytes per scale
   ZmlxQMat at(uint32_t e) const {
-    return ZmlxQMat{w + long(e) * rows * row_bytes, s + long(e) * rows * groups, b + long(e) * rows * groups,
-                    row_bytes, groups};
+    long so = long(e) * rows * groups * ssize;
+    return ZmlxQMat{w + long(e) * rows * row_bytes, s + so, b + so, row_bytes, groups, stype};
   }
 };
 
 ExpertMats expert_mats(const mx::array& w, const mx::array& s, const mx::array& b) {
-  return ExpertMats{w.data<uint8_t>(), s.data<float>(), b.data<float>(), w.shape(1), long(w.shape(2)) * 4,
-                    s.shape(2), w.shape(0)};
+  return ExpertMats{w.data<uint8_t>(), s.data<uint8_t>(), b.data<uint8_t>(), w.shape(1), long(w.shape(2)) * 4,
+                    s.shape(2),          w.shape(0),        scale_type(s.dtype()), long(s.itemsize())};
 }
 
 // Tokens whose indices are all in range; others produce NaN rows (MLX itself does not check).
@@ -483,8 +494,8 @@ class QmvLinear : public mx::UnaryPrimitive {
       std::vector<float> xb;
       const float* x = dense(in[0], xb);
       int tokens = in[0].shape(0), K = in[0].shape(1), n = in[1].shape(0);
-      ZmlxQMat m{in[1].data<uint8_t>(), in[2].data<float>(), in[3].data<float>(), long(in[1].shape(1)) * 4,
-                 long(in[2].shape(1))};
+      ZmlxQMat m{in[1].data<uint8_t>(), in[2].data<void>(),  in[3].data<void>(), long(in[1].shape(1)) * 4,
+                 long(in[2].shape(1)),    scale_type(in[2].dtype())};
       if (fast) return run_linear_fast(bits, x, m, o, tokens, K, n, gs);
       // Chunk-major: a chunk's rows stay in cache while every token (prefill) runs over them.
       int chunks = (n + CHUNK - 1) / CHUNK;
@@ -516,8 +527,8 @@ mx::array expert_weight(const mx::array& a, const mx::Stream& st) {
 void check_expert(const char* op, const mx::array& w, const mx::array& s, const mx::array& b, int K, int gs, int bits) {
   if (w.ndim() != 3 || w.dtype() != mx::uint32 || s.ndim() != 3 || b.shape() != s.shape())
     throw std::invalid_argument(std::string(op) + ": expected packed uint32 weights [E, N, K*bits/32] with scales/biases [E, N, K/group]");
-  if (s.dtype() != mx::float32 || b.dtype() != mx::float32)
-    throw std::invalid_argument(std::string(op) + ": scales and biases must be float32");
+  if (scale_type(s.dtype()) < 0 || b.dtype() != s.dtype())
+    throw std::invalid_argument(std::string(op) + ": scales and biases must be float32, bfloat16 or float16, both the same");
   if (gs <= 0 || K % gs != 0 || gs % (32 / bits) != 0 || w.shape(2) * 32 != K * bits || s.shape(2) != K / gs ||
       s.shape(0) != w.shape(0) || s.shape(1) != w.shape(1))
     throw std::invalid_argument(std::string(op) + ": weight shapes do not match K, group size and bits");
@@ -587,9 +598,11 @@ extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_
     if (x0.ndim() != 2 || x0.dtype() != mx::float32) throw std::invalid_argument("zmlx qmv_linear: x must be float32 [T, K]");
     int K = x0.shape(1);
     if (w0.ndim() != 2 || w0.dtype() != mx::uint32 || s0.ndim() != 2 || b0.shape() != s0.shape() ||
-        s0.dtype() != mx::float32 || b0.dtype() != mx::float32 || group_size <= 0 || K % group_size != 0 ||
+        scale_type(s0.dtype()) < 0 || b0.dtype() != s0.dtype() || group_size <= 0 || K % group_size != 0 ||
         w0.shape(1) * 32 != K * bits || s0.shape(1) != K / group_size || s0.shape(0) != w0.shape(0))
-      throw std::invalid_argument("zmlx qmv_linear: weight [N, K*bits/32] uint32 with float32 scales/biases [N, K/group] expected");
+      throw std::invalid_argument(
+          "zmlx qmv_linear: weight [N, K*bits/32] uint32 with float32/bfloat16/float16 scales/biases [N, K/group] "
+          "(one dtype) expected");
     std::vector<mx::array> ins = {x0, expert_weight(w0, st), expert_weight(s0, st), expert_weight(b0, st)};
     mx::Shape shape = {x0.shape(0), w0.shape(0)};
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvLinear>(st, group_size, bits), ins));

@@ -105,6 +105,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
             "model": a.model, "family": model.family().model_type(), "backend": backend.name(),
             "dtype": dtype_name(model.dtype), "prompt_ids": prompt, "token_ids": tokens,
             "text": tok.decode(&tokens)?, "stats": stats, "load_seconds": info.seconds,
+            "peak_rss_bytes": crate::hardware::peak_rss_bytes(),
             "patterns": selection.names, "patch_report": report, "pattern_calls": crate::fallbacks::snapshot(),
         });
         println!("{v}");
@@ -117,6 +118,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
             stats.generation_tokens, stats.generation_tps, stats.finish_reason
         );
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
+        println!("Peak RSS: {:.3} GB (load {:.2} s)", crate::hardware::peak_rss_bytes() as f64 / 1e9, info.seconds);
         for line in crate::fallbacks::summary() {
             println!("Pattern calls: {line}");
         }

@@ -65,6 +65,17 @@ pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
         Backend::Cpu if x_dtype != Dtype::Float32 => {
             Some(format!("{x_dtype:?} activations (the CPU kernel is bit-exact for float32 only)"))
         }
+        // The CPU row kernels read f32/bf16/f16 scales as stored and widen them exactly, as
+        // MLX's promotion to the f32 activations does.
+        Backend::Cpu => weights.iter().find_map(|w| {
+            if !matches!(w.scales.dtype(), Dtype::Float32 | Dtype::Bfloat16 | Dtype::Float16) {
+                Some(format!("{:?} scales (the CPU kernel reads float32, bfloat16 or float16)", w.scales.dtype()))
+            } else if w.biases.dtype() != w.scales.dtype() {
+                Some("scales and biases differ in dtype".into())
+            } else {
+                None
+            }
+        }),
         _ if weights.iter().any(|w| w.scales.dtype() != x_dtype) => {
             Some("scales dtype differs from the activations".into())
         }
