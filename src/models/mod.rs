@@ -330,6 +330,9 @@ mod tests {
                 let c = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
                 assert_eq!(c.family, f);
             }
+            // The full preset is the published config as it is.
+            let c = ModelConfig::from_value(&family(f).full_config(), Path::new("config.json")).unwrap();
+            assert_eq!(c.family, f, "{}", family(f).full_model());
         }
     }
 

@@ -22,7 +22,7 @@ pub enum Stream {
     Packed = 2,
     Groups = 3,
     Tokens = 4,
-    RowNorms = 5,
+    Calibration = 5,
 }
 
 /// The random stream of block `index` of the logical tensor `name` (FNV-1a of the key, expanded

@@ -167,7 +167,9 @@ fn preset_config(o: &SynthOptions) -> Value {
         let obj = c.as_object_mut().unwrap();
         // The synthesized tokenizer is ours: its end-of-text id is 0 and it has no BOS.
         obj.insert("eos_token_id".into(), json!(0));
-        obj.insert("bos_token_id".into(), Value::Null);
+        if obj.contains_key("bos_token_id") {
+            obj.insert("bos_token_id".into(), Value::Null);
+        }
         return c;
     }
     let tiny = o.preset == Preset::Tiny;
@@ -190,10 +192,10 @@ fn layer_of(path: &str) -> Option<i64> {
 
 /// Keeps the first `n` decoder layers: num_hidden_layers, the layer-indexed keys (mlp_only_layers
 /// loses indices ≥ n; per-layer lists are cut) and the quantization block's per-layer entries.
-fn trim_layers(c: &mut Map<String, Value>, n: i32, file: &Path) -> Result<()> {
+fn trim_layers(c: &mut Map<String, Value>, n: i32, source: &str) -> Result<()> {
     let l = c.get("num_hidden_layers").and_then(Value::as_i64).unwrap_or(0);
     if n < 1 || i64::from(n) > l {
-        bail!("--layers {n}: must be between 1 and {l} (num_hidden_layers of {})", file.display());
+        bail!("--layers {n}: must be between 1 and {l} (num_hidden_layers of {source})");
     }
     c.insert("num_hidden_layers".into(), json!(n));
     if let Some(Value::Array(a)) = c.get_mut("mlp_only_layers") {
@@ -257,7 +259,11 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
     let obj = config.as_object_mut().unwrap();
     let mut source_quant = source_quant.filter(|_| o.quantize.is_none());
     if let Some(n) = o.layers {
-        trim_layers(obj, n, &src)?;
+        let source = match &o.config {
+            Some(p) => p.display().to_string(),
+            None => format!("the {} {:?} preset", o.family, o.preset).to_lowercase(),
+        };
+        trim_layers(obj, n, &source)?;
         if let Some(Value::Object(q)) = &mut source_quant {
             q.retain(|k, _| layer_of(k).is_none_or(|i| i < i64::from(n)));
         }
@@ -382,8 +388,6 @@ struct Spec {
     /// Stored dtype other than the checkpoint's (e_score_correction_bias stays f32).
     dtype: Option<FloatKind>,
     gen: Gen,
-    /// Per-row multipliers of the values (the output head's row norms).
-    row_scale: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 impl Spec {
@@ -414,15 +418,7 @@ impl Spec {
         match &self.gen {
             Gen::Own => {
                 let mut r = gen::rng(seed, &self.name, 0, Stream::Float);
-                match &self.row_scale {
-                    None => gen::push_normals(&mut out, &mut r, self.numel(), self.mean, self.std, kind),
-                    Some(rs) => {
-                        let inp = *self.shape.last().unwrap() as usize;
-                        for &m in rs.iter() {
-                            gen::push_normals(&mut out, &mut r, inp, self.mean, self.std * m, kind);
-                        }
-                    }
-                }
+                gen::push_normals(&mut out, &mut r, self.numel(), self.mean, self.std, kind)
             }
             Gen::Experts { key, first, count } => {
                 let per = self.numel() / *count as usize;
@@ -470,10 +466,8 @@ impl Spec {
         let mut out = Vec::with_capacity(self.numel() / group_size as usize * kind.size());
         for (key, idx, rows) in self.blocks() {
             let mut r = gen::rng(seed, key, idx, Stream::Groups);
-            for (g, (s, b)) in gen::group_params(&mut r, rows * groups_per_row, bits, self.mean, self.std).enumerate() {
-                // A row multiplier scales the dequantized row: scale and bias alike.
-                let m = self.row_scale.as_ref().map_or(1.0, |rs| rs[g / groups_per_row]);
-                kind.push(&mut out, m * if biases { b } else { s });
+            for (s, b) in gen::group_params(&mut r, rows * groups_per_row, bits, self.mean, self.std) {
+                kind.push(&mut out, if biases { b } else { s });
             }
         }
         out
@@ -542,7 +536,6 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
         bits_override: None,
         dtype: None,
         gen: Gen::Own,
-        row_scale: None,
     };
     let lin = |v: &mut Vec<Spec>, name: &str, out: i32, inp: i32, std_scale: f32, bias: bool| {
         v.push(sp(format!("{name}.weight"), vec![out, inp], std_scale / (inp as f32).sqrt(), 0.0, true));
@@ -557,23 +550,14 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
         lin(v, &format!("{path}.down_proj"), d, w, 1.0, false);
     };
     let (d, e) = (c.hidden_size, c.num_experts);
-    // The head: logits with the median top-1/top-2 gap margins::TARGET_MEDIAN_GAP given the
-    // final-norm output (norm ≈ sqrt(D)), rows of log-normal norms; a tied
-    // head is the embedding, so it gets the same scale.
-    let (norms, sigma) = margins::head_scale(seed, c.vocab_size);
-    let head = Spec {
-        row_scale: Some(std::sync::Arc::new(norms)),
-        ..sp("lm_head.weight".into(), vec![c.vocab_size, d], (sigma / (d as f64).sqrt()) as f32, 0.0, true)
-    };
-    if c.tie_word_embeddings {
-        v.push(Spec {
-            name: "model.embed_tokens.weight".into(),
-            row_scale: head.row_scale.clone(),
-            ..sp(String::new(), head.shape.clone(), head.std, 0.0, true)
-        });
-    } else {
-        v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], 1.0, 0.0, true));
-    }
+    // The head: logits of std margins::logit_sigma (median top-1/top-2 gap ~4 nats) given the
+    // final-norm output (norm ≈ sqrt(D)); a tied head is the embedding, so it gets that scale.
+    // Otherwise the embedding has std 0.3: the residual stream is then led by the layers'
+    // outputs rather than the current token's embedding, and greedy text does not fall into
+    // the short cycles a random token→token map has (with 1.0 some tiny seeds repeated one token).
+    let head_std = (margins::logit_sigma(seed, c.vocab_size) / (d as f64).sqrt()) as f32;
+    let embed_std = if c.tie_word_embeddings { head_std } else { 0.3 };
+    v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], embed_std, 0.0, true));
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"), d);
@@ -680,6 +664,6 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
         }
     }
     norm(&mut v, "model.norm".into(), d);
-    v.push(head);
+    v.push(sp("lm_head.weight".into(), vec![c.vocab_size, d], head_std, 0.0, true));
     v
 }
