@@ -389,7 +389,7 @@ fn synth_from_a_bad_config_names_the_file_and_key() {
     }
     for (args, needles) in [
         (vec!["--layers", "0"], vec!["--layers"]),
-        (vec!["--layers", "-3"], vec!["--layers"]),
+        (vec!["--layers=-3"], vec!["--layers"]),
         (vec!["--layers", "3"], vec!["--layers 3", "between 1 and 2", "num_hidden_layers", c]),
         (vec!["--layers", "many"], vec!["--layers"]),
         (vec!["--family", "qwen3_moe"], vec!["--family qwen3_moe", "mixtral", c]),

@@ -79,7 +79,7 @@ fn tensors(dir: &std::path::Path) -> std::collections::HashMap<String, mlx_rs::A
 /// Bit-for-bit equality: same dtype and shape, equal values (MLX's array_equal; the values are
 /// random normals or packed words, so no NaN and no signed zero hides a difference).
 fn same_bits(a: &mlx_rs::Array, b: &mlx_rs::Array) -> bool {
-    a.shape() == b.shape() && a.dtype() == b.dtype() && mlx_rs::ops::array_eq(a, b, false).unwrap().item::<bool>()
+    a.shape() == b.shape() && a.dtype() == b.dtype() && mlx_rs::ops::array_eq(a, b, false).unwrap().item_exact::<bool>()
 }
 
 fn quiet(mut o: zmlx::synth::SynthOptions) -> zmlx::synth::SynthOptions {
