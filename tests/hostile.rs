@@ -343,3 +343,67 @@ fn bad_run_inputs_on_a_real_checkpoint() {
     let left: Vec<_> = std::fs::read_dir(&caps).map(|r| r.flatten().collect()).unwrap_or_default();
     assert!(left.is_empty(), "a capsule must not point at a ledger line that was never written: {left:?}");
 }
+
+/// `synth --config/--layers/--family`: a missing or non-JSON file, an unknown model_type, a
+/// nonsense value, a family disagreeing with the file, 0 or too many layers — exit 2 naming the
+/// file, key or flag; never a panic.
+#[test]
+fn synth_from_a_bad_config_names_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let missing = dir.path().join("missing.json");
+    let m = missing.to_str().unwrap();
+    rejected("--config missing", &mut zmlx(&["synth", "--config", m, "--out", o]), &["--config", m]);
+    let bad = write("bad.json", "{ not json");
+    rejected("--config not JSON", &mut zmlx(&["synth", "--config", &bad, "--out", o]), &[&bad, "not valid JSON"]);
+    let arr = write("arr.json", "[1, 2]");
+    rejected("--config not an object", &mut zmlx(&["synth", "--config", &arr, "--out", o]), &[&arr, "object"]);
+    let llama = write("llama.json", r#"{"model_type": "llama", "hidden_size": 64}"#);
+    rejected("unknown model_type", &mut zmlx(&["synth", "--config", &llama, "--out", o]), &[&llama, "`llama`"]);
+    let untyped = write("untyped.json", r#"{"hidden_size": 64}"#);
+    rejected("no model_type", &mut zmlx(&["synth", "--config", &untyped, "--out", o]), &[&untyped, "model_type"]);
+
+    let d = tiny(Family::Mixtral, None);
+    let cfg = d.path().join("config.json");
+    let c = cfg.to_str().unwrap();
+    for (key, value, needle) in [
+        ("num_local_experts", serde_json::json!(0), "`num_local_experts` must be a positive integer"),
+        ("hidden_size", serde_json::json!("wide"), "`hidden_size`"),
+        ("num_experts_per_tok", serde_json::json!(99), "num_experts_per_tok (99)"),
+        ("num_hidden_layers", serde_json::json!(-1), "`num_hidden_layers`"),
+    ] {
+        let original = std::fs::read_to_string(&cfg).unwrap();
+        edit_json(&cfg, |v| v[key] = value.clone());
+        rejected(
+            &format!("--config with {key} = {value}"),
+            &mut zmlx(&["synth", "--config", c, "--out", o]),
+            &[c, needle],
+        );
+        std::fs::write(&cfg, original).unwrap();
+    }
+    for (args, needles) in [
+        (vec!["--layers", "0"], vec!["--layers"]),
+        (vec!["--layers=-3"], vec!["--layers"]),
+        (vec!["--layers", "3"], vec!["--layers 3", "between 1 and 2", "num_hidden_layers", c]),
+        (vec!["--layers", "many"], vec!["--layers"]),
+        (vec!["--family", "qwen3_moe"], vec!["--family qwen3_moe", "mixtral", c]),
+        (vec!["--preset", "full"], vec!["--preset", "--config"]),
+    ] {
+        let mut cmd = zmlx(&["synth", "--config", c, "--out", o]);
+        cmd.args(&args);
+        rejected(&format!("synth --config {args:?}"), &mut cmd, &needles);
+    }
+    rejected("synth without family or config", &mut zmlx(&["synth", "--out", o]), &["--family"]);
+    rejected(
+        "preset --layers too many",
+        &mut zmlx(&["synth", "--family", "qwen3_moe", "--out", o, "--layers", "4"]),
+        &["--layers 4", "between 1 and 3"],
+    );
+    assert!(!out.join("model.safetensors").exists(), "nothing is written for refused input");
+}

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use mlx_rs::ops::indexing::IndexOp;
 use zmlx::config::Family;
 use zmlx::generate::greedy_ids;
 use zmlx::model::DtypeChoice;
@@ -63,4 +64,197 @@ fn quantized_layout_is_mlx_affine() {
     // The router is 8-bit, as mlx-lm's qwen3_moe quant_predicate makes it.
     assert_eq!(w["model.layers.0.mlp.gate.weight"].shape(), &[16, 128 * 8 / 32]);
     assert!(!w.contains_key("model.layers.0.input_layernorm.scales"), "norms stay float");
+}
+
+fn tensors(dir: &std::path::Path) -> std::collections::HashMap<String, mlx_rs::Array> {
+    let mut all = std::collections::HashMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".safetensors") {
+            all.extend(mlx_rs::Array::load_safetensors(e.path()).unwrap());
+        }
+    }
+    all
+}
+
+/// Bit-for-bit equality: same dtype and shape, equal values (MLX's array_equal; the values are
+/// random normals or packed words, so no NaN and no signed zero hides a difference).
+fn same_bits(a: &mlx_rs::Array, b: &mlx_rs::Array) -> bool {
+    a.shape() == b.shape() && a.dtype() == b.dtype() && mlx_rs::ops::array_eq(a, b, false).unwrap().item_exact::<bool>()
+}
+
+fn quiet(mut o: zmlx::synth::SynthOptions) -> zmlx::synth::SynthOptions {
+    o.margins = zmlx::synth::MarginMode::Off;
+    o
+}
+
+/// Same seed → the same experts in both layouts: the HF per-expert tensors stacked equal the
+/// mlx layout's switch_mlp tensor bit for bit (float, and 4-bit with per-expert scales), and
+/// MLA's kv_b_proj split as mlx-lm's sanitize splits it equals embed_q / unembed_out.
+#[test]
+fn hf_and_mlx_layouts_hold_the_same_weights() {
+    use zmlx::synth::{Layout, StoreDtype};
+    let _g = mlx_lock();
+    for (family, quantize) in [(Family::Qwen3Moe, None), (Family::Mixtral, Some(4)), (Family::DeepseekV3, None)] {
+        let (m, h) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut o = quiet(synth_opts(family, quantize, 5));
+        o.dtype = StoreDtype::F32;
+        synth_into(m.path(), &o);
+        o.layout = Layout::Hf;
+        synth_into(h.path(), &o);
+        let (mw, hw) = (tensors(m.path()), tensors(h.path()));
+        let c = zmlx::config::ModelConfig::load(m.path()).unwrap();
+        let x = zmlx::models::family(family).hf_experts();
+        let l = (0..c.num_hidden_layers).find(|&l| c.is_moe_layer(l)).unwrap();
+        let parts: &[&str] = if quantize.is_some() { &["weight", "scales", "biases"] } else { &["weight"] };
+        for (hf, ours) in x.names {
+            for part in parts {
+                let p = format!("model.layers.{l}.{}", x.block);
+                let per: Vec<_> =
+                    (0..c.num_experts).map(|e| hw[&format!("{p}.experts.{e}.{hf}.{part}")].clone()).collect();
+                let stacked = mlx_rs::ops::stack(&per, 0).unwrap();
+                let name = format!("{p}.switch_mlp.{ours}.{part}");
+                assert!(same_bits(&stacked, &mw[&name]), "{family}: stacked HF experts differ from {name}");
+            }
+        }
+        if let Some(mla) = &c.mla {
+            let a = format!("model.layers.{l}.self_attn");
+            let (h, nope, r) = (c.num_attention_heads, mla.qk_nope_head_dim, mla.kv_lora_rank);
+            let kvb = hw[&format!("{a}.kv_b_proj.weight")].reshape(&[h, nope + mla.v_head_dim, r]).unwrap();
+            let k = kvb.index((.., ..nope, ..)).swap_axes(-1, -2).unwrap();
+            let v = kvb.index((.., nope.., ..));
+            assert!(
+                same_bits(&k, &mw[&format!("{a}.embed_q.weight")]),
+                "{family}: embed_q is not kv_b_proj's key part"
+            );
+            assert!(
+                same_bits(&v, &mw[&format!("{a}.unembed_out.weight")]),
+                "{family}: unembed_out is not kv_b_proj's value part"
+            );
+        }
+        // Everything outside the experts and the MLA split has the same name and bits.
+        for (name, t) in &mw {
+            if let Some(o) = hw.get(name) {
+                assert!(same_bits(t, o), "{family}: {name} differs between layouts");
+            }
+        }
+    }
+}
+
+/// Every tiny checkpoint has clear greedy margins (stored in config.json by synth).
+#[test]
+fn margins_are_measured_and_clear_on_tiny() {
+    let _g = mlx_lock();
+    for family in Family::ALL {
+        for quantize in [None, Some(4)] {
+            let d = tempfile::tempdir().unwrap();
+            synth_into(d.path(), &synth_opts(family, quantize, 0));
+            let c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap()).unwrap();
+            let m = &c["zmlx_synth"]["margins"];
+            let (median, p10) = (m["median"].as_f64().unwrap(), m["p10"].as_f64().unwrap());
+            assert_eq!(m["positions"], 64);
+            assert!(median >= 2.0, "{family} q={quantize:?}: median top-1/top-2 gap {median} < 2 nats ({m})");
+            assert!(p10 > 0.0 && m["p90"].as_f64().unwrap() >= median, "{family} q={quantize:?}: {m}");
+        }
+    }
+}
+
+fn config_of(dir: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    v.as_object().unwrap().clone()
+}
+
+/// The written config equals `want` except the keys synth owns or trims.
+fn same_config_except(
+    got: &serde_json::Map<String, serde_json::Value>,
+    want: &serde_json::Map<String, serde_json::Value>,
+    except: &[&str],
+) {
+    let skip = ["zmlx_synth", "quantization", "quantization_config", "torch_dtype", "dtype"];
+    for (k, v) in want {
+        if !skip.contains(&k.as_str()) && !except.contains(&k.as_str()) {
+            assert_eq!(got.get(k), Some(v), "config key `{k}` changed");
+        }
+    }
+    for k in got.keys() {
+        assert!(want.contains_key(k) || skip.contains(&k.as_str()), "config key `{k}` appeared");
+    }
+}
+
+/// `--config` + `--layers`: the source config back except the trimmed keys, its MLX quantization
+/// block followed (the 8-bit router override kept for the remaining layers), only the kept
+/// layers' tensors written; loads and generates in zmlx.
+#[test]
+fn config_and_layers_round_trip() {
+    let _g = mlx_lock();
+    let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // qwen3_moe tiny: 3 layers, mlp_only_layers [1], 4-bit with 8-bit routers on layers 0 and 2.
+    synth_into(src.path(), &quiet(synth_opts(Family::Qwen3Moe, Some(4), 3)));
+    let cfg = src.path().join("config.json");
+    let run = |layers: &str| {
+        zmlx_cmd()
+            .args(["synth", "--config", cfg.to_str().unwrap(), "--layers", layers, "--margins", "off", "--out"])
+            .arg(out.path())
+            .output()
+            .unwrap()
+    };
+    let r = run("1");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (got, want) = (config_of(out.path()), config_of(src.path()));
+    same_config_except(&got, &want, &["num_hidden_layers", "mlp_only_layers"]);
+    assert_eq!(got["num_hidden_layers"], 1);
+    assert_eq!(got["mlp_only_layers"], serde_json::json!([]));
+    let q = got["quantization"].as_object().unwrap();
+    assert_eq!(q["bits"], 4);
+    assert_eq!(q["model.layers.0.mlp.gate"]["bits"], 8);
+    assert!(!q.contains_key("model.layers.2.mlp.gate"), "override of a trimmed layer kept: {q:?}");
+    let w = tensors(out.path());
+    assert!(w.keys().all(|k| !k.starts_with("model.layers.1.") && !k.starts_with("model.layers.2.")));
+    assert_eq!(w["model.layers.0.mlp.gate.weight"].shape(), &[16, 128 * 8 / 32]);
+    let (m, tok) = load(out.path(), DtypeChoice::F32);
+    let ids = tok.encode(PROMPTS[0]).unwrap();
+    assert_eq!(greedy_ids(&m, &ids, 4, true).unwrap().len(), 4);
+    // Trimming to more layers than exist is refused with the file named.
+    let r = run("4");
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("--layers 4") && err.contains("num_hidden_layers") && err.contains("config.json"), "{err}");
+}
+
+/// `--preset full` writes each family's real published config (trimmed to 1–2 layers here, so
+/// one MoE layer exists) with directly quantized 4-bit weights that mlx-lm's strict loader
+/// accepts (lazy load_model: every tensor name and shape checked, nothing computed); the
+/// qwen3_moe one is also loaded and run by zmlx (its margins measured).
+#[test]
+fn full_presets_load_in_mlx_lm() {
+    let root = tempfile::tempdir().unwrap();
+    let mut dirs = vec![];
+    for family in Family::ALL {
+        let full = zmlx::models::family(family).full_config();
+        let first_dense = full.get("first_k_dense_replace").and_then(|v| v.as_i64()).unwrap_or(0);
+        let layers = (first_dense + 1).to_string();
+        let d = root.path().join(family.model_type());
+        let margins = if family == Family::Qwen3Moe { "on" } else { "off" };
+        let r = zmlx_cmd()
+            .args(["synth", "--preset", "full", "--family", family.model_type(), "--quantize", "4"])
+            .args(["--layers", &layers, "--margins", margins, "--out"])
+            .arg(&d)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{family}: {}", String::from_utf8_lossy(&r.stderr));
+        let got = config_of(&d);
+        same_config_except(&got, full.as_object().unwrap(), &["num_hidden_layers", "eos_token_id", "bos_token_id"]);
+        assert_eq!(got["zmlx_synth"]["model"], zmlx::models::family(family).full_model());
+        if family == Family::Qwen3Moe {
+            let median = got["zmlx_synth"]["margins"]["median"].as_f64().unwrap();
+            assert!(median >= 2.0, "full qwen3_moe: median margin {median}");
+        }
+        dirs.push(d);
+    }
+    let script = "import sys\nfrom pathlib import Path\nfrom mlx_lm.utils import load_model\n\
+                  for d in sys.argv[1:]:\n    load_model(Path(d), lazy=True)\n    print('loaded', d)\n";
+    let out = std::process::Command::new(oracle_python()).arg("-c").arg(script).args(&dirs).output().unwrap();
+    assert!(out.status.success(), "mlx-lm refused a full preset:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), dirs.len());
 }

@@ -1,25 +1,35 @@
 //! `zmlx synth`: a deterministic random-weight checkpoint mlx-lm loads unchanged.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::args::{parse_bits, parse_family, parse_group_size};
 use crate::config::Family;
 use crate::mlx_env;
-use crate::synth::{synthesize, Layout, Preset, StoreDtype, SynthOptions};
+use crate::synth::{read_config, synthesize, Layout, MarginMode, Preset, StoreDtype, SynthOptions};
 
 #[derive(clap::Args)]
 pub struct SynthArgs {
-    /// Model family (config.json model_type).
+    /// Model family (config.json model_type); optional with --config (which names it).
     #[arg(long, value_parser = parse_family)]
-    pub family: Family,
+    pub family: Option<Family>,
     #[arg(long)]
     pub out: PathBuf,
+    /// tiny (tests), bench (real per-layer shapes, 2 layers) or full (the real model: mixtral =
+    /// Mixtral-8x7B-v0.1, qwen2_moe = Qwen1.5-MoE-A2.7B, qwen3_moe = Qwen3-30B-A3B, glm4_moe =
+    /// GLM-4.5-Air, glm4_moe_lite = GLM-4.7-Flash, deepseek_v3 = Moonlight-16B-A3B).
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
-    /// Stored float dtype.
-    #[arg(long, value_enum, default_value = "bf16")]
-    pub dtype: StoreDtype,
+    /// Synthesize for this config.json (any supported model_type) instead of a preset; an MLX
+    /// `quantization` block in it is followed unless --quantize is given.
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// Keep only the first N decoder layers (1 to the config's num_hidden_layers).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub layers: Option<i32>,
+    /// Stored float dtype (default: the --config's torch_dtype, else bf16).
+    #[arg(long, value_enum)]
+    pub dtype: Option<StoreDtype>,
     /// MLX affine quantization bits: 2, 3, 4, 5, 6 or 8 (omit for a float checkpoint).
     #[arg(long, value_parser = parse_bits)]
     pub quantize: Option<i32>,
@@ -34,21 +44,57 @@ pub struct SynthArgs {
     /// Shard weights into files of at most this many MiB (1 to 1048576).
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_shard_mb: u64,
+    /// Measure the top-1/top-2 logit margins after writing (a load + one forward pass of 64
+    /// positions; stored in config.json under zmlx_synth.margins). auto: when the weights total
+    /// at most 4 GiB.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub margins: MarginMode,
 }
 
 pub fn run(a: &SynthArgs) -> Result<i32> {
     mlx_env::init()?;
+    let (family, dtype) = match (&a.config, a.family) {
+        (Some(path), given) => {
+            let (v, family) = read_config(path)?;
+            if let Some(f) = given.filter(|&f| f != family) {
+                bail!(
+                    "--family {f} disagrees with {}: its model_type `{}` is family {family}",
+                    path.display(),
+                    v["model_type"].as_str().unwrap_or("")
+                );
+            }
+            (family, a.dtype.or(StoreDtype::from_config(&v)).unwrap_or(StoreDtype::Bf16))
+        }
+        (None, Some(f)) => (f, a.dtype.unwrap_or(StoreDtype::Bf16)),
+        (None, None) => bail!("--family is required (or --config with a model_type)"),
+    };
     let o = SynthOptions {
-        family: a.family,
+        family,
         preset: a.preset,
-        dtype: a.dtype,
+        config: a.config.clone(),
+        layers: a.layers,
+        dtype,
         quantize: a.quantize,
         group_size: a.group_size,
         seed: a.seed,
         layout: a.layout,
         max_shard_bytes: a.max_shard_mb << 20,
+        margins: a.margins,
     };
-    let files = synthesize(&o, &a.out)?;
-    eprintln!("[zmlx] wrote {} ({} safetensors file(s))", a.out.display(), files.len());
+    let r = synthesize(&o, &a.out)?;
+    eprintln!(
+        "[zmlx] wrote {} ({} safetensors file(s), {:.2} GB of weights) in {:.1} s",
+        a.out.display(),
+        r.files.len(),
+        r.bytes as f64 / 1e9,
+        r.seconds
+    );
+    match &r.margins {
+        Some(m) => eprintln!(
+            "[zmlx] logit margin top-1 - top-2 over {} positions: median {:.2}, p10 {:.2}, p90 {:.2}, min {:.2} nats",
+            m.positions, m.median, m.p10, m.p90, m.min
+        ),
+        None => eprintln!("[zmlx] logit margins not measured (--margins on to measure: loads the whole model)"),
+    }
     Ok(0)
 }

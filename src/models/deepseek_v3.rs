@@ -60,6 +60,63 @@ impl ModelFamily for DeepseekV3 {
         mla::load_layer(ctx, i)
     }
 
+    fn full_model(&self) -> &'static str {
+        "moonshotai/Moonlight-16B-A3B"
+    }
+
+    fn full_config(&self) -> Value {
+        serde_json::from_str(
+            r#"{
+              "architectures": [
+                "DeepseekV3ForCausalLM"
+              ],
+              "attention_bias": false,
+              "attention_dropout": 0.0,
+              "aux_loss_alpha": 0.001,
+              "bos_token_id": 163584,
+              "eos_token_id": 163586,
+              "ep_size": 1,
+              "first_k_dense_replace": 1,
+              "hidden_act": "silu",
+              "hidden_size": 2048,
+              "initializer_range": 0.02,
+              "intermediate_size": 11264,
+              "kv_lora_rank": 512,
+              "max_position_embeddings": 8192,
+              "model_type": "deepseek_v3",
+              "moe_intermediate_size": 1408,
+              "moe_layer_freq": 1,
+              "n_group": 1,
+              "n_routed_experts": 64,
+              "n_shared_experts": 2,
+              "norm_topk_prob": true,
+              "num_attention_heads": 16,
+              "num_experts_per_tok": 6,
+              "num_hidden_layers": 27,
+              "num_key_value_heads": 16,
+              "num_nextn_predict_layers": 0,
+              "pretraining_tp": 1,
+              "q_lora_rank": null,
+              "qk_nope_head_dim": 128,
+              "qk_rope_head_dim": 64,
+              "rms_norm_eps": 1e-05,
+              "rope_scaling": null,
+              "rope_theta": 50000.0,
+              "routed_scaling_factor": 2.446,
+              "scoring_func": "sigmoid",
+              "seq_aux": true,
+              "tie_word_embeddings": false,
+              "topk_group": 1,
+              "topk_method": "noaux_tc",
+              "torch_dtype": "bfloat16",
+              "use_cache": true,
+              "v_head_dim": 128,
+              "vocab_size": 163840
+            }"#,
+        )
+        .expect("the published config is valid JSON")
+    }
+
     fn synth_config(&self, tiny: bool) -> Value {
         json!({
             "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",

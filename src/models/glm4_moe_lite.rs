@@ -53,6 +53,60 @@ impl ModelFamily for Glm4MoeLite {
         mla::load_layer(ctx, i)
     }
 
+    fn full_model(&self) -> &'static str {
+        "zai-org/GLM-4.7-Flash"
+    }
+
+    fn full_config(&self) -> Value {
+        serde_json::from_str(
+            r#"{
+              "architectures": [
+                "Glm4MoeLiteForCausalLM"
+              ],
+              "attention_bias": false,
+              "attention_dropout": 0.0,
+              "pad_token_id": 154820,
+              "eos_token_id": [
+                154820,
+                154827,
+                154829
+              ],
+              "hidden_act": "silu",
+              "hidden_size": 2048,
+              "intermediate_size": 10240,
+              "max_position_embeddings": 202752,
+              "model_type": "glm4_moe_lite",
+              "moe_intermediate_size": 1536,
+              "topk_method": "noaux_tc",
+              "norm_topk_prob": true,
+              "num_attention_heads": 20,
+              "n_group": 1,
+              "topk_group": 1,
+              "n_routed_experts": 64,
+              "n_shared_experts": 1,
+              "routed_scaling_factor": 1.8,
+              "num_experts_per_tok": 4,
+              "first_k_dense_replace": 1,
+              "num_hidden_layers": 47,
+              "num_key_value_heads": 20,
+              "num_nextn_predict_layers": 1,
+              "partial_rotary_factor": 1.0,
+              "rms_norm_eps": 1e-05,
+              "rope_scaling": null,
+              "rope_theta": 1000000,
+              "tie_word_embeddings": false,
+              "dtype": "bfloat16",
+              "q_lora_rank": 768,
+              "kv_lora_rank": 512,
+              "qk_nope_head_dim": 192,
+              "qk_rope_head_dim": 64,
+              "v_head_dim": 256,
+              "vocab_size": 154880
+            }"#,
+        )
+        .expect("the published config is valid JSON")
+    }
+
     fn synth_config(&self, tiny: bool) -> Value {
         json!({
             "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",

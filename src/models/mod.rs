@@ -81,6 +81,13 @@ pub trait ModelFamily: Sync {
     /// the token ids are added by synth.
     fn synth_config(&self, tiny: bool) -> Value;
 
+    /// The real model `zmlx synth --preset full` reproduces (Hugging Face id).
+    fn full_model(&self) -> &'static str;
+
+    /// That model's published config.json: every key mlx-lm reads, as released (synth replaces
+    /// the token ids with its tokenizer's and torch_dtype with the stored dtype).
+    fn full_config(&self) -> Value;
+
     /// Bits of the router's per-module quantization override in a synthesized quantized
     /// checkpoint (mlx-lm's quant_predicate; Qwen3-MoE: 8).
     fn synth_router_bits(&self) -> Option<i32> {
@@ -323,6 +330,9 @@ mod tests {
                 let c = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
                 assert_eq!(c.family, f);
             }
+            // The full preset is the published config as it is.
+            let c = ModelConfig::from_value(&family(f).full_config(), Path::new("config.json")).unwrap();
+            assert_eq!(c.family, f, "{}", family(f).full_model());
         }
     }
 

@@ -68,6 +68,50 @@ impl ModelFamily for Qwen2Moe {
         super::decoder_layer(ctx, i, attention, LayerMlp::Moe(block))
     }
 
+    fn full_model(&self) -> &'static str {
+        "Qwen/Qwen1.5-MoE-A2.7B"
+    }
+
+    fn full_config(&self) -> Value {
+        serde_json::from_str(
+            r#"{
+              "architectures": [
+                "Qwen2MoeForCausalLM"
+              ],
+              "attention_dropout": 0.0,
+              "bos_token_id": 151643,
+              "eos_token_id": 151643,
+              "hidden_act": "silu",
+              "hidden_size": 2048,
+              "initializer_range": 0.02,
+              "intermediate_size": 5632,
+              "max_position_embeddings": 8192,
+              "max_window_layers": 21,
+              "model_type": "qwen2_moe",
+              "num_attention_heads": 16,
+              "num_hidden_layers": 24,
+              "num_key_value_heads": 16,
+              "rms_norm_eps": 1e-06,
+              "rope_theta": 1000000.0,
+              "sliding_window": 32768,
+              "tie_word_embeddings": false,
+              "torch_dtype": "bfloat16",
+              "use_cache": true,
+              "use_sliding_window": false,
+              "vocab_size": 151936,
+              "decoder_sparse_step": 1,
+              "moe_intermediate_size": 1408,
+              "shared_expert_intermediate_size": 5632,
+              "num_experts_per_tok": 4,
+              "num_experts": 60,
+              "norm_topk_prob": false,
+              "output_router_logits": false,
+              "router_aux_loss_coef": 0.001
+            }"#,
+        )
+        .expect("the published config is valid JSON")
+    }
+
     fn synth_config(&self, tiny: bool) -> Value {
         json!({
             "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",

@@ -1,16 +1,26 @@
-//! `zmlx synth`: deterministic random-weight checkpoints that mlx-lm loads unchanged.
-//! Weights come from MLX's counter-based RNG keyed by (seed, tensor name), so a tensor does not
-//! depend on which others are written; quantization is MLX's own `quantize` (affine layout).
+//! `zmlx synth`: deterministic random-weight checkpoints that mlx-lm loads unchanged, from a
+//! preset (tiny, bench, or `full` = a real model's published config) or any config.json.
+//!
+//! Weights are generated in Rust (`gen.rs`: a Xoshiro256++ stream per seed, logical tensor name
+//! and expert/head index, so a tensor does not depend on which others are written and both
+//! layouts hold the same experts) and streamed to disk tensor by tensor (`writer.rs`), so a
+//! 17 GB checkpoint is written with bounded memory. Quantized tensors are written directly in
+//! MLX's affine layout (random packed words, scales and biases chosen for the float init's std),
+//! never through a float intermediate. The output head is scaled for clear greedy margins
+//! (`margins.rs`), which are measured after writing and stored in config.json.
+mod gen;
+pub mod margins;
 pub mod tokenizer;
+mod writer;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mlx_rs::{ops, random, transforms::eval, Array, Dtype};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::config::{Family, ModelConfig};
+use gen::{FloatKind, Stream};
+use writer::Planned;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
@@ -18,6 +28,8 @@ pub enum Preset {
     Tiny,
     /// Per-layer shape of a real small MoE (hidden 2048, many experts), few layers: for benchmarks.
     Bench,
+    /// The family's real published model, every dimension and layer (see `zmlx synth --help`).
+    Full,
 }
 
 /// Tensor naming of the written checkpoint.
@@ -37,34 +49,64 @@ pub enum StoreDtype {
 }
 
 impl StoreDtype {
-    fn dtype(self) -> Dtype {
+    fn kind(self) -> FloatKind {
         match self {
-            StoreDtype::Bf16 => Dtype::Bfloat16,
-            StoreDtype::F16 => Dtype::Float16,
-            StoreDtype::F32 => Dtype::Float32,
+            StoreDtype::Bf16 => FloatKind::Bf16,
+            StoreDtype::F16 => FloatKind::F16,
+            StoreDtype::F32 => FloatKind::F32,
         }
     }
-    fn torch_name(self) -> &'static str {
+
+    pub fn torch_name(self) -> &'static str {
         match self {
             StoreDtype::Bf16 => "bfloat16",
             StoreDtype::F16 => "float16",
             StoreDtype::F32 => "float32",
         }
     }
+
+    /// The dtype a config.json's `torch_dtype` (or transformers 5's `dtype`) names, if a float one.
+    pub fn from_config(v: &Value) -> Option<StoreDtype> {
+        let name = v.get("torch_dtype").or_else(|| v.get("dtype")).and_then(Value::as_str)?;
+        match name {
+            "bfloat16" => Some(StoreDtype::Bf16),
+            "float16" => Some(StoreDtype::F16),
+            "float32" => Some(StoreDtype::F32),
+            _ => None,
+        }
+    }
 }
+
+/// Whether to measure the logit margins after writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MarginMode {
+    /// Measure when the weights total at most 4 GiB (loading a full-size model costs its size in
+    /// memory and a forward pass).
+    Auto,
+    On,
+    Off,
+}
+
+/// Checkpoints at most this large get their margins measured under `MarginMode::Auto`.
+const AUTO_MARGIN_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
     pub family: Family,
     pub preset: Preset,
+    /// A config.json to synthesize for instead of the preset (its model_type must be `family`).
+    pub config: Option<PathBuf>,
+    /// Keep only the first N decoder layers.
+    pub layers: Option<i32>,
     pub dtype: StoreDtype,
-    /// Affine quantization bits (None = float checkpoint).
+    /// Affine quantization bits (None = float checkpoint, or the `--config`'s own MLX block).
     pub quantize: Option<i32>,
     pub group_size: i32,
     pub seed: u64,
     pub layout: Layout,
     /// Shard the weights above this many bytes per file.
     pub max_shard_bytes: u64,
+    pub margins: MarginMode,
 }
 
 impl SynthOptions {
@@ -72,50 +114,271 @@ impl SynthOptions {
         SynthOptions {
             family,
             preset: Preset::Tiny,
+            config: None,
+            layers: None,
             dtype: StoreDtype::Bf16,
             quantize: None,
             group_size: 64,
             seed: 0,
             layout: Layout::Mlx,
             max_shard_bytes: 2 << 30,
+            margins: MarginMode::Auto,
         }
     }
 }
 
-/// config.json of a synthesized checkpoint: the family module's keys (realistic for the family,
-/// small (tiny) or real-per-layer (bench) dimensions, chosen to exercise its special features)
-/// plus the keys every synthesized checkpoint shares.
-fn config_json(o: &SynthOptions) -> Value {
+/// What `synthesize` wrote.
+#[derive(Debug)]
+pub struct SynthReport {
+    pub files: Vec<PathBuf>,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub margins: Option<margins::Margins>,
+}
+
+/// Reads a user's config.json: the JSON object and the family its model_type names. Errors name
+/// the file and the key.
+pub fn read_config(path: &Path) -> Result<(Value, Family)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--config: cannot read {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("--config: {} is not valid JSON", path.display()))?;
+    let map = v.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object at the top level", path.display()))?;
+    let t = map.get("model_type").and_then(Value::as_str).ok_or_else(|| {
+        anyhow!(
+            "{}: key `model_type` must be a string naming the model family (found {})",
+            path.display(),
+            map.get("model_type").map(|v| v.to_string()).unwrap_or_else(|| "missing".into())
+        )
+    })?;
+    let family = Family::from_model_type(t).ok_or_else(|| {
+        let known: Vec<_> = Family::ALL.iter().map(|f| f.model_type()).collect();
+        anyhow!("{}: unsupported model_type `{t}`; zmlx supports: {}", path.display(), known.join(", "))
+    })?;
+    Ok((v, family))
+}
+
+/// config.json of a tiny/bench preset: the family module's keys (small (tiny) or real-per-layer
+/// (bench) dimensions, chosen to exercise its special features) plus the keys every synthesized
+/// checkpoint shares.
+fn preset_config(o: &SynthOptions) -> Value {
+    let fam = o.family.module();
+    if o.preset == Preset::Full {
+        let mut c = fam.full_config();
+        let obj = c.as_object_mut().unwrap();
+        // The synthesized tokenizer is ours: its end-of-text id is 0 and it has no BOS.
+        obj.insert("eos_token_id".into(), json!(0));
+        if obj.contains_key("bos_token_id") {
+            obj.insert("bos_token_id".into(), Value::Null);
+        }
+        return c;
+    }
     let tiny = o.preset == Preset::Tiny;
     // Bench vocab 8192: the output head dominated per-token bytes at 32768 and is not part of
     // the per-layer shape the benchmark is about.
     let (v, d) = if tiny { (512, 128) } else { (8192, 2048) };
-    let mut c = o.family.module().synth_config(tiny);
+    let mut c = fam.synth_config(tiny);
     let obj = c.as_object_mut().unwrap();
     obj.insert("vocab_size".into(), json!(v));
     obj.insert("hidden_size".into(), json!(d));
-    obj.insert("torch_dtype".into(), json!(o.dtype.torch_name()));
     obj.insert("eos_token_id".into(), json!(0));
     obj.insert("bos_token_id".into(), Value::Null);
-    obj.insert("zmlx_synth".into(), json!({"preset": format!("{:?}", o.preset).to_lowercase(), "seed": o.seed}));
     c
 }
 
-/// FNV-1a of (seed, name): a per-tensor RNG key independent of write order.
-fn tensor_key(seed: u64, name: &str) -> Result<Array> {
-    let mut h = 0xcbf29ce484222325u64 ^ seed.wrapping_mul(0x9E3779B97F4A7C15);
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
+/// The layer index of a module path `model.layers.{i}.…`.
+fn layer_of(path: &str) -> Option<i64> {
+    path.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// Keeps the first `n` decoder layers: num_hidden_layers, the layer-indexed keys (mlp_only_layers
+/// loses indices ≥ n; per-layer lists are cut) and the quantization block's per-layer entries.
+fn trim_layers(c: &mut Map<String, Value>, n: i32, source: &str) -> Result<()> {
+    let l = c.get("num_hidden_layers").and_then(Value::as_i64).unwrap_or(0);
+    if n < 1 || i64::from(n) > l {
+        bail!("--layers {n}: must be between 1 and {l} (num_hidden_layers of {source})");
     }
-    Ok(random::key(h)?)
+    c.insert("num_hidden_layers".into(), json!(n));
+    if let Some(Value::Array(a)) = c.get_mut("mlp_only_layers") {
+        a.retain(|v| v.as_i64().is_some_and(|i| i < i64::from(n)));
+    }
+    for key in ["layer_types", "mlp_layer_types"] {
+        if let Some(Value::Array(a)) = c.get_mut(key) {
+            if a.len() as i64 == l {
+                a.truncate(n as usize);
+            }
+        }
+    }
+    for key in ["quantization", "quantization_config"] {
+        if let Some(Value::Object(q)) = c.get_mut(key) {
+            q.retain(|k, _| layer_of(k).is_none_or(|i| i < i64::from(n)));
+        }
+    }
+    Ok(())
+}
+
+/// Removes the quantization keys; returns the MLX affine block if the config had one (an HF
+/// `quantization_config` of another method, e.g. fp8, describes weights we do not write).
+fn take_quantization(c: &mut Map<String, Value>) -> Option<Value> {
+    let mlx = c.remove("quantization");
+    let hf = c.remove("quantization_config");
+    mlx.or(hf.filter(|q| q.get("bits").is_some() && q.get("quant_method").is_none_or(|m| m == "affine")))
+}
+
+/// Writes the checkpoint into `out`.
+pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
+    let start = std::time::Instant::now();
+    if let Some(bits) = o.quantize {
+        if ![2, 3, 4, 5, 6, 8].contains(&bits) {
+            bail!("--quantize {bits}: MLX affine quantization supports 2, 3, 4, 5, 6 or 8 bits");
+        }
+        if ![32, 64, 128].contains(&o.group_size) {
+            bail!("--group-size {}: expected 32, 64 or 128", o.group_size);
+        }
+    }
+    let cfg_file = out.join("config.json");
+    let (mut config, src) = match &o.config {
+        Some(path) => {
+            let (v, family) = read_config(path)?;
+            if family != o.family {
+                bail!(
+                    "{}: model_type `{}` is family {family}, but --family {} was given",
+                    path.display(),
+                    v["model_type"],
+                    o.family
+                );
+            }
+            (v, path.clone())
+        }
+        None => (preset_config(o), cfg_file.clone()),
+    };
+    let obj = config.as_object_mut().unwrap();
+    obj.remove("zmlx_synth");
+    let source_quant = take_quantization(obj);
+    // The source must make sense as it is (errors name its file and key) before it is trimmed.
+    ModelConfig::from_value(&config, &src)?;
+    let obj = config.as_object_mut().unwrap();
+    let mut source_quant = source_quant.filter(|_| o.quantize.is_none());
+    if let Some(n) = o.layers {
+        let source = match &o.config {
+            Some(p) => p.display().to_string(),
+            None => format!("the {} {:?} preset", o.family, o.preset).to_lowercase(),
+        };
+        trim_layers(obj, n, &source)?;
+        if let Some(Value::Object(q)) = &mut source_quant {
+            q.retain(|k, _| layer_of(k).is_none_or(|i| i < i64::from(n)));
+        }
+    }
+    if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") {
+        obj.insert("dtype".into(), json!(o.dtype.torch_name()));
+    } else {
+        obj.insert("torch_dtype".into(), json!(o.dtype.torch_name()));
+    }
+    let mut meta = json!({"seed": o.seed});
+    match &o.config {
+        Some(p) => meta["config"] = json!(p.display().to_string()),
+        None => meta["preset"] = json!(format!("{:?}", o.preset).to_lowercase()),
+    }
+    if o.preset == Preset::Full && o.config.is_none() {
+        meta["model"] = json!(o.family.module().full_model());
+    }
+    if let Some(n) = o.layers {
+        meta["layers"] = json!(n);
+    }
+    obj.insert("zmlx_synth".into(), meta);
+
+    let parsed = ModelConfig::from_value(&config, &src)?;
+    let specs = specs(&parsed, o.layout, o.seed);
+    let block = match (o.quantize, source_quant) {
+        (Some(bits), _) => {
+            let mut q = Map::new();
+            q.insert("group_size".into(), json!(o.group_size));
+            q.insert("bits".into(), json!(bits));
+            q.insert("mode".into(), json!("affine"));
+            for s in &specs {
+                if let Some(b) = s.bits_override {
+                    if s.quantizable && s.shape.last().unwrap() % o.group_size == 0 {
+                        q.insert(s.module().into(), json!({"group_size": o.group_size, "bits": b}));
+                    }
+                }
+            }
+            Some(Value::Object(q))
+        }
+        (None, q) => q,
+    };
+    if let Some(q) = block {
+        let obj = config.as_object_mut().unwrap();
+        obj.insert("quantization".into(), q.clone());
+        obj.insert("quantization_config".into(), q);
+    }
+    let parsed = ModelConfig::from_value(&config, &src)?;
+    let quantized = parsed.quantization.global.is_some();
+    if o.layout == Layout::Hf && quantized && !o.family.module().hf_experts().parts.contains(&"scales") {
+        bail!(
+            "--layout hf with quantized weights does not exist for {} (mlx-lm's sanitize stacks float expert weights only)",
+            o.family
+        );
+    }
+
+    let planned = plan(&parsed, &specs, o);
+    let bytes: u64 = planned.iter().map(|t| t.bytes as u64).sum();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let files = writer::write_shards(out, &planned, o.max_shard_bytes)?;
+    let write_config = |c: &Value| -> Result<()> {
+        std::fs::write(&cfg_file, serde_json::to_string_pretty(c)? + "\n")
+            .with_context(|| format!("cannot write {}", cfg_file.display()))
+    };
+    write_config(&config)?;
+    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize)
+        .map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
+    if tok.eos_token_id != 0 {
+        bail!("internal: synthesized tokenizer has eos id {}, config says 0", tok.eos_token_id);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let measure = match o.margins {
+        MarginMode::On => true,
+        MarginMode::Off => false,
+        MarginMode::Auto => bytes <= AUTO_MARGIN_BYTES,
+    };
+    let m = if measure {
+        let m = margins::measure(out, o.seed, margins::POSITIONS)
+            .with_context(|| format!("measuring the logit margins of {}", out.display()))?;
+        config["zmlx_synth"]["margins"] = serde_json::to_value(&m)?;
+        config["zmlx_synth"]["margins"]["target_median"] = json!(margins::TARGET_MEDIAN_GAP);
+        write_config(&config)?;
+        Some(m)
+    } else {
+        None
+    };
+    Ok(SynthReport { files, bytes, seconds, margins: m })
+}
+
+/// How a tensor's values are drawn.
+#[derive(Debug, Clone)]
+enum Gen {
+    /// Keyed by the tensor's own name.
+    Own,
+    /// Experts `first..first+count` of the stacked logical tensor `key` (`…switch_mlp.*.weight`,
+    /// `[E, out, in]`): expert e's matrix is keyed (key, e) in both layouts.
+    Experts { key: String, first: i32, count: i32 },
+    /// MLA's `kv_b_proj` (logical `[H, nope+v, r]`, head h keyed (key, h)): all of it (HF
+    /// layout), the key rows transposed (`embed_q` `[H, r, nope]`) or the value rows
+    /// (`unembed_out` `[H, v, r]`), as mlx-lm's sanitize splits it. Float only: a quantized
+    /// embed_q/unembed_out is packed along other axes than kv_b_proj, so it is keyed by its name.
+    KvB { key: String, part: KvPart, heads: i32, nope: i32, v: i32, r: i32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvPart {
+    All,
+    Keys,
+    Values,
 }
 
 /// One logical tensor to synthesize.
 struct Spec {
     name: String,
     shape: Vec<i32>,
-    /// Standard deviation of the normal init; `mean` is added (norm weights ≈ 1).
+    /// Standard deviation of the init; `mean` is added (norm weights ≈ 1).
     std: f32,
     mean: f32,
     /// Weight of a module mlx-lm quantizes (Linear, Embedding, SwitchLinear, MultiLinear).
@@ -123,11 +386,146 @@ struct Spec {
     /// Per-module quantization override (Qwen3's 8-bit router).
     bits_override: Option<i32>,
     /// Stored dtype other than the checkpoint's (e_score_correction_bias stays f32).
-    dtype: Option<Dtype>,
+    dtype: Option<FloatKind>,
+    gen: Gen,
+}
+
+impl Spec {
+    /// The module path (`….weight` → `…`).
+    fn module(&self) -> &str {
+        self.name.strip_suffix(".weight").unwrap_or(&self.name)
+    }
+
+    fn numel(&self) -> usize {
+        self.shape.iter().map(|&x| x as usize).product()
+    }
+
+    /// The `[rows, in]` blocks of a quantized tensor with their stream keys.
+    fn blocks(&self) -> Vec<(&str, u64, usize)> {
+        let inp = *self.shape.last().unwrap() as usize;
+        match &self.gen {
+            Gen::Experts { key, first, count } => {
+                let rows = self.numel() / inp / *count as usize;
+                (*first..first + count).map(|e| (key.as_str(), e as u64, rows)).collect()
+            }
+            _ => vec![(self.name.as_str(), 0, self.numel() / inp)],
+        }
+    }
+
+    /// The float values in `kind`, generated block by block.
+    fn float_bytes(&self, seed: u64, kind: FloatKind) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.numel() * kind.size());
+        match &self.gen {
+            Gen::Own => {
+                let mut r = gen::rng(seed, &self.name, 0, Stream::Float);
+                gen::push_normals(&mut out, &mut r, self.numel(), self.mean, self.std, kind)
+            }
+            Gen::Experts { key, first, count } => {
+                let per = self.numel() / *count as usize;
+                for e in *first..first + count {
+                    let mut r = gen::rng(seed, key, e as u64, Stream::Float);
+                    gen::push_normals(&mut out, &mut r, per, self.mean, self.std, kind);
+                }
+            }
+            Gen::KvB { key, part, heads, nope, v, r } => {
+                let (nope, v, r) = (*nope as usize, *v as usize, *r as usize);
+                for h in 0..*heads {
+                    let w =
+                        gen::normals(&mut gen::rng(seed, key, h as u64, Stream::Float), (nope + v) * r, 0.0, self.std);
+                    match part {
+                        KvPart::All => w.iter().for_each(|&x| kind.push(&mut out, x)),
+                        KvPart::Values => w[nope * r..].iter().for_each(|&x| kind.push(&mut out, x)),
+                        KvPart::Keys => {
+                            for i in 0..r {
+                                for j in 0..nope {
+                                    kind.push(&mut out, w[j * r + i]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Packed words of the quantized tensor.
+    fn packed_bytes(&self, seed: u64, bits: i32) -> Vec<u8> {
+        let inp = *self.shape.last().unwrap() as usize;
+        let mut out = Vec::with_capacity(self.numel() * bits as usize / 8);
+        for (key, idx, rows) in self.blocks() {
+            gen::push_packed(&mut out, &mut gen::rng(seed, key, idx, Stream::Packed), rows * inp * bits as usize / 8);
+        }
+        out
+    }
+
+    /// Scales (`biases == false`) or biases of the quantized tensor.
+    fn group_bytes(&self, seed: u64, bits: i32, group_size: i32, kind: FloatKind, biases: bool) -> Vec<u8> {
+        let inp = *self.shape.last().unwrap() as usize;
+        let groups_per_row = inp / group_size as usize;
+        let mut out = Vec::with_capacity(self.numel() / group_size as usize * kind.size());
+        for (key, idx, rows) in self.blocks() {
+            let mut r = gen::rng(seed, key, idx, Stream::Groups);
+            for (s, b) in gen::group_params(&mut r, rows * groups_per_row, bits, self.mean, self.std) {
+                kind.push(&mut out, if biases { b } else { s });
+            }
+        }
+        out
+    }
+}
+
+/// The tensors to write for `specs`: quantized where the config's quantization says so (and the
+/// input dimension divides into groups), else float.
+fn plan<'a>(c: &ModelConfig, specs: &'a [Spec], o: &SynthOptions) -> Vec<Planned<'a>> {
+    let store = o.dtype.kind();
+    let seed = o.seed;
+    let mut v = Vec::new();
+    for s in specs {
+        let inp = *s.shape.last().unwrap();
+        let q = c.quant_for(s.module(), true).filter(|q| s.quantizable && inp % q.group_size == 0);
+        let shape: Vec<usize> = s.shape.iter().map(|&x| x as usize).collect();
+        match q {
+            Some(q) => {
+                let (bits, gs) = (q.bits, q.group_size);
+                let base = s.module().to_owned();
+                let mut wshape = shape.clone();
+                *wshape.last_mut().unwrap() = inp as usize * bits as usize / 32;
+                v.push(Planned {
+                    name: s.name.clone(),
+                    dtype: safetensors::Dtype::U32,
+                    bytes: s.numel() * bits as usize / 8,
+                    shape: wshape,
+                    make: Box::new(move || s.packed_bytes(seed, bits)),
+                });
+                let mut gshape = shape.clone();
+                *gshape.last_mut().unwrap() = (inp / gs) as usize;
+                for (suffix, biases) in [("scales", false), ("biases", true)] {
+                    v.push(Planned {
+                        name: format!("{base}.{suffix}"),
+                        dtype: store.st(),
+                        bytes: s.numel() / gs as usize * store.size(),
+                        shape: gshape.clone(),
+                        make: Box::new(move || s.group_bytes(seed, bits, gs, store, biases)),
+                    });
+                }
+            }
+            None => {
+                let kind = s.dtype.unwrap_or(store);
+                v.push(Planned {
+                    name: s.name.clone(),
+                    dtype: kind.st(),
+                    bytes: s.numel() * kind.size(),
+                    shape,
+                    make: Box::new(move || s.float_bytes(seed, kind)),
+                });
+            }
+        }
+    }
+    v
 }
 
 /// Every tensor the loader expects for `c`, in the chosen layout.
-fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
+fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
     let mut v = Vec::new();
     let sp = |name: String, shape: Vec<i32>, std: f32, mean: f32, quantizable: bool| Spec {
         name,
@@ -137,6 +535,7 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         quantizable,
         bits_override: None,
         dtype: None,
+        gen: Gen::Own,
     };
     let lin = |v: &mut Vec<Spec>, name: &str, out: i32, inp: i32, std_scale: f32, bias: bool| {
         v.push(sp(format!("{name}.weight"), vec![out, inp], std_scale / (inp as f32).sqrt(), 0.0, true));
@@ -151,7 +550,14 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         lin(v, &format!("{path}.down_proj"), d, w, 1.0, false);
     };
     let (d, e) = (c.hidden_size, c.num_experts);
-    v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], 1.0, 0.0, true));
+    // The head: logits of std margins::logit_sigma (median top-1/top-2 gap ~4 nats) given the
+    // final-norm output (norm ≈ sqrt(D)); a tied head is the embedding, so it gets that scale.
+    // Otherwise the embedding has std 0.3: the residual stream is then led by the layers'
+    // outputs rather than the current token's embedding, and greedy text does not fall into
+    // the short cycles a random token→token map has (with 1.0 some tiny seeds repeated one token).
+    let head_std = (margins::logit_sigma(seed, c.vocab_size) / (d as f64).sqrt()) as f32;
+    let embed_std = if c.tie_word_embeddings { head_std } else { 0.3 };
+    v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], embed_std, 0.0, true));
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"), d);
@@ -189,36 +595,26 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
                     c.attention_bias,
                 );
                 norm(&mut v, format!("{a}.kv_a_layernorm"), m.kv_lora_rank);
-                let std = 1.0 / (m.kv_lora_rank as f32).sqrt();
+                let (nope, vd, r) = (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
+                let std = 1.0 / (r as f32).sqrt();
+                let kvb = |part| Gen::KvB { key: format!("{a}.kv_b_proj.weight"), part, heads: h, nope, v: vd, r };
                 match layout {
                     Layout::Mlx => {
                         v.push(Spec {
-                            std: 1.0 / (m.qk_nope_head_dim as f32).sqrt(),
-                            ..sp(
-                                format!("{a}.embed_q.weight"),
-                                vec![h, m.kv_lora_rank, m.qk_nope_head_dim],
-                                0.0,
-                                0.0,
-                                true,
-                            )
+                            gen: kvb(KvPart::Keys),
+                            ..sp(format!("{a}.embed_q.weight"), vec![h, r, nope], std, 0.0, true)
                         });
-                        v.push(sp(
-                            format!("{a}.unembed_out.weight"),
-                            vec![h, m.v_head_dim, m.kv_lora_rank],
-                            std,
-                            0.0,
-                            true,
-                        ));
+                        v.push(Spec {
+                            gen: kvb(KvPart::Values),
+                            ..sp(format!("{a}.unembed_out.weight"), vec![h, vd, r], std, 0.0, true)
+                        });
                     }
-                    Layout::Hf => v.push(sp(
-                        format!("{a}.kv_b_proj.weight"),
-                        vec![h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
-                        std,
-                        0.0,
-                        true,
-                    )),
+                    Layout::Hf => v.push(Spec {
+                        gen: kvb(KvPart::All),
+                        ..sp(format!("{a}.kv_b_proj.weight"), vec![h * (nope + vd), r], std, 0.0, true)
+                    }),
                 }
-                lin(&mut v, &format!("{a}.o_proj"), d, h * m.v_head_dim, 1.0, c.attention_bias);
+                lin(&mut v, &format!("{a}.o_proj"), d, h * vd, 1.0, c.attention_bias);
             }
         }
         let family = c.family.module();
@@ -231,7 +627,7 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         if family.sigmoid_router() {
             v.push(sp(format!("{moe}.gate.weight"), vec![e, d], 2.0 / (d as f32).sqrt(), 0.0, false));
             v.push(Spec {
-                dtype: Some(Dtype::Float32),
+                dtype: Some(FloatKind::F32),
                 ..sp(format!("{moe}.gate.e_score_correction_bias"), vec![e], 0.1, 0.0, false)
             });
         } else {
@@ -241,18 +637,20 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         }
         let w = c.moe_intermediate_size;
         for (ours, out, inp) in [("gate_proj", w, d), ("down_proj", d, w), ("up_proj", w, d)] {
-            let hf = experts.hf_name(ours);
+            let key = format!("{moe}.switch_mlp.{ours}.weight");
+            let std = 1.0 / (inp as f32).sqrt();
             match layout {
-                Layout::Mlx => v.push(sp(
-                    format!("{moe}.switch_mlp.{ours}.weight"),
-                    vec![e, out, inp],
-                    1.0 / (inp as f32).sqrt(),
-                    0.0,
-                    true,
-                )),
+                Layout::Mlx => v.push(Spec {
+                    gen: Gen::Experts { key: key.clone(), first: 0, count: e },
+                    ..sp(key, vec![e, out, inp], std, 0.0, true)
+                }),
                 Layout::Hf => {
+                    let hf = experts.hf_name(ours);
                     for x in 0..e {
-                        lin(&mut v, &format!("{moe}.experts.{x}.{hf}"), out, inp, 1.0, false);
+                        v.push(Spec {
+                            gen: Gen::Experts { key: key.clone(), first: x, count: 1 },
+                            ..sp(format!("{moe}.experts.{x}.{hf}.weight"), vec![out, inp], std, 0.0, true)
+                        });
                     }
                 }
             }
@@ -266,119 +664,6 @@ fn specs(c: &ModelConfig, layout: Layout) -> Vec<Spec> {
         }
     }
     norm(&mut v, "model.norm".into(), d);
-    lin(&mut v, "lm_head", c.vocab_size, d, 2.0, false);
+    v.push(sp("lm_head.weight".into(), vec![c.vocab_size, d], head_std, 0.0, true));
     v
-}
-
-/// Writes the checkpoint into `out`; returns the files written.
-pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<Vec<PathBuf>> {
-    if o.layout == Layout::Hf && o.quantize.is_some() && !o.family.module().hf_experts().parts.contains(&"scales") {
-        bail!(
-            "--layout hf with --quantize does not exist for {} (mlx-lm's sanitize stacks float expert weights only)",
-            o.family
-        );
-    }
-    if let Some(bits) = o.quantize {
-        if ![2, 3, 4, 5, 6, 8].contains(&bits) {
-            bail!("--quantize {bits}: MLX affine quantization supports 2, 3, 4, 5, 6 or 8 bits");
-        }
-        if ![32, 64, 128].contains(&o.group_size) {
-            bail!("--group-size {}: expected 32, 64 or 128", o.group_size);
-        }
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut config = config_json(o);
-    let parsed = ModelConfig::from_value(&config, &out.join("config.json"))?;
-    let mut quant_overrides = serde_json::Map::new();
-
-    let mut tensors: Vec<(String, Array)> = Vec::new();
-    for s in specs(&parsed, o.layout) {
-        let key = tensor_key(o.seed, &s.name)?;
-        let w =
-            random::normal::<f32>(&s.shape[..], s.mean, s.std, &key)?.as_dtype(s.dtype.unwrap_or(o.dtype.dtype()))?;
-        let inp = *s.shape.last().unwrap();
-        let bits = s.bits_override.or(o.quantize);
-        match (o.quantize, bits) {
-            (Some(_), Some(bits)) if s.quantizable && inp % o.group_size == 0 => {
-                let base = s.name.trim_end_matches(".weight").to_owned();
-                let (wq, scales, biases) = ops::quantize(&w, o.group_size, bits)?;
-                eval([&wq, &scales, &biases])?;
-                if s.bits_override.is_some() {
-                    quant_overrides.insert(base.clone(), json!({"group_size": o.group_size, "bits": bits}));
-                }
-                tensors.push((s.name.clone(), wq));
-                tensors.push((format!("{base}.scales"), scales));
-                tensors.push((format!("{base}.biases"), biases));
-            }
-            _ => {
-                w.eval()?;
-                tensors.push((s.name, w));
-            }
-        }
-    }
-    if let Some(bits) = o.quantize {
-        let mut q = serde_json::Map::new();
-        q.insert("group_size".into(), json!(o.group_size));
-        q.insert("bits".into(), json!(bits));
-        q.insert("mode".into(), json!("affine"));
-        q.extend(quant_overrides);
-        let obj = config.as_object_mut().unwrap();
-        obj.insert("quantization".into(), Value::Object(q.clone()));
-        obj.insert("quantization_config".into(), Value::Object(q));
-    }
-
-    let files = write_shards(out, &tensors, o.max_shard_bytes)?;
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize)
-        .map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
-    if tok.eos_token_id != 0 {
-        bail!("internal: synthesized tokenizer has eos id {}, config says 0", tok.eos_token_id);
-    }
-    Ok(files)
-}
-
-/// Saves tensors into one `model.safetensors`, or shards + `model.safetensors.index.json`.
-fn write_shards(out: &Path, tensors: &[(String, Array)], max_bytes: u64) -> Result<Vec<PathBuf>> {
-    let total: u64 = tensors.iter().map(|(_, a)| a.nbytes() as u64).sum();
-    let mut groups: Vec<Vec<&(String, Array)>> = vec![vec![]];
-    let mut size = 0u64;
-    for t in tensors {
-        let n = t.1.nbytes() as u64;
-        if size > 0 && size + n > max_bytes {
-            groups.push(vec![]);
-            size = 0;
-        }
-        groups.last_mut().unwrap().push(t);
-        size += n;
-    }
-    // Remove stale weights from an earlier synth into the same directory.
-    for e in std::fs::read_dir(out)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("model") && (name.ends_with(".safetensors") || name.ends_with(".index.json")) {
-            std::fs::remove_file(e.path())?;
-        }
-    }
-    let meta: HashMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
-    let n = groups.len();
-    let mut files = Vec::new();
-    let mut weight_map = serde_json::Map::new();
-    for (i, g) in groups.iter().enumerate() {
-        let name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-        };
-        let path = out.join(&name);
-        Array::save_safetensors(g.iter().map(|(k, a)| (k.as_str(), a)), &meta, &path)
-            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
-        for (k, _) in g {
-            weight_map.insert(k.clone(), json!(name));
-        }
-        files.push(path);
-    }
-    if n > 1 {
-        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
-    }
-    Ok(files)
 }
