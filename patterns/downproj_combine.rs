@@ -17,8 +17,8 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, S
 use crate::config::Family;
 use crate::fallbacks;
 use crate::kernels::qmv_combine::qmv_combine_class;
-use crate::kernels::KernelClass;
 use crate::kernels::qmv_swiglu::unsupported;
+use crate::kernels::KernelClass;
 use crate::model::Model;
 use crate::moe::SwitchGlu;
 use crate::nn::{QWeight, Weight};

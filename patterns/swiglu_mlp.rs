@@ -14,8 +14,8 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, S
 use crate::config::Family;
 use crate::fallbacks;
 use crate::kernels::qmv_swiglu::{qmv_swiglu_class, unsupported};
-use crate::kernels::KernelClass;
 use crate::kernels::swiglu::swiglu;
+use crate::kernels::KernelClass;
 use crate::model::Model;
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
 use crate::nn::Weight;

@@ -492,9 +492,9 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
             Some(d)
         }
     };
-    let validated = patterns::registry()
-        .iter()
-        .any(|p| p.info().class == patterns::SafetyClass::Validated && opts.selection.names.iter().any(|n| n == p.info().name));
+    let validated = patterns::registry().iter().any(|p| {
+        p.info().class == patterns::SafetyClass::Validated && opts.selection.names.iter().any(|n| n == p.info().name)
+    });
     let logit_stats = match b_ids.first() {
         Some(first) if (opts.logits || validated) && report.modules_patched() > 0 => {
             let mut seq = prompt.clone();

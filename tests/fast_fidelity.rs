@@ -37,7 +37,12 @@ fn check(family: Family, bits: i32) {
     zmlx::fallbacks::reset();
     for (p, want) in prompts.iter().zip(&base) {
         let got = greedy_ids(&model, p, TOKENS, true).unwrap();
-        assert_eq!(&got, want, "{family} {bits}-bit fast preset: first divergence at {:?}", first_divergence(&got, want));
+        assert_eq!(
+            &got,
+            want,
+            "{family} {bits}-bit fast preset: first divergence at {:?}",
+            first_divergence(&got, want)
+        );
     }
     let calls = zmlx::fallbacks::snapshot();
     for n in ["downproj_combine_fast", "qmv_linear_fast", "swiglu_mlp_fast.experts"] {

@@ -68,7 +68,8 @@ fn with_scales(w: QWeight, dt: Dtype) -> QWeight {
 fn check_experts(t: i32, k: i32, e: i32, dm: i32, im: i32, bits: i32, gs: i32, seed: u64, sdt: Dtype) {
     let q = |n, kk, s| with_scales(qweight(e, n, kk, gs, bits, s), sdt);
     let (g, u, d) = (q(im, dm, seed), q(im, dm, seed + 1), q(dm, im, seed + 2));
-    let rows: Vec<Vec<u32>> = (0..t as u32).map(|ti| (0..k as u32).map(|j| (ti * 3 + j * 5) % e as u32).collect()).collect();
+    let rows: Vec<Vec<u32>> =
+        (0..t as u32).map(|ti| (0..k as u32).map(|j| (ti * 3 + j * 5) % e as u32).collect()).collect();
     let idx = indices(&rows);
     let x = rand(&[t, dm], seed + 3, 1.0);
     let what = format!("T{t} k{k} E{e} D{dm} I{im} {bits}b g{gs} scales {sdt:?}");
@@ -96,14 +97,23 @@ fn fast_expert_kernels_within_tolerance() {
 #[test]
 fn fast_linear_within_tolerance() {
     let _g = mlx_lock();
-    for (n, k, bits, gs, rows) in
-        [(200, 256, 4, 64, 1), (513, 128, 8, 32, 3), (44, 256, 2, 128, 8), (2048, 512, 4, 64, 2), (301, 256, 4, 64, 9), (130, 128, 8, 64, 70)]
-    {
+    for (n, k, bits, gs, rows) in [
+        (200, 256, 4, 64, 1),
+        (513, 128, 8, 32, 3),
+        (44, 256, 2, 128, 8),
+        (2048, 512, 4, 64, 2),
+        (301, 256, 4, 64, 9),
+        (130, 128, 8, 64, 70),
+    ] {
         let sdt = if rows % 2 == 0 { Dtype::Bfloat16 } else { Dtype::Float32 };
         let w = with_scales(dense(&qweight(1, n, k, gs, bits, n as u64)), sdt);
         let x = rand(&[1, rows, k], 7, 1.0);
         let want = ops::quantized_matmul(&x, &w.weight, &w.scales, &w.biases, true, gs, bits).unwrap();
-        close(&want, &qmv_linear_class(&x, &w, FAST).unwrap(), &format!("qmv_linear fast N{n} K{k} {bits}b g{gs} rows{rows}"));
+        close(
+            &want,
+            &qmv_linear_class(&x, &w, FAST).unwrap(),
+            &format!("qmv_linear fast N{n} K{k} {bits}b g{gs} rows{rows}"),
+        );
     }
 }
 

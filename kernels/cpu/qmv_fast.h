@@ -2,8 +2,6 @@
 #pragma once
 #include "qmv_rows.h"
 
-// A scale or bias of the weight matrix as float (f32/bf16/f16 widened exactly, once per group).
-#define ZMLX_FAST_SCALE(m, p, i) zmlx_scale(p, i, (m).scale_type)
 
 // Activation prepared for the fast kernels: xp[K] = x permuted into packed order per group
 // (qmv_fast.inc explains the layout), xs[K / gs] = the sum of x over each group.

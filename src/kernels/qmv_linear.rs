@@ -9,9 +9,9 @@ use std::ffi::c_int;
 use anyhow::{bail, Result};
 use mlx_rs::{Array, Dtype};
 
-use super::{backend, KernelClass};
 use super::check::{compare, qweight, rand, CaseResult};
 use super::qmv_swiglu::unsupported;
+use super::{backend, KernelClass};
 use crate::mlx_env::{raw_array, Backend};
 use crate::nn::QWeight;
 
@@ -68,16 +68,7 @@ pub fn qmv_linear_class(x: &Array, w: &QWeight, class: KernelClass) -> Result<Ar
     let x2 = x.reshape(&[rows, k])?;
     let out = raw_array(|res, s| unsafe {
         let f = if class == KernelClass::Fast { zmlx_cpu_qmv_linear_fast } else { zmlx_cpu_qmv_linear };
-        f(
-            res,
-            x2.as_ptr(),
-            w.weight.as_ptr(),
-            w.scales.as_ptr(),
-            w.biases.as_ptr(),
-            w.q.group_size,
-            w.q.bits,
-            s,
-        )
+        f(res, x2.as_ptr(), w.weight.as_ptr(), w.scales.as_ptr(), w.biases.as_ptr(), w.q.group_size, w.q.bits, s)
     })?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = w.weight.dim(0);
