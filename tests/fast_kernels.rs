@@ -23,7 +23,7 @@ fn rand(shape: &[i32], seed: u64, scale: f32) -> Array {
 }
 
 fn qweight(e: i32, n: i32, k: i32, gs: i32, bits: i32, seed: u64) -> QWeight {
-    let (weight, scales, biases) = ops::quantize(&rand(&[e, n, k], seed, 0.05), gs, bits).unwrap();
+    let (weight, scales, biases) = ops::quantize(rand(&[e, n, k], seed, 0.05), gs, bits).unwrap();
     QWeight { weight, scales, biases, q: QuantParams { bits, group_size: gs } }
 }
 
