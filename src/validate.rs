@@ -227,19 +227,11 @@ pub struct LogitStats {
     pub median_margin: f64,
 }
 
-/// Teacher-forced logit comparison of the two configurations on `seq` (positions from `start`).
-fn logit_stats(baseline: &Array, patched: &Array, start: i32) -> Result<LogitStats> {
-    let lb = baseline.try_index(start..)?;
-    let lp = patched.try_index(start..)?;
-    let max_abs = ops::abs(lb.subtract(&lp)?)?.max(None)?.item_cast::<f32>() as f64;
-    let lsb = lb.subtract(ops::logsumexp_axis(&lb, -1, true)?)?;
-    let lsp = lp.subtract(ops::logsumexp_axis(&lp, -1, true)?)?;
-    let kl = ops::exp(&lsb)?.multiply(lsb.subtract(&lsp)?)?.sum_axis(-1, None)?;
-    let kl = kl.as_slice::<f32>().to_vec();
-    let positions = kl.len();
-    let v = lb.dim(-1) as usize;
-    let values = lb.as_slice::<f32>();
-    let mut margins: Vec<f64> = values
+/// The top-1 minus top-2 logit of every row of `logits` `[.., V]` (float32), unsorted.
+pub fn top2_gaps(logits: &Array) -> Result<Vec<f64>> {
+    let v = logits.dim(-1).max(1) as usize;
+    Ok(logits
+        .as_slice::<f32>()
         .chunks(v)
         .map(|row| {
             let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
@@ -253,7 +245,20 @@ fn logit_stats(baseline: &Array, patched: &Array, start: i32) -> Result<LogitSta
             }
             (a - b) as f64
         })
-        .collect();
+        .collect())
+}
+
+/// Teacher-forced logit comparison of the two configurations on `seq` (positions from `start`).
+fn logit_stats(baseline: &Array, patched: &Array, start: i32) -> Result<LogitStats> {
+    let lb = baseline.try_index(start..)?;
+    let lp = patched.try_index(start..)?;
+    let max_abs = ops::abs(lb.subtract(&lp)?)?.max(None)?.item_cast::<f32>() as f64;
+    let lsb = lb.subtract(ops::logsumexp_axis(&lb, -1, true)?)?;
+    let lsp = lp.subtract(ops::logsumexp_axis(&lp, -1, true)?)?;
+    let kl = ops::exp(&lsb)?.multiply(lsb.subtract(&lsp)?)?.sum_axis(-1, None)?;
+    let kl = kl.as_slice::<f32>().to_vec();
+    let positions = kl.len();
+    let mut margins = top2_gaps(&lb)?;
     margins.sort_by(|a, b| a.total_cmp(b));
     Ok(LogitStats {
         positions,

@@ -241,6 +241,26 @@ void run_swiglu(int bits, const float* x, const uint32_t* idx, float* out, int t
   });
 }
 
+// Prefill combine of the expert rows y[t, j, :] (exact and fast paths share it; this file is
+// built without FMA contraction): per token o = o + y * w from 0 in slot order, product rounded
+// before the add — MLX's (y * w).sum(-2); NaN rows for tokens with an out-of-range index.
+void combine_rows(const float* y, const uint32_t* idx, const float* wts, float* out, int tokens, int k, int n,
+                  long experts) {
+  parallel_items(size_t(tokens), [&](size_t t) {
+    float* o = out + t * n;
+    if (!indices_ok(idx + t * k, k, experts)) {
+      std::fill(o, o + n, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    std::fill(o, o + n, 0.0f);
+    for (int j = 0; j < k; ++j) {
+      const float* yj = y + (t * k + j) * n;
+      float w = wts[t * k + j];
+      for (int r = 0; r < n; ++r) o[r] = o[r] + yj[r] * w;
+    }
+  });
+}
+
 void run_combine(int bits, const float* h, const uint32_t* idx, const float* wts, float* out, int tokens, int k, int K,
                  int gs, const ExpertMats& down) {
   int n = int(down.rows);
@@ -267,19 +287,7 @@ void run_combine(int bits, const float* h, const uint32_t* idx, const float* wts
   for_groups_and_chunks(g, n, [&](uint32_t e, uint32_t tj, int r0, int r1) {
     qmv_rows(bits, h + size_t(tj) * K, down.at(e), r0, r1, K, gs, y.data() + size_t(tj) * n + r0);
   });
-  parallel_items(size_t(tokens), [&](size_t t) {
-    float* o = out + t * n;
-    if (!indices_ok(idx + t * k, k, down.experts)) {
-      std::fill(o, o + n, std::numeric_limits<float>::quiet_NaN());
-      return;
-    }
-    std::fill(o, o + n, 0.0f);
-    for (int j = 0; j < k; ++j) {
-      const float* yj = y.data() + (t * k + j) * n;
-      float w = wts[t * k + j];
-      for (int r = 0; r < n; ++r) o[r] = o[r] + yj[r] * w;
-    }
-  });
+  combine_rows(y.data(), idx, wts, out, tokens, k, n, down.experts);
 }
 
 // ---- fast (validated) paths: the same work split, rows from qmv_fast_rows ----
@@ -373,19 +381,7 @@ void run_combine_fast(int bits, const float* h, const uint32_t* idx, const float
     for (size_t i = 0; i < cnt; ++i)
       std::copy(yv + i * CHUNK, yv + i * CHUNK + (r1 - r0), y.data() + size_t(g.slots[b + i]) * n + r0);
   });
-  parallel_items(size_t(tokens), [&](size_t t) {
-    float* o = out + t * n;
-    if (!indices_ok(idx + t * k, k, down.experts)) {
-      std::fill(o, o + n, std::numeric_limits<float>::quiet_NaN());
-      return;
-    }
-    std::fill(o, o + n, 0.0f);
-    for (int j = 0; j < k; ++j) {
-      const float* yj = y.data() + (t * k + j) * n;
-      float w = wts[t * k + j];
-      for (int r = 0; r < n; ++r) o[r] += yj[r] * w;
-    }
-  });
+  combine_rows(y.data(), idx, wts, out, tokens, k, n, down.experts);
 }
 
 void run_linear_fast(int bits, const float* x, const ZmlxQMat& m, float* o, int tokens, int K, int n, int gs) {

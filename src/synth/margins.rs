@@ -70,22 +70,7 @@ pub fn measure(dir: &Path, seed: u64, positions: usize) -> Result<Margins> {
     let mut caches = model.new_cache();
     let logits = model.forward(&tokens, &mut caches)?.as_dtype(Dtype::Float32)?;
     logits.eval()?;
-    let all = logits.as_slice::<f32>();
-    let mut gaps: Vec<f64> = all
-        .chunks(v as usize)
-        .map(|row| {
-            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-            for &x in row {
-                if x > a {
-                    b = a;
-                    a = x;
-                } else if x > b {
-                    b = x;
-                }
-            }
-            (a - b) as f64
-        })
-        .collect();
+    let mut gaps = crate::validate::top2_gaps(&logits)?;
     gaps.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| gaps[((gaps.len() - 1) as f64 * p).round() as usize];
     Ok(Margins { positions: gaps.len(), median: q(0.5), p10: q(0.1), p90: q(0.9), min: gaps[0] })
