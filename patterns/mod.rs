@@ -21,6 +21,7 @@ pub mod deepseek_router;
 pub mod downproj_combine;
 pub mod fast;
 pub mod glm47_rope;
+pub mod gqa_attention;
 pub mod moe_mlp;
 pub mod qmv_linear;
 pub mod swiglu_mlp;
@@ -254,6 +255,7 @@ pub fn registry() -> Vec<Box<dyn Pattern>> {
         Box::new(downproj_combine::DownprojCombine),
         Box::new(fast::DownprojCombineFast),
         Box::new(glm47_rope::Glm47Rope),
+        Box::new(gqa_attention::GqaAttentionPattern),
         Box::new(qmv_linear::QmvLinear),
         Box::new(fast::QmvLinearFast),
         Box::new(debug_drop_expert::DebugDropExpert),

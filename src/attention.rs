@@ -75,13 +75,18 @@ impl GqaAttention {
     }
 }
 
-impl AttentionSlot for GqaAttention {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        let (b, l) = (x.dim(0), x.dim(1));
-        let heads = |a: Array, h: i32| a.reshape(&[b, l, h, -1]);
-        let mut q = heads(self.q_proj.forward(x)?, self.n_heads)?;
-        let mut k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?.transpose_axes(&[0, 2, 1, 3])?;
+/// The attention core after the projections: `q` `[B, L, Hq·D]`, `k`, `v` `[B, L, Hk·D]` →
+/// `[B, L, Hq·D]` for `o_proj`, updating the cache (the `gqa_attention` pattern swaps it).
+pub type GqaCore<'a> = &'a dyn Fn(&Array, &Array, &Array, &mut KvCache) -> Result<Array>;
+
+impl GqaAttention {
+    /// The stock core: per-head norms, RoPE, cache update, SDPA (mlx-lm's op order).
+    pub fn stock_core(&self, q: &Array, k: &Array, v: &Array, cache: &mut KvCache) -> Result<Array> {
+        let (b, l) = (q.dim(0), q.dim(1));
+        let heads = |a: &Array, h: i32| a.reshape(&[b, l, h, -1]);
+        let mut q = heads(q, self.n_heads)?;
+        let mut k = heads(k, self.n_kv_heads)?;
+        let v = heads(v, self.n_kv_heads)?.transpose_axes(&[0, 2, 1, 3])?;
         if let Some((qn, kn)) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -92,18 +97,36 @@ impl AttentionSlot for GqaAttention {
         // mlx-lm: the string mask "causal" for L > 1, none for a single token.
         let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
         let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
-        let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
-        self.o_proj.forward(&o)
+        Ok(o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
     }
 
-    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
-        Some(Rc::new(GqaAttention {
+    /// The attention with a replaceable core.
+    pub fn forward_with(&self, x: &Array, cache: &mut KvCache, core: GqaCore) -> Result<Array> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        self.o_proj.forward(&core(&q, &k, &v, cache)?)
+    }
+
+    /// A copy with each dense projection replaced by `f(projection)`.
+    pub fn map_linears(&self, f: MapLinears) -> GqaAttention {
+        GqaAttention {
             q_proj: f(&self.q_proj),
             k_proj: f(&self.k_proj),
             v_proj: f(&self.v_proj),
             o_proj: f(&self.o_proj),
             ..self.clone()
-        }))
+        }
+    }
+}
+
+impl AttentionSlot for GqaAttention {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        self.forward_with(x, cache, &|q, k, v, c| self.stock_core(q, k, v, c))
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
+        Some(Rc::new(self.map_linears(f)))
     }
 
     fn as_any(&self) -> &dyn Any {

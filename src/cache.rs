@@ -1,7 +1,7 @@
 //! mlx-lm's KVCache: buffers grown in steps of 256 positions, written in place.
 use anyhow::Result;
 use mlx_rs::ops::indexing::{Ellipsis, TryIndexMutOp, TryIndexOp};
-use mlx_rs::{ops, Array};
+use mlx_rs::{ops, Array, Dtype};
 
 const STEP: i32 = 256;
 
@@ -18,28 +18,54 @@ impl KvCache {
     pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
         let prev = self.offset;
         let l = keys.dim(2);
-        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
-        if self.keys.is_none() || prev + l > capacity {
-            let n_steps = (STEP + l - 1) / STEP;
-            let grow = |cur: Option<&Array>, new: &Array| -> Result<Array> {
-                let (b, h, d) = (new.dim(0), new.dim(1), new.dim(3));
-                let fresh = ops::zeros_dtype(&[b, h, n_steps * STEP, d], new.dtype())?;
-                Ok(match cur {
-                    None => fresh,
-                    Some(c) => {
-                        let c = if prev % STEP != 0 { c.try_index((Ellipsis, ..prev, ..))? } else { c.clone() };
-                        ops::concatenate(&[c, fresh], 2)?
-                    }
-                })
-            };
-            self.keys = Some(grow(self.keys.as_ref(), keys)?);
-            self.values = Some(grow(self.values.as_ref(), values)?);
-        }
+        self.reserve(
+            l,
+            [keys.dim(0), keys.dim(1), keys.dim(3)],
+            [values.dim(0), values.dim(1), values.dim(3)],
+            (keys.dtype(), values.dtype()),
+        )?;
         self.offset += l;
         let (k, v) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
         k.try_index_mut((Ellipsis, prev..self.offset, ..), keys)?;
         v.try_index_mut((Ellipsis, prev..self.offset, ..), values)?;
         Ok((k.try_index((Ellipsis, ..self.offset, ..))?, v.try_index((Ellipsis, ..self.offset, ..))?))
+    }
+
+    /// Makes room for `l` more positions (mlx-lm's growth: whole steps of 256, the used part of
+    /// the old buffer kept) for keys `[B, H, ·, Dk]` and values `[B, H, ·, Dv]` (`[B, H, Dk]`,
+    /// `[B, H, Dv]` given) of the given dtypes.
+    pub fn reserve(&mut self, l: i32, k_bhd: [i32; 3], v_bhd: [i32; 3], dtypes: (Dtype, Dtype)) -> Result<()> {
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+        if self.keys.is_some() && prev + l <= capacity {
+            return Ok(());
+        }
+        let n_steps = (STEP + l - 1) / STEP;
+        let grow = |cur: Option<&Array>, [b, h, d]: [i32; 3], dtype: Dtype| -> Result<Array> {
+            let fresh = ops::zeros_dtype(&[b, h, n_steps * STEP, d], dtype)?;
+            Ok(match cur {
+                None => fresh,
+                Some(c) => {
+                    let c = if prev % STEP != 0 { c.try_index((Ellipsis, ..prev, ..))? } else { c.clone() };
+                    ops::concatenate(&[c, fresh], 2)?
+                }
+            })
+        };
+        self.keys = Some(grow(self.keys.as_ref(), k_bhd, dtypes.0)?);
+        self.values = Some(grow(self.values.as_ref(), v_bhd, dtypes.1)?);
+        Ok(())
+    }
+
+    /// The key and value buffers `[B, H, capacity, D]` (after [`reserve`](Self::reserve)).
+    pub fn buffers(&self) -> Option<(&Array, &Array)> {
+        Some((self.keys.as_ref()?, self.values.as_ref()?))
+    }
+
+    /// Installs buffers that a fused kernel wrote `l` new positions into (at `offset`).
+    pub fn commit(&mut self, keys: Array, values: Array, l: i32) {
+        self.keys = Some(keys);
+        self.values = Some(values);
+        self.offset += l;
     }
 
     /// Arrays to evaluate after a prefill chunk.

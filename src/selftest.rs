@@ -7,7 +7,8 @@ use mlx_rs::Dtype;
 
 pub use crate::kernels::check::{claims_exact, CaseResult};
 use crate::kernels::{
-    self, moe_combine, moe_router, qmv_combine, qmv_linear, qmv_swiglu, rope_decode, sigmoid_router, swiglu,
+    self, gqa_attention, moe_combine, moe_router, qmv_combine, qmv_linear, qmv_swiglu, rope_decode, sigmoid_router,
+    swiglu,
 };
 
 pub fn run() -> Result<Vec<CaseResult>> {
@@ -40,6 +41,7 @@ fn decode_kernels(out: &mut Vec<CaseResult>) -> Result<()> {
             qmv_linear::selftest(dt, bits, out)?;
         }
         rope_decode::selftest(dt, out)?;
+        gqa_attention::selftest(dt, out)?;
     }
     Ok(())
 }

@@ -23,6 +23,7 @@
 #include "mlx/c/private/stream.h"
 
 #include "zmlx_common.h"
+#include "zmlx_rope.h"
 
 namespace mx = mlx::core;
 namespace dt = mlx::core::detail;
@@ -52,28 +53,17 @@ template <typename T>
 void rope_rows(const mx::array& x, T* out, const RopeParams& p, const std::vector<float>& inv_freq, bool scale_q) {
   int B = x.shape(0), H = x.shape(1), L = x.shape(2), R = x.shape(3), half = p.dims / 2;
   T ms = static_cast<T>(p.mscale), qs = static_cast<T>(p.q_scale);
-  std::vector<T> cs(half), sn(half), row(R);
+  std::vector<T> cs(half), sn(half);
   for (int t = 0; t < L; ++t) {
-    float pos = dt::Multiply{}(dt::Add{}(static_cast<float>(t), static_cast<float>(p.offset)), p.scale);
-    for (int i = 0; i < half; ++i) {
-      float theta = dt::Multiply{}(pos, inv_freq[i]);
-      cs[i] = static_cast<T>(dt::Cos{}(theta));
-      sn[i] = static_cast<T>(dt::Sin{}(theta));
-    }
+    zmlx_rope::cos_sin<T>(t, p.offset, p.scale, inv_freq, cs.data(), sn.data());
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h) {
+        T* o = out + ((size_t(b) * H + h) * L + t) * R;
         for (int i = 0; i < R; ++i) {
           T v = at4<T>(x, b, h, t, i);
-          row[i] = p.has_mscale ? dt::Multiply{}(v, ms) : v;
+          o[i] = p.has_mscale ? dt::Multiply{}(v, ms) : v;
         }
-        T* o = out + ((size_t(b) * H + h) * L + t) * R;
-        for (int i = 0; i < half; ++i) {
-          int i1 = p.traditional ? 2 * i : i, i2 = p.traditional ? 2 * i + 1 : i + half;
-          T x1 = row[i1], x2 = row[i2];
-          o[i1] = dt::Subtract{}(dt::Multiply{}(x1, cs[i]), dt::Multiply{}(x2, sn[i]));
-          o[i2] = dt::Add{}(dt::Multiply{}(x1, sn[i]), dt::Multiply{}(x2, cs[i]));
-        }
-        for (int i = p.dims; i < R; ++i) o[i] = row[i];
+        zmlx_rope::rotate_row<T>(o, p.dims, p.traditional, cs.data(), sn.data());
         if (scale_q)
           for (int i = 0; i < R; ++i) o[i] = dt::Multiply{}(o[i], qs);
       }
@@ -87,15 +77,8 @@ class RopeDecode : public mx::Primitive {
     for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.dispatch([in, qo = outs[0], ko = outs[1], p = p_]() mutable {
-      int half = p.dims / 2;
-      std::vector<float> inv(half);
-      if (p.has_freqs) {
-        const float* f = in[2].data<float>();
-        for (int i = 0; i < half; ++i) inv[i] = dt::Divide{}(1.0f, f[i * in[2].strides()[0]]);
-      } else {
-        float c = std::log(p.base) / half;
-        for (int i = 0; i < half; ++i) inv[i] = dt::Exp{}(dt::Multiply{}(static_cast<float>(-i), c));
-      }
+      auto inv = zmlx_rope::inv_freq(p.dims, p.base, p.has_freqs ? in[2].data<float>() : nullptr,
+                                     p.has_freqs ? long(in[2].strides()[0]) : 1);
       auto run = [&]<typename T>() {
         rope_rows<T>(in[0], qo.data<T>(), p, inv, true);
         rope_rows<T>(in[1], ko.data<T>(), p, inv, false);

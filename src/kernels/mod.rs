@@ -14,6 +14,7 @@
 //! | `qmv_swiglu` | `zmlx_cpu_qmv_swiglu` (zmlx_qmv.cpp + qmv_rows.inc) | `qmv_swiglu.cu` / `.metal` |
 //! | `qmv_combine` | `zmlx_cpu_qmv_combine` (zmlx_qmv.cpp + qmv_rows.inc) | `qmv_combine.cu` / `.metal` |
 //! | `qmv_linear` | `zmlx_cpu_qmv_linear` (zmlx_qmv.cpp + qmv_rows.inc) | none (CPU only) |
+//! | `gqa_attention` | `zmlx_cpu_gqa_attention` (zmlx_attention.cpp) | none (CPU only) |
 //! | `rope_decode` | `zmlx_cpu_rope_decode` (zmlx_rope.cpp) | `rope_decode.cu` / `.metal` |
 //!
 //! Layering: kernels depend on the stock layers (for the references and the weight types),
@@ -29,6 +30,7 @@
 //! `crate::selftest::run`, and its claim in `check::claims_exact`.
 pub mod check;
 pub mod gpu;
+pub mod gqa_attention;
 pub mod moe_combine;
 pub mod moe_router;
 pub mod qmv_combine;

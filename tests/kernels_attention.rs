@@ -1,0 +1,111 @@
+//! `gqa_attention` vs the stock core (qk-norm, mx.fast.rope, KV-cache update, SDPA) on the CPU:
+//! outputs and cache contents bit-identical over prefill, chunked prefill and decode steps —
+//! GQA ratios 8:1 and 1:1, with and without qk-norm, half-split and traditional, full and
+//! partial rotation, explicit frequencies, linear position scaling, growth past the cache's
+//! 256-position step, extreme activations — and a mixed run (stock and fused steps on one
+//! cache); bad inputs are errors, not panics.
+mod common;
+
+use common::mlx_lock;
+use mlx_rs::{ops, Array, Dtype};
+use zmlx::cache::KvCache;
+use zmlx::kernels::check::rand;
+use zmlx::kernels::gqa_attention::{gqa_attention, gqa_attention_reference, random_attention, run_both};
+use zmlx::nn::Rope;
+
+fn bit_equal(a: &Array, b: &Array) -> bool {
+    a.shape() == b.shape() && a.dtype() == b.dtype() && ops::array_eq(a, b, true).unwrap().item_cast::<bool>()
+}
+
+fn check(hq: i32, hk: i32, d: i32, norm: bool, rope: Rope, steps: &[i32], what: &str) {
+    let a = random_attention(hq, hk, d, norm, rope).unwrap();
+    let (want, got) = run_both(&a, steps, 7).unwrap();
+    assert_eq!(want.len(), got.len());
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let part = if i < steps.len() { format!("step {i} output") } else { format!("cache {}", i - steps.len()) };
+        assert!(bit_equal(w, g), "{what}: {part} differs");
+    }
+}
+
+#[test]
+fn gqa_attention_bit_exact() {
+    let _g = mlx_lock();
+    check(32, 4, 128, true, Rope::plain(128, false, 1e6), &[17, 1, 1, 1, 1], "qwen3 shape");
+    check(8, 8, 64, false, Rope::plain(64, false, 1e4), &[5, 3, 1], "MHA, chunked prefill");
+    check(8, 2, 128, true, Rope::plain(64, false, 1e4), &[6, 1, 1], "partial rotation (GLM-4.5)");
+    check(4, 1, 64, false, Rope::plain(64, true, 1e4), &[3, 1, 1], "traditional");
+    let scaled = Rope { scale: 0.25, ..Rope::plain(64, false, 5e5) };
+    check(4, 2, 64, true, scaled, &[4, 1], "linear position scaling");
+    let freqs = ops::arange::<_, f32>(1.0, 33.0, None).unwrap().multiply(Array::from_f32(3.0)).unwrap();
+    let with_freqs = Rope { freqs: Some(freqs), ..Rope::plain(64, false, 1e4) };
+    check(4, 2, 64, false, with_freqs, &[2, 1], "explicit frequencies");
+    // 250 + 10 crosses the 256 step mid-chunk; decode continues in the grown buffer.
+    check(4, 2, 32, true, Rope::plain(32, false, 1e4), &[250, 10, 1, 1], "growth past 256");
+}
+
+#[test]
+fn gqa_attention_mixed_with_stock_steps() {
+    let _g = mlx_lock();
+    // A cache written by the stock core, then the kernel, then stock again (a pattern falls
+    // back per call): the fused steps must leave exactly the stock cache behind.
+    let a = random_attention(8, 2, 64, true, Rope::plain(64, false, 1e4)).unwrap();
+    let (mut stock, mut mixed) = (KvCache::default(), KvCache::default());
+    for (i, l) in [7, 1, 1, 2, 1].into_iter().enumerate() {
+        let s = 40 + 3 * i as u64;
+        let q = rand(&[1, l, 8 * 64], s, 3.0, Dtype::Float32).unwrap();
+        let k = rand(&[1, l, 2 * 64], s + 1, 3.0, Dtype::Float32).unwrap();
+        let v = rand(&[1, l, 2 * 64], s + 2, 1.0, Dtype::Float32).unwrap();
+        let w = gqa_attention_reference(&a, &q, &k, &v, &mut stock).unwrap();
+        let g = if i % 2 == 1 {
+            gqa_attention(&a, &q, &k, &v, &mut mixed).unwrap()
+        } else {
+            gqa_attention_reference(&a, &q, &k, &v, &mut mixed).unwrap()
+        };
+        assert!(bit_equal(&w, &g), "step {i} differs");
+    }
+    let (sk, sv) = stock.buffers().unwrap();
+    let (mk, mv) = mixed.buffers().unwrap();
+    use mlx_rs::ops::indexing::{Ellipsis, TryIndexOp};
+    let n = stock.offset;
+    assert_eq!(n, mixed.offset);
+    assert!(bit_equal(&sk.try_index((Ellipsis, ..n, ..)).unwrap(), &mk.try_index((Ellipsis, ..n, ..)).unwrap()));
+    assert!(bit_equal(&sv.try_index((Ellipsis, ..n, ..)).unwrap(), &mv.try_index((Ellipsis, ..n, ..)).unwrap()));
+}
+
+#[test]
+fn gqa_attention_extreme_values() {
+    let _g = mlx_lock();
+    // Large activations (scores in the thousands: softmax saturates to one key) and tiny ones.
+    let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();
+    for scale in [300.0f32, 1e-20] {
+        let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
+        for (i, l) in [5, 1].into_iter().enumerate() {
+            let f = |shape: &[i32], s: u64| {
+                rand(shape, s, 1.0, Dtype::Float32).unwrap().multiply(Array::from_f32(scale)).unwrap()
+            };
+            let (q, k, v) =
+                (f(&[1, l, 256], 60 + i as u64), f(&[1, l, 128], 70 + i as u64), f(&[1, l, 128], 80 + i as u64));
+            let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
+            let g = gqa_attention(&a, &q, &k, &v, &mut cg).unwrap();
+            assert!(bit_equal(&w, &g), "scale {scale} step {i} differs");
+        }
+    }
+}
+
+#[test]
+fn gqa_attention_bad_inputs() {
+    let _g = mlx_lock();
+    let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();
+    let q = rand(&[1, 1, 256], 1, 1.0, Dtype::Float32).unwrap();
+    let k = rand(&[1, 1, 128], 2, 1.0, Dtype::Float32).unwrap();
+    // Wrong head count in k.
+    let bad_k = rand(&[1, 1, 96], 3, 1.0, Dtype::Float32).unwrap();
+    let e = gqa_attention(&a, &q, &bad_k, &bad_k, &mut KvCache::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("gqa_attention"), "{e:#}");
+    // Half precision is refused (the stock core runs those calls).
+    let e = gqa_attention(&a, &q.as_dtype(Dtype::Bfloat16).unwrap(), &k, &k, &mut KvCache::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("float32"), "{e:#}");
+    // Rank errors.
+    let e = gqa_attention(&a, &q.reshape(&[256]).unwrap(), &k, &k, &mut KvCache::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("[B, L, H*D]"), "{e:#}");
+}
