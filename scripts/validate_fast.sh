@@ -5,7 +5,8 @@
 # (space-separated directories, e.g. written by `zmlx synth --preset full`). Each run appends a
 # ledger line with the verdict and the teacher-forced logit max-abs / KL (`zmlx run`, validated
 # patterns always record them) and a capsule. Exit 1 if any run is not PASS.
-#   env: FAMILIES (all six), TOKENS (256), FULL (""), LEDGER (benchmarks/matrix-cpu.jsonl)
+#   env: FAMILIES (all six), TOKENS (256), FULL (""), LEDGER (benchmarks/matrix-cpu.jsonl),
+#   ZMLX_BIN (a built zmlx to use as is, e.g. a copy while the tree is being rebuilt)
 # Time on the 2-core VM: ~5 min per bench family (mostly the unpatched side), ~1 h per full-size
 # checkpoint. Not part of scripts/test.sh (tests/fast_fidelity.rs is its small-shape version).
 set -euo pipefail
@@ -16,8 +17,12 @@ LEDGER=${LEDGER:-benchmarks/matrix-cpu.jsonl}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 CAP=${CAPSULE_DIR:-repro_capsules/validate-fast-$STAMP}
 WORK=target/zmlx-bench
-Z=target/release/zmlx
-cargo build --release --quiet
+if [ -n "${ZMLX_BIN:-}" ]; then
+  Z=$ZMLX_BIN
+else
+  Z=target/release/zmlx
+  cargo build --release --quiet
+fi
 mkdir -p "$WORK" "$CAP"
 PROMPTS=(
   "Explain the key differences between TCP and UDP, with examples of protocols built on each."

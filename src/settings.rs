@@ -67,6 +67,7 @@ const KNOWN: &[Known] = &[
         check: any_path,
     },
     Known { name: "ZMLX_CROSS_RUST", accepts: "debian (scripts/cross_aarch64.sh)", check: cross_rust },
+    Known { name: "ZMLX_BIN", accepts: "a built zmlx binary (scripts/validate_fast.sh)", check: any_path },
     Known { name: "ZMLX_GPU_DIR", accepts: "the GPU staging directory (scripts/gpu/stage.sh)", check: any_path },
     // Build-time inputs (sys/mlx-sys/build.rs); harmless when set at run time.
     Known { name: "ZMLX_MLX_DIR", accepts: "an unpacked MLX wheel directory", check: any_path },

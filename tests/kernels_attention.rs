@@ -93,6 +93,23 @@ fn gqa_attention_extreme_values() {
 }
 
 #[test]
+fn gqa_attention_strided_inputs() {
+    let _g = mlx_lock();
+    // q, k, v as transposed views (not row-contiguous): packed inside the kernel, same bits.
+    let a = random_attention(4, 2, 32, true, Rope::plain(32, false, 1e4)).unwrap();
+    let view =
+        |n: i32, l: i32, s: u64| rand(&[1, n, l], s, 2.0, Dtype::Float32).unwrap().transpose_axes(&[0, 2, 1]).unwrap();
+    let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
+    for (i, l) in [6, 1].into_iter().enumerate() {
+        let s = 20 + 3 * i as u64;
+        let (q, k, v) = (view(128, l, s), view(64, l, s + 1), view(64, l, s + 2));
+        let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
+        let g = gqa_attention(&a, &q, &k, &v, &mut cg).unwrap();
+        assert!(bit_equal(&w, &g), "step {i} differs");
+    }
+}
+
+#[test]
 fn gqa_attention_bad_inputs() {
     let _g = mlx_lock();
     let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();

@@ -102,6 +102,25 @@ void need_contiguous(const mx::array& a, const char* what) {
     throw std::invalid_argument(std::string("zmlx gqa_attention: ") + what + " must be contiguous");
 }
 
+// x's elements in row-major order: its own buffer when contiguous (the projections' outputs and
+// loaded weights always are), else a packed copy in `tmp` (no graph op for the rare view).
+const float* packed(const mx::array& x, std::vector<float>& tmp) {
+  if (x.flags().row_contiguous) return x.data<float>();
+  tmp.resize(x.size());
+  const float* p = x.data<float>();
+  std::vector<int> idx(x.ndim(), 0);
+  for (size_t n = 0; n < x.size(); ++n) {
+    long off = 0;
+    for (size_t d = 0; d < idx.size(); ++d) off += long(idx[d]) * x.strides()[d];
+    tmp[n] = p[off];
+    for (int d = int(idx.size()) - 1; d >= 0; --d) {
+      if (++idx[d] < x.shape(d)) break;
+      idx[d] = 0;
+    }
+  }
+  return tmp.data();
+}
+
 // inputs: cache [B, H, cap, D], x [B, L, H*D], norm weight [D] (or a scalar), freqs [dims/2]
 // (when rope.has_freqs). output: the cache with x's rows (normed and rotated when `rotate`) at
 // positions offset..offset+L-1: the input's buffer when MLX may donate it, else a copy.
@@ -121,11 +140,11 @@ class KvWrite : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.dispatch([in, out, h = h_, r = r_, rotate = rotate_]() mutable {
       const auto& x = in[1];
-      need_contiguous(x, "k and v");
       int B = x.shape(0), L = x.shape(1), cap = out.shape(2), D = h.d;
       std::optional<Angles> ang;
       if (rotate) ang.emplace(r, L, h.offset, r.has_freqs ? &in[3] : nullptr);
-      const float *src = x.data<float>(), *w = in[2].data<float>();
+      std::vector<float> tx, tw;
+      const float *src = packed(x, tx), *w = packed(in[2], tw);
       float* dst = out.data<float>();
       zmlx_pool::parallel_items(size_t(B) * L * h.heads, [&](size_t it) {
         int hh = int(it % h.heads), t = int(it / h.heads % L), b = int(it / h.heads / L);
@@ -163,13 +182,16 @@ class GqaAttend : public mx::UnaryPrimitive {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.dispatch([in, out, h = h_, r = r_, hk = hk_, scale = scale_]() mutable {
-      for (int i = 0; i < 3; ++i) need_contiguous(in[i], "q and the KV cache");
+      need_contiguous(in[1], "the KV cache");
+      need_contiguous(in[2], "the KV cache");
       const auto& xq = in[0];
       int B = xq.shape(0), L = xq.shape(1), cap = in[1].shape(2), D = h.d, hq = h.heads, rep = hq / hk;
       int kl = h.offset + L;
       bool causal = L > 1;
       Angles ang(r, L, h.offset, r.has_freqs ? &in[4] : nullptr);
-      const float *qs = xq.data<float>(), *kc = in[1].data<float>(), *vc = in[2].data<float>(), *w = in[3].data<float>();
+      std::vector<float> tq, tw;
+      const float *qs = packed(xq, tq), *w = packed(in[3], tw);
+      const float *kc = in[1].data<float>(), *vc = in[2].data<float>();
       float* o = out.data<float>();
       const float lowest = std::numeric_limits<float>::lowest();
       zmlx_pool::parallel_items(size_t(B) * L * hq, [&](size_t it) {
@@ -258,7 +280,7 @@ extern "C" int zmlx_cpu_gqa_attention(mlx_array* o_out, mlx_array* kc_out, mlx_a
     auto f32 = [&](const mlx_array a, int n) {
       auto x = mx::astype(mlx_array_get_(a), mx::float32, st);
       if (x.ndim() != 1 || x.shape(0) != n) bad("norm weights must be [head_dim], freqs [rope_dims / 2]");
-      return mx::contiguous(x, false, st);
+      return x;
     };
     auto one = mx::array(1.0f);
     RopeP r{rope_dims, traditional, base, rope_scale, has_freqs};
@@ -268,15 +290,14 @@ extern "C" int zmlx_cpu_gqa_attention(mlx_array* o_out, mlx_array* kc_out, mlx_a
       v.insert(v.end(), fr.begin(), fr.end());
       return v;
     };
-    auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
     HeadP kh{n_kv_heads, head_dim, offset, has_norm, eps};
     auto kc1 = mx::array(kc0.shape(), mx::float32, std::make_shared<KvWrite>(st, kh, r, true),
-                         with({kc0, c(k0), has_norm ? f32(k_norm, head_dim) : one}));
-    auto vc1 = mx::array(vc0.shape(), mx::float32, std::make_shared<KvWrite>(st, kh, r, false), {vc0, c(v0), one});
+                         with({kc0, k0, has_norm ? f32(k_norm, head_dim) : one}));
+    auto vc1 = mx::array(vc0.shape(), mx::float32, std::make_shared<KvWrite>(st, kh, r, false), {vc0, v0, one});
     HeadP qh{n_heads, head_dim, offset, has_norm, eps};
     auto o = mx::array(mx::Shape{B, L, n_heads * head_dim}, mx::float32,
                        std::make_shared<GqaAttend>(st, qh, r, n_kv_heads, scale),
-                       with({c(q0), kc1, vc1, has_norm ? f32(q_norm, head_dim) : one}));
+                       with({q0, kc1, vc1, has_norm ? f32(q_norm, head_dim) : one}));
     mlx_array_set_(*o_out, o);
     mlx_array_set_(*kc_out, kc1);
     mlx_array_set_(*vc_out, vc1);
