@@ -1,7 +1,7 @@
 """Convert a zmlx-synthesized checkpoint (mlx-community layout: stacked `switch_mlp` experts, MLX
 affine quantization, bf16 scales/biases) into a GGUF that llama.cpp runs, with the same tokenizer.
 
-usage: python to_gguf.py CKPT_DIR OUT.gguf --type q4_1|q4_0|f16 [--verify] [--verify-json FILE]
+usage: python to_gguf.py CKPT_DIR OUT.gguf --type q4_1|q4_0|f16 [--verify] [--verify-json FILE] [--temp-file]
 
 Families: qwen3_moe (GGUF arch `qwen3moe`) and mixtral (arch `llama` with experts; q/k rows
 permuted to llama.cpp's interleaved RoPE, as convert_hf_to_gguf.py does).
@@ -183,7 +183,7 @@ def convert(a):
     hd = cfg.get("head_dim") or d // nh
     tmap = gguf.get_tensor_name_map(F["arch"], L)
     arch_name = gguf.MODEL_ARCH_NAMES[F["arch"]]
-    w = gguf.GGUFWriter(a.out, arch_name)
+    w = gguf.GGUFWriter(a.out, arch_name, use_temp_file=a.temp_file)
     w.add_name(f"zmlx synth {fam} ({(cfg.get('zmlx_synth') or {}).get('preset', '?')}) {a.type}")
     w.add_context_length(cfg.get("max_position_embeddings", 32768))
     w.add_embedding_length(d)
@@ -322,6 +322,8 @@ def main():
     ap.add_argument("--type", required=True, choices=["q4_0", "q4_1", "f16"])
     ap.add_argument("--verify", action="store_true", help="dequantize every tensor back and compare with MLX's")
     ap.add_argument("--verify-json", help="write the per-tensor comparison here")
+    ap.add_argument("--temp-file", action="store_true",
+                    help="spool tensor data through a temp file (in $TMPDIR) instead of memory: full-size checkpoints")
     a = ap.parse_args()
     rep, plan, st = convert(a)
     if a.verify:

@@ -179,11 +179,12 @@ class GqaAttend : public mx::UnaryPrimitive {
   GqaAttend(mx::Stream s, HeadP h, RopeP r, int hk, float scale)
       : mx::UnaryPrimitive(s), h_(h), r_(r), hk_(hk), scale_(scale) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    // Checked here, not in the dispatched task: an exception there would end the process.
+    need_contiguous(in[1], "the KV cache");
+    need_contiguous(in[2], "the KV cache");
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.dispatch([in, out, h = h_, r = r_, hk = hk_, scale = scale_]() mutable {
-      need_contiguous(in[1], "the KV cache");
-      need_contiguous(in[2], "the KV cache");
       const auto& xq = in[0];
       int B = xq.shape(0), L = xq.shape(1), cap = in[1].shape(2), D = h.d, hq = h.heads, rep = hq / hk;
       int kl = h.offset + L;
