@@ -8,6 +8,9 @@
 #   benchmarks/llamacpp/build.sh, `llama-bench` with the same threads, PROMPT_TOKENS prefill and
 #   GEN_TOKENS decode at that depth). Tokens of safe/fast are compared with mlx-lm's.
 # Writes repro_capsules/full-cpu-<family>-<stamp>/ (raw JSON per side, /usr/bin/time -v, table.md).
+# Page cache: zmlx maps the safetensors files, so a side that starts after mlx-lm (whose 19 GB
+# of copies evict the cache on a 23 GB machine) would time disk reads; the files are read once
+# before each zmlx side (`cat > /dev/null`), so the zmlx rows time the kernels, not the disk.
 #   env: CKPT (target/zmlx-full/qwen3_moe-q4; synthesized with `zmlx synth --preset full` when
 #   missing: ~17 GB, ~70 s), PROMPT_TOKENS (32), GEN_TOKENS (16), THREADS (`nproc`), LLAMACPP (1),
 #   MLXLM (1; 0 skips mlx-lm, ~2 min at 0.3 tok/s), LEDGER (benchmarks/matrix-cpu.jsonl).
@@ -59,13 +62,16 @@ if [ "$MLXLM" = 1 ]; then
     --max-tokens "$GEN_TOKENS" --warmup 0 2>/dev/null > "$CAP/mlx_lm.json"
   side mlx_lm "$CAP/mlx_lm.json"
 fi
+warm_cache() { cat "$CKPT"/*.safetensors > /dev/null; }
 for p in safe fast; do
   echo "[full] zmlx --patterns $p"
+  warm_cache
   /usr/bin/time -v -o "$CAP/generate-$p.time" $Z generate --model "$CKPT" --prompt "$(cat "$CAP/prompt.txt")" \
     --max-tokens "$GEN_TOKENS" --ignore-eos --json --patterns "$p" > "$CAP/generate-$p.json"
   side "zmlx_$p" "$CAP/generate-$p.json"
 done
 echo "[full] zmlx run --patterns fast (vs unpatched in one process; ledger line)"
+warm_cache
 set +e
 $Z run "$CKPT" --patterns fast --runs 1 --max-tokens "$GEN_TOKENS" --ignore-eos --warmup 0 \
   --prompt-file "$CAP/prompt.txt" --notes "full_size.sh: full-size $FAM 4-bit, $GEN_TOKENS tokens, threads $THREADS" \
