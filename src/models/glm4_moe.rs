@@ -127,6 +127,6 @@ impl ModelFamily for Glm4Moe {
 
     /// moe_mlp stays for its combine kernel; the router is deepseek_router's.
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "deepseek_router", "downproj_combine", "qmv_linear", "gqa_attention"]
+        vec!["swiglu_mlp", "moe_mlp", "deepseek_router", "downproj_combine", "gqa_attention", "qmv_linear"]
     }
 }

@@ -127,6 +127,6 @@ impl ModelFamily for Qwen2Moe {
     }
 
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "downproj_combine", "qmv_linear", "gqa_attention"]
+        vec!["swiglu_mlp", "moe_mlp", "downproj_combine", "gqa_attention", "qmv_linear"]
     }
 }

@@ -138,6 +138,6 @@ impl ModelFamily for Qwen3Moe {
     }
 
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "downproj_combine", "qmv_linear", "gqa_attention"]
+        vec!["swiglu_mlp", "moe_mlp", "downproj_combine", "gqa_attention", "qmv_linear"]
     }
 }
