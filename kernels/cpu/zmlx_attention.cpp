@@ -205,16 +205,25 @@ class GqaAttend : public mx::UnaryPrimitive {
         const float* K = kc + (size_t(b) * hk + g) * cap * D;
         const float* V = vc + (size_t(b) * hk + g) * cap * D;
         int last = causal ? h.offset + t : kl - 1;  // the last unmasked key
-        for (int n = 0; n < kl; ++n) {
-          if (n > last) {
-            s[n] = lowest;  // where(mask, s, finfo.min)
-            continue;
+        // Eight keys at a time, one per lane, each its own sequential sum over i (the order of
+        // the reference sgemm): vector lanes without reassociating any sum.
+        int n = 0;
+        for (; n + 8 <= last + 1; n += 8) {
+          float dot[8] = {};
+          const float* kr = K + size_t(n) * D;
+          for (int i = 0; i < D; ++i) {
+            float qi = q[i];
+            for (int j = 0; j < 8; ++j) dot[j] = dot[j] + kr[size_t(j) * D + i] * qi;
           }
+          for (int j = 0; j < 8; ++j) s[n + j] = dot[j];
+        }
+        for (; n <= last; ++n) {
           const float* kr = K + size_t(n) * D;
           float dot = 0.0f;
           for (int i = 0; i < D; ++i) dot = dot + kr[i] * q[i];
           s[n] = dot;
         }
+        for (n = last + 1; n < kl; ++n) s[n] = lowest;  // where(mask, s, finfo.min)
         simd::Simd<float, 1> m(-std::numeric_limits<float>::infinity());
         for (int n = 0; n < kl; ++n) m = simd::maximum(simd::Simd<float, 1>(s[n]), m);
         float norm = 0.0f;
