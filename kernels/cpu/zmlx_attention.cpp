@@ -102,25 +102,6 @@ void need_contiguous(const mx::array& a, const char* what) {
     throw std::invalid_argument(std::string("zmlx gqa_attention: ") + what + " must be contiguous");
 }
 
-// x's elements in row-major order: its own buffer when contiguous (the projections' outputs and
-// loaded weights always are), else a packed copy in `tmp` (no graph op for the rare view).
-const float* packed(const mx::array& x, std::vector<float>& tmp) {
-  if (x.flags().row_contiguous) return x.data<float>();
-  tmp.resize(x.size());
-  const float* p = x.data<float>();
-  std::vector<int> idx(x.ndim(), 0);
-  for (size_t n = 0; n < x.size(); ++n) {
-    long off = 0;
-    for (size_t d = 0; d < idx.size(); ++d) off += long(idx[d]) * x.strides()[d];
-    tmp[n] = p[off];
-    for (int d = int(idx.size()) - 1; d >= 0; --d) {
-      if (++idx[d] < x.shape(d)) break;
-      idx[d] = 0;
-    }
-  }
-  return tmp.data();
-}
-
 // inputs: cache [B, H, cap, D], x [B, L, H*D], norm weight [D] (or a scalar), freqs [dims/2]
 // (when rope.has_freqs). output: the cache with x's rows (normed and rotated when `rotate`) at
 // positions offset..offset+L-1: the input's buffer when MLX may donate it, else a copy.
@@ -144,7 +125,7 @@ class KvWrite : public mx::UnaryPrimitive {
       std::optional<Angles> ang;
       if (rotate) ang.emplace(r, L, h.offset, r.has_freqs ? &in[3] : nullptr);
       std::vector<float> tx, tw;
-      const float *src = packed(x, tx), *w = packed(in[2], tw);
+      const float *src = zmlx_cpu::dense(x, tx), *w = zmlx_cpu::dense(in[2], tw);
       float* dst = out.data<float>();
       zmlx_pool::parallel_items(size_t(B) * L * h.heads, [&](size_t it) {
         int hh = int(it % h.heads), t = int(it / h.heads % L), b = int(it / h.heads / L);
@@ -191,7 +172,7 @@ class GqaAttend : public mx::UnaryPrimitive {
       bool causal = L > 1;
       Angles ang(r, L, h.offset, r.has_freqs ? &in[4] : nullptr);
       std::vector<float> tq, tw;
-      const float *qs = packed(xq, tq), *w = packed(in[3], tw);
+      const float *qs = zmlx_cpu::dense(xq, tq), *w = zmlx_cpu::dense(in[3], tw);
       const float *kc = in[1].data<float>(), *vc = in[2].data<float>();
       float* o = out.data<float>();
       const float lowest = std::numeric_limits<float>::lowest();

@@ -393,24 +393,7 @@ void run_linear_fast(int bits, const float* x, const ZmlxQMat& m, float* o, int 
   });
 }
 
-// A row-contiguous copy of a small, possibly strided input (activations, indices, weights).
-template <typename T>
-const T* dense(const mx::array& a, std::vector<T>& buf) {
-  if (a.flags().row_contiguous) return a.data<T>();
-  buf.resize(a.size());
-  std::vector<int> pos(a.ndim(), 0);
-  const T* src = a.data<T>();
-  for (size_t i = 0; i < a.size(); ++i) {
-    int64_t off = 0;
-    for (int d = 0; d < a.ndim(); ++d) off += int64_t(pos[d]) * a.strides()[d];
-    buf[i] = src[off];
-    for (int d = a.ndim() - 1; d >= 0; --d) {
-      if (++pos[d] < a.shape(d)) break;
-      pos[d] = 0;
-    }
-  }
-  return buf.data();
-}
+using zmlx_cpu::dense;
 
 // inputs: x [T, K] f32, idx [T, k] u32, wg, sg, bg, wu, su, bu  ->  h [T, k, N] f32
 class QmvSwiglu : public mx::UnaryPrimitive {
