@@ -17,6 +17,7 @@ const ARCH_ONLY: &[(&str, &str)] = &[
     ("qmv_fast_avx2.cpp", "x86_64"),
     ("qmv_fast_avx512.cpp", "x86_64"),
     ("qmv_fast_neon.cpp", "aarch64"),
+    ("attend_fast_avx2.cpp", "x86_64"),
 ];
 
 fn main() {
@@ -40,7 +41,8 @@ fn main() {
 
     let include = env::var("DEP_MLX_INCLUDE").expect("mlx-sys publishes its include dirs");
     let mut build = cc::Build::new();
-    // The `fast` (validated) row kernels may contract a*b+c into FMAs: a separate library.
+    // The `fast` (validated) kernels (qmv_fast*, attend_fast*) may contract a*b+c into FMAs: a
+    // separate library.
     let mut fast = cc::Build::new();
     fast.cpp(true).std("c++20").opt_level(3).pic(true).warnings(false).flag("-ffp-contract=fast").flag("-Wno-psabi");
     // -ffp-contract=off everywhere else: GCC contracts a*b+c into an FMA by default on aarch64 (and
@@ -67,7 +69,7 @@ fn main() {
             continue;
         }
         println!("cargo:rerun-if-changed={}", path.display());
-        if name.starts_with("qmv_fast") {
+        if name.starts_with("qmv_fast") || name.starts_with("attend_fast") {
             fast.file(path);
         } else {
             build.file(path);

@@ -1,6 +1,8 @@
-//! The `fast` (validated) twins of the quantized CPU kernel patterns: the same slot swaps as
+//! The `fast` (validated) twins of the CPU kernel patterns: the same slot swaps as
 //! `swiglu_mlp`, `downproj_combine` and `qmv_linear`, on the reassociated row kernels
-//! (kernels/cpu/qmv_fast.inc: per group `scale·Σq·x + bias·Σx`, several accumulators, FMA).
+//! (kernels/cpu/qmv_fast.inc: per group `scale·Σq·x + bias·Σx`, several accumulators, FMA),
+//! and as `gqa_attention` with the scores, softmax and weighted sum vectorised
+//! (kernels/cpu/attend_fast.inc: FMA dot products, a vector exp; the cache writes stay exact).
 //! Not bit-identical to MLX (float rounding differs, ~1e-6 relative per row), so class
 //! `validated`: token-identity to the unpatched model is shown over the validation suite by
 //! `zmlx validate --logits` (max-abs/KL of the logits in the ledger), tests/fast_fidelity.rs
@@ -15,6 +17,7 @@ use crate::model::Model;
 pub struct SwigluMlpFast;
 pub struct DownprojCombineFast;
 pub struct QmvLinearFast;
+pub struct GqaAttentionFast;
 
 static SWIGLU: PatternInfo = PatternInfo {
     name: "swiglu_mlp_fast",
@@ -55,6 +58,20 @@ static LINEAR: PatternInfo = PatternInfo {
     description: "qmv_linear on the fast (reassociated, FMA) quantized mat-vec: validated, not bit-exact",
 };
 
+static ATTENTION: PatternInfo = PatternInfo {
+    name: "gqa_attention_fast",
+    slot: SlotKind::Attention,
+    slots: &[SlotKind::Attention],
+    requires: &[],
+    conflicts: &["gqa_attention"],
+    families: &[Family::Mixtral, Family::Qwen2Moe, Family::Qwen3Moe, Family::Glm4Moe],
+    class: SafetyClass::Validated,
+    decode_only: false,
+    env: &["ZMLX_CPU_THREADS", "ZMLX_CPU_ISA"],
+    description:
+        "gqa_attention with vectorised scores/softmax/weighted sum (FMA, vector exp): validated, not bit-exact",
+};
+
 impl Pattern for SwigluMlpFast {
     fn info(&self) -> &'static PatternInfo {
         &SWIGLU
@@ -85,8 +102,19 @@ impl Pattern for QmvLinearFast {
     }
 }
 
+impl Pattern for GqaAttentionFast {
+    fn info(&self) -> &'static PatternInfo {
+        &ATTENTION
+    }
+
+    fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
+        super::gqa_attention::apply_with(&ATTENTION, KernelClass::Fast, model)
+    }
+}
+
 /// The exact pattern a fast one replaces in a preset (and back).
 pub const TWINS: &[(&str, &str)] = &[
+    ("gqa_attention", "gqa_attention_fast"),
     ("swiglu_mlp", "swiglu_mlp_fast"),
     ("downproj_combine", "downproj_combine_fast"),
     ("qmv_linear", "qmv_linear_fast"),

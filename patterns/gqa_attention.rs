@@ -17,7 +17,7 @@ use crate::attention::GqaAttention;
 use crate::cache::KvCache;
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::{self, gqa_attention as kernel};
+use crate::kernels::{self, gqa_attention as kernel, KernelClass};
 use crate::mlx_env::Backend;
 use crate::model::Model;
 use crate::slots::{AttentionSlot, MapLinears};
@@ -38,9 +38,11 @@ static INFO: PatternInfo = PatternInfo {
         "GQA attention core (qk-norm + RoPE + KV-cache write + SDPA) in three CPU kernel nodes, cache read in place",
 };
 
-/// The active GQA attention with the fused core.
+/// The active GQA attention with the fused core of `class` (counted under `pattern`).
 pub struct FusedGqa {
     pub inner: GqaAttention,
+    pub class: KernelClass,
+    pub pattern: &'static str,
 }
 
 impl AttentionSlot for FusedGqa {
@@ -48,16 +50,16 @@ impl AttentionSlot for FusedGqa {
         let a = &self.inner;
         a.forward_with(x, cache, &|q, k, v, c| {
             if let Some(why) = kernel::gqa_attention_unsupported(a, q) {
-                fallbacks::fallback(INFO.name, &why);
+                fallbacks::fallback(self.pattern, &why);
                 return a.stock_core(q, k, v, c);
             }
-            fallbacks::fused(INFO.name);
-            kernel::gqa_attention(a, q, k, v, c)
+            fallbacks::fused(self.pattern);
+            kernel::gqa_attention(a, q, k, v, c, self.class)
         })
     }
 
     fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
-        Some(Rc::new(FusedGqa { inner: self.inner.map_linears(f) }))
+        Some(Rc::new(FusedGqa { inner: self.inner.map_linears(f), class: self.class, pattern: self.pattern }))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -71,16 +73,22 @@ impl Pattern for GqaAttentionPattern {
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
-        Swaps::new(&INFO)
-            .attention(|active| {
-                if kernels::backend() != Backend::Cpu {
-                    return Swap::skip("CPU-only kernel (MLX's GPU SDPA is already fused)");
-                }
-                match active.as_any().downcast_ref::<GqaAttention>() {
-                    Some(g) => Swap::With(Rc::new(FusedGqa { inner: g.clone() })),
-                    None => Swap::skip("not grouped-query attention"),
-                }
-            })
-            .apply(model)
+        apply_with(&INFO, KernelClass::Exact, model)
     }
+}
+
+/// The swap of `gqa_attention` and of its fast twin (`patterns::fast`): the stock GQA core for
+/// the fused one of `class`.
+pub fn apply_with(info: &'static PatternInfo, class: KernelClass, model: &mut Model) -> Result<PatternOutcome> {
+    Swaps::new(info)
+        .attention(|active| {
+            if kernels::backend() != Backend::Cpu {
+                return Swap::skip("CPU-only kernel (MLX's GPU SDPA is already fused)");
+            }
+            match active.as_any().downcast_ref::<GqaAttention>() {
+                Some(g) => Swap::With(Rc::new(FusedGqa { inner: g.clone(), class, pattern: info.name })),
+                None => Swap::skip("not grouped-query attention"),
+            }
+        })
+        .apply(model)
 }

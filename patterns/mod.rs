@@ -256,6 +256,7 @@ pub fn registry() -> Vec<Box<dyn Pattern>> {
         Box::new(fast::DownprojCombineFast),
         Box::new(glm47_rope::Glm47Rope),
         Box::new(gqa_attention::GqaAttentionPattern),
+        Box::new(fast::GqaAttentionFast),
         Box::new(qmv_linear::QmvLinear),
         Box::new(fast::QmvLinearFast),
         Box::new(debug_drop_expert::DebugDropExpert),

@@ -1,4 +1,4 @@
-//! The `fast` preset (validated patterns: reassociated quantized kernels) on every family's
+//! The `fast` preset (validated patterns: reassociated quantized kernels and attention core) on every family's
 //! small 4-bit and 8-bit checkpoints: greedy tokens identical to the unpatched model for 64
 //! tokens on two prompts (the long one runs prefill through the grouped expert path), the fast
 //! kernels really ran, and the teacher-forced logits stay within float-rounding distance.
@@ -47,6 +47,10 @@ fn check(family: Family, bits: i32) {
     let calls = zmlx::fallbacks::snapshot();
     for n in ["downproj_combine_fast", "qmv_linear_fast", "swiglu_mlp_fast.experts"] {
         assert!(calls.get(n).is_some_and(|c| c.fused > 0), "{family}: {n} never ran: {calls:?}");
+    }
+    if names.contains(&"gqa_attention_fast") {
+        let c = calls.get("gqa_attention_fast");
+        assert!(c.is_some_and(|c| c.fused > 0 && c.fallback.is_empty()), "{family}: gqa_attention_fast: {calls:?}");
     }
     let lp = zmlx::validate::teacher_forced_logits(&model, &seq).unwrap();
     let diff = mlx_rs::ops::abs(lb.subtract(&lp).unwrap()).unwrap().max(None).unwrap().item_cast::<f32>();

@@ -3,7 +3,8 @@
 //! GQA ratios 8:1 and 1:1, with and without qk-norm, half-split and traditional, full and
 //! partial rotation, explicit frequencies, linear position scaling, growth past the cache's
 //! 256-position step, extreme activations — and a mixed run (stock and fused steps on one
-//! cache); bad inputs are errors, not panics.
+//! cache); bad inputs are errors, not panics. The `fast` class (validated): outputs within a
+//! float-rounding tolerance of the stock core, cache contents bit-identical, NaN propagated.
 mod common;
 
 use common::mlx_lock;
@@ -11,6 +12,7 @@ use mlx_rs::{ops, Array, Dtype};
 use zmlx::cache::KvCache;
 use zmlx::kernels::check::rand;
 use zmlx::kernels::gqa_attention::{gqa_attention, gqa_attention_reference, random_attention, run_both};
+use zmlx::kernels::KernelClass::{Exact, Fast};
 use zmlx::nn::Rope;
 
 fn bit_equal(a: &Array, b: &Array) -> bool {
@@ -19,7 +21,7 @@ fn bit_equal(a: &Array, b: &Array) -> bool {
 
 fn check(hq: i32, hk: i32, d: i32, norm: bool, rope: Rope, steps: &[i32], what: &str) {
     let a = random_attention(hq, hk, d, norm, rope).unwrap();
-    let (want, got) = run_both(&a, steps, 7).unwrap();
+    let (want, got) = run_both(&a, steps, 7, Exact).unwrap();
     assert_eq!(want.len(), got.len());
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         let part = if i < steps.len() { format!("step {i} output") } else { format!("cache {}", i - steps.len()) };
@@ -57,7 +59,7 @@ fn gqa_attention_mixed_with_stock_steps() {
         let v = rand(&[1, l, 2 * 64], s + 2, 1.0, Dtype::Float32).unwrap();
         let w = gqa_attention_reference(&a, &q, &k, &v, &mut stock).unwrap();
         let g = if i % 2 == 1 {
-            gqa_attention(&a, &q, &k, &v, &mut mixed).unwrap()
+            gqa_attention(&a, &q, &k, &v, &mut mixed, Exact).unwrap()
         } else {
             gqa_attention_reference(&a, &q, &k, &v, &mut mixed).unwrap()
         };
@@ -86,7 +88,7 @@ fn gqa_attention_extreme_values() {
             let (q, k, v) =
                 (f(&[1, l, 256], 60 + i as u64), f(&[1, l, 128], 70 + i as u64), f(&[1, l, 128], 80 + i as u64));
             let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
-            let g = gqa_attention(&a, &q, &k, &v, &mut cg).unwrap();
+            let g = gqa_attention(&a, &q, &k, &v, &mut cg, Exact).unwrap();
             assert!(bit_equal(&w, &g), "scale {scale} step {i} differs");
         }
     }
@@ -104,7 +106,7 @@ fn gqa_attention_strided_inputs() {
         let s = 20 + 3 * i as u64;
         let (q, k, v) = (view(128, l, s), view(64, l, s + 1), view(64, l, s + 2));
         let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
-        let g = gqa_attention(&a, &q, &k, &v, &mut cg).unwrap();
+        let g = gqa_attention(&a, &q, &k, &v, &mut cg, Exact).unwrap();
         assert!(bit_equal(&w, &g), "step {i} differs");
     }
 }
@@ -117,12 +119,87 @@ fn gqa_attention_bad_inputs() {
     let k = rand(&[1, 1, 128], 2, 1.0, Dtype::Float32).unwrap();
     // Wrong head count in k.
     let bad_k = rand(&[1, 1, 96], 3, 1.0, Dtype::Float32).unwrap();
-    let e = gqa_attention(&a, &q, &bad_k, &bad_k, &mut KvCache::default()).unwrap_err();
+    let e = gqa_attention(&a, &q, &bad_k, &bad_k, &mut KvCache::default(), Exact).unwrap_err();
     assert!(format!("{e:#}").contains("gqa_attention"), "{e:#}");
     // Half precision is refused (the stock core runs those calls).
-    let e = gqa_attention(&a, &q.as_dtype(Dtype::Bfloat16).unwrap(), &k, &k, &mut KvCache::default()).unwrap_err();
+    let e =
+        gqa_attention(&a, &q.as_dtype(Dtype::Bfloat16).unwrap(), &k, &k, &mut KvCache::default(), Exact).unwrap_err();
     assert!(format!("{e:#}").contains("float32"), "{e:#}");
     // Rank errors.
-    let e = gqa_attention(&a, &q.reshape(&[256]).unwrap(), &k, &k, &mut KvCache::default()).unwrap_err();
+    let e = gqa_attention(&a, &q.reshape(&[256]).unwrap(), &k, &k, &mut KvCache::default(), Exact).unwrap_err();
     assert!(format!("{e:#}").contains("[B, L, H*D]"), "{e:#}");
+}
+
+/// Max |a - b| over max |b| (relative to the output's scale), and whether shapes match.
+fn rel_diff(a: &Array, b: &Array) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let d = ops::abs(&a.subtract(b).unwrap()).unwrap().max(None).unwrap().item::<f32>();
+    let m = ops::abs(b).unwrap().max(None).unwrap().item::<f32>();
+    d / m.max(f32::MIN_POSITIVE)
+}
+
+fn check_fast(hq: i32, hk: i32, d: i32, norm: bool, rope: Rope, steps: &[i32], what: &str) {
+    let a = random_attention(hq, hk, d, norm, rope).unwrap();
+    let (want, got) = run_both(&a, steps, 7, Fast).unwrap();
+    let mut rounded = false;
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        if i < steps.len() {
+            let r = rel_diff(g, w);
+            assert!(r < 2e-5, "{what}: step {i} output off by {r:e} (relative)");
+            rounded |= !bit_equal(w, g);
+        } else {
+            assert!(
+                bit_equal(w, g),
+                "{what}: cache {} differs (the writes are exact in both classes)",
+                i - steps.len()
+            );
+        }
+    }
+    // The reassociated sums round differently somewhere: else the fast core did not run.
+    assert!(rounded, "{what}: the fast outputs are bit-identical to the stock core");
+}
+
+#[test]
+fn gqa_attention_fast_within_rounding() {
+    let _g = mlx_lock();
+    check_fast(32, 4, 128, true, Rope::plain(128, false, 1e6), &[17, 1, 1, 1, 1], "qwen3 shape");
+    // 12 query heads per KV head (GLM-4.5: a tile of 8 and one of 4), 1:1, odd head dims (a
+    // remainder after the vector part), key counts that are not a multiple of 8.
+    check_fast(24, 2, 128, true, Rope::plain(64, false, 1e4), &[13, 1, 1], "rep 12");
+    check_fast(8, 8, 64, false, Rope::plain(64, false, 1e4), &[5, 3, 1], "MHA, chunked prefill");
+    check_fast(6, 2, 40, false, Rope::plain(40, true, 1e4), &[9, 1, 1], "head dim 40, rep 3");
+    check_fast(4, 2, 32, true, Rope::plain(32, false, 1e4), &[250, 10, 1, 1], "growth past 256");
+}
+
+#[test]
+fn gqa_attention_fast_extremes_and_nan() {
+    let _g = mlx_lock();
+    let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();
+    // Scores in the thousands (softmax saturates to one key; exp underflows to 0) and tiny ones.
+    for scale in [300.0f32, 1e-20] {
+        let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
+        for (i, l) in [5, 1].into_iter().enumerate() {
+            let f = |shape: &[i32], s: u64| {
+                rand(shape, s, 1.0, Dtype::Float32).unwrap().multiply(Array::from_f32(scale)).unwrap()
+            };
+            let (q, k, v) =
+                (f(&[1, l, 256], 60 + i as u64), f(&[1, l, 128], 70 + i as u64), f(&[1, l, 128], 80 + i as u64));
+            let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
+            let g = gqa_attention(&a, &q, &k, &v, &mut cg, Fast).unwrap();
+            let r = rel_diff(&g, &w);
+            assert!(r < 2e-5, "scale {scale} step {i}: off by {r:e}");
+        }
+    }
+    // A NaN in one key's row: every head of its group sees NaN, as in the stock chain.
+    let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
+    let q = rand(&[1, 3, 256], 1, 1.0, Dtype::Float32).unwrap();
+    let v = rand(&[1, 3, 128], 3, 1.0, Dtype::Float32).unwrap();
+    let mut kv: Vec<f32> = rand(&[1, 3, 128], 2, 1.0, Dtype::Float32).unwrap().as_slice().to_vec();
+    kv[5] = f32::NAN;
+    let k = Array::from_slice(&kv, &[1, 3, 128]);
+    let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
+    let g = gqa_attention(&a, &q, &k, &v, &mut cg, Fast).unwrap();
+    let nan = |x: &Array| ops::is_nan(x).unwrap().as_slice::<bool>().to_vec();
+    assert_eq!(nan(&w), nan(&g), "NaN positions differ");
+    assert!(nan(&g).iter().any(|&b| b), "the NaN key must reach the output");
 }

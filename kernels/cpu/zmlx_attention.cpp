@@ -21,6 +21,10 @@
 // We evaluate exactly those sums in that order; tests/kernels_attention.rs checks the outputs
 // and the cache contents bit for bit against the stock chain. Other BLAS builds (Accelerate,
 // OpenBLAS) sum differently: `zmlx selftest` shows it on such a machine.
+//
+// With `fast` (the `gqa_attention_fast` pattern, class validated) ZmlxGqaAttend's scores,
+// softmax and weighted sum run attend_fast.inc instead (vector dot products with FMA, a vector
+// exp; numerics there); the norms, rotations and cache writes stay exact.
 #include <cstring>
 #include <optional>
 #include <string>
@@ -41,6 +45,7 @@
 #include "mlx/c/private/array.h"
 #include "mlx/c/private/stream.h"
 
+#include "attend_fast.h"
 #include "zmlx_common.h"
 #include "zmlx_pool.h"
 #include "zmlx_rope.h"
@@ -157,15 +162,15 @@ class KvWrite : public mx::UnaryPrimitive {
 // q_norm [D] (or a scalar), freqs. output: o [B, L, Hq*D].
 class GqaAttend : public mx::UnaryPrimitive {
  public:
-  GqaAttend(mx::Stream s, HeadP h, RopeP r, int hk, float scale)
-      : mx::UnaryPrimitive(s), h_(h), r_(r), hk_(hk), scale_(scale) {}
+  GqaAttend(mx::Stream s, HeadP h, RopeP r, int hk, float scale, bool fast)
+      : mx::UnaryPrimitive(s), h_(h), r_(r), hk_(hk), scale_(scale), fast_(fast) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     // Checked here, not in the dispatched task: an exception there would end the process.
     need_contiguous(in[1], "the KV cache");
     need_contiguous(in[2], "the KV cache");
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.dispatch([in, out, h = h_, r = r_, hk = hk_, scale = scale_]() mutable {
+    enc.dispatch([in, out, h = h_, r = r_, hk = hk_, scale = scale_, fast = fast_]() mutable {
       const auto& xq = in[0];
       int B = xq.shape(0), L = xq.shape(1), cap = in[1].shape(2), D = h.d, hq = h.heads, rep = hq / hk;
       int kl = h.offset + L;
@@ -176,13 +181,32 @@ class GqaAttend : public mx::UnaryPrimitive {
       const float *kc = in[1].data<float>(), *vc = in[2].data<float>();
       float* o = out.data<float>();
       const float lowest = std::numeric_limits<float>::lowest();
+      // q of one head: norm, rotation and scale exactly as the stock chain (both classes).
+      auto prepare_q = [&](float* q, int b, int t, int hh) {
+        std::memcpy(q, qs + ((size_t(b) * L + t) * hq + hh) * D, D * sizeof(float));
+        if (h.has_norm) rms_norm_row(q, w, D, h.eps);
+        ang.rotate(q, r, t);
+        for (int i = 0; i < D; ++i) q[i] = dt::Multiply{}(scale, q[i]);
+      };
+      if (fast) {
+        // The validated core (attend_fast.inc): one item per (batch, position, KV group), the
+        // group's K and V rows read once for its rep query heads.
+        zmlx_pool::parallel_items(size_t(B) * L * hk, [&](size_t it) {
+          int g = int(it % hk), t = int(it / hk % L), b = int(it / hk / L);
+          int nk = (causal ? h.offset + t : kl - 1) + 1;
+          std::vector<float> q(size_t(rep) * D), s(size_t(rep) * nk);
+          for (int j = 0; j < rep; ++j) prepare_q(q.data() + size_t(j) * D, b, t, g * rep + j);
+          const float* K = kc + (size_t(b) * hk + g) * cap * D;
+          const float* V = vc + (size_t(b) * hk + g) * cap * D;
+          zmlx_attend_fast(q.data(), rep, D, K, V, nk, s.data(), o + ((size_t(b) * L + t) * hq + g * rep) * D);
+        });
+        return;
+      }
       zmlx_pool::parallel_items(size_t(B) * L * hq, [&](size_t it) {
         int hh = int(it % hq), t = int(it / hq % L), b = int(it / hq / L), g = hh / rep;
         size_t row = ((size_t(b) * L + t) * hq + hh) * D;
-        std::vector<float> q(qs + row, qs + row + D), s(kl), acc(D, 0.0f);
-        if (h.has_norm) rms_norm_row(q.data(), w, D, h.eps);
-        ang.rotate(q.data(), r, t);
-        for (int i = 0; i < D; ++i) q[i] = dt::Multiply{}(scale, q[i]);
+        std::vector<float> q(D), s(kl), acc(D, 0.0f);
+        prepare_q(q.data(), b, t, hh);
         const float* K = kc + (size_t(b) * hk + g) * cap * D;
         const float* V = vc + (size_t(b) * hk + g) * cap * D;
         int last = causal ? h.offset + t : kl - 1;  // the last unmasked key
@@ -231,7 +255,7 @@ class GqaAttend : public mx::UnaryPrimitive {
   const char* name() const override { return "ZmlxGqaAttend"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     auto& a = static_cast<const GqaAttend&>(o);
-    return a.h_ == h_ && a.r_ == r_ && a.hk_ == hk_ && a.scale_ == scale_;
+    return a.h_ == h_ && a.r_ == r_ && a.hk_ == hk_ && a.scale_ == scale_ && a.fast_ == fast_;
   }
 
  private:
@@ -239,6 +263,7 @@ class GqaAttend : public mx::UnaryPrimitive {
   RopeP r_;
   int hk_;
   float scale_;
+  bool fast_;
 };
 
 }  // namespace
@@ -248,7 +273,8 @@ extern "C" int zmlx_cpu_gqa_attention(mlx_array* o_out, mlx_array* kc_out, mlx_a
                                       const mlx_array k_norm, const mlx_array kc, const mlx_array vc,
                                       const mlx_array freqs, bool has_norm, bool has_freqs, int n_heads,
                                       int n_kv_heads, int head_dim, float eps, int rope_dims, bool traditional,
-                                      float base, float rope_scale, int offset, float scale, const mlx_stream s) {
+                                      float base, float rope_scale, int offset, float scale, bool fast,
+                                      const mlx_stream s) {
   return zmlx_cpu::guarded([&] {
     auto& st = mlx_stream_get_(s);
     const auto &q0 = mlx_array_get_(q), &k0 = mlx_array_get_(k), &v0 = mlx_array_get_(v);
@@ -287,7 +313,7 @@ extern "C" int zmlx_cpu_gqa_attention(mlx_array* o_out, mlx_array* kc_out, mlx_a
     auto vc1 = mx::array(vc0.shape(), mx::float32, std::make_shared<KvWrite>(st, kh, r, false), {vc0, v0, one});
     HeadP qh{n_heads, head_dim, offset, has_norm, eps};
     auto o = mx::array(mx::Shape{B, L, n_heads * head_dim}, mx::float32,
-                       std::make_shared<GqaAttend>(st, qh, r, n_kv_heads, scale),
+                       std::make_shared<GqaAttend>(st, qh, r, n_kv_heads, scale, fast),
                        with({q0, kc1, vc1, has_norm ? f32(q_norm, head_dim) : one}));
     mlx_array_set_(*o_out, o);
     mlx_array_set_(*kc_out, kc1);

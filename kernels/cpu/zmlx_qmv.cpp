@@ -39,6 +39,7 @@
 
 #include "zmlx_common.h"
 
+#include "attend_fast.h"
 #include "qmv_fast.h"
 #include "qmv_rows.h"
 #include "zmlx_pool.h"
@@ -138,6 +139,18 @@ bool qmv_fast_rows(int bits, const float* xp, const float* xs, int T, long ldx, 
     default: return zmlx_qmv_fast_rows_base(bits, xp, xs, T, ldx, m, r0, r1, K, gs, out, ldo);
   }
 }
+
+// The `fast` attention core (attend_fast.inc), declared in attend_fast.h: the same ISA choice
+// (its AVX2 build needs FMA too; AVX-512 CPUs run the AVX2 one).
+}  // namespace
+void zmlx_attend_fast(const float* q, int rep, int D, const float* K, const float* V, int nk, float* s, float* out) {
+#if defined(__x86_64__)
+  if ((isa() == Isa::Avx2 || isa() == Isa::Avx512) && __builtin_cpu_supports("fma"))
+    return zmlx_attend_fast_avx2(q, rep, D, K, V, nk, s, out);
+#endif
+  zmlx_attend_fast_base(q, rep, D, K, V, nk, s, out);
+}
+namespace {
 
 // Whether the fast kernels take this shape (whole vectors of packed bytes per group); the
 // primitives run the exact kernels otherwise.

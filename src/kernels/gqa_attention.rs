@@ -10,8 +10,8 @@ use std::ffi::c_int;
 use anyhow::{bail, Result};
 use mlx_rs::{Array, Dtype};
 
-use super::backend;
 use super::check::{compare, rand, CaseResult};
+use super::{backend, KernelClass};
 use crate::attention::GqaAttention;
 use crate::cache::KvCache;
 use crate::mlx_env::{raw_array, Backend};
@@ -42,6 +42,7 @@ extern "C" {
         rope_scale: f32,
         offset: c_int,
         scale: f32,
+        fast: bool,
         s: mlx_sys::mlx_stream,
     ) -> c_int;
 }
@@ -72,8 +73,18 @@ pub fn gqa_attention_unsupported(a: &GqaAttention, q: &Array) -> Option<String> 
 }
 
 /// The fused core: `q` `[B, L, Hq·D]`, `k`, `v` `[B, L, Hk·D]` → `[B, L, Hq·D]`; the cache
-/// receives the L new positions. Bit-identical to [`gqa_attention_reference`] on the CPU.
-pub fn gqa_attention(a: &GqaAttention, q: &Array, k: &Array, v: &Array, cache: &mut KvCache) -> Result<Array> {
+/// receives the L new positions. `KernelClass::Exact`: bit-identical to
+/// [`gqa_attention_reference`] on the CPU. `KernelClass::Fast`: the scores, softmax and weighted
+/// sum reassociated (vector FMA dot products, a vector exp: kernels/cpu/attend_fast.inc), the
+/// cache contents still bit-identical.
+pub fn gqa_attention(
+    a: &GqaAttention,
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    cache: &mut KvCache,
+    class: KernelClass,
+) -> Result<Array> {
     if let Some(why) = gqa_attention_unsupported(a, q) {
         bail!("gqa_attention: {why}");
     }
@@ -117,6 +128,7 @@ pub fn gqa_attention(a: &GqaAttention, q: &Array, k: &Array, v: &Array, cache: &
             r.scale,
             cache.offset,
             a.scale,
+            class == KernelClass::Fast,
             s,
         )
     });
@@ -152,9 +164,9 @@ pub fn random_attention(
     })
 }
 
-/// Runs `steps` (lengths L) through the kernel and the reference on separate caches; returns
-/// every step's outputs and both final caches' used parts, kernel side second.
-pub fn run_both(a: &GqaAttention, steps: &[i32], seed: u64) -> Result<(Vec<Array>, Vec<Array>)> {
+/// Runs `steps` (lengths L) through the kernel (of `class`) and the reference on separate
+/// caches; returns every step's outputs and both final caches' used parts, kernel side second.
+pub fn run_both(a: &GqaAttention, steps: &[i32], seed: u64, class: KernelClass) -> Result<(Vec<Array>, Vec<Array>)> {
     let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
     let (mut want, mut got) = (vec![], vec![]);
     for (i, &l) in steps.iter().enumerate() {
@@ -163,7 +175,7 @@ pub fn run_both(a: &GqaAttention, steps: &[i32], seed: u64) -> Result<(Vec<Array
         let k = rand(&[1, l, a.n_kv_heads * a.head_dim], s + 1, 2.0, Dtype::Float32)?;
         let v = rand(&[1, l, a.n_kv_heads * a.head_dim], s + 2, 1.0, Dtype::Float32)?;
         want.push(gqa_attention_reference(a, &q, &k, &v, &mut cw)?);
-        got.push(gqa_attention(a, &q, &k, &v, &mut cg)?);
+        got.push(gqa_attention(a, &q, &k, &v, &mut cg, class)?);
     }
     for (c, out) in [(&cw, &mut want), (&cg, &mut got)] {
         let Some((k, v)) = c.buffers() else { bail!("gqa_attention: no steps were run") };
@@ -194,7 +206,7 @@ pub fn selftest(dt: Dtype, out: &mut Vec<CaseResult>) -> Result<()> {
         ),
     ];
     for (name, a, steps) in cases {
-        let r = run_both(&a, &steps, 90);
+        let r = run_both(&a, &steps, 90, KernelClass::Exact);
         let (want, got) = match r {
             Ok((w, g)) => (Ok(w), Ok(g)),
             Err(e) => (Err(anyhow::anyhow!("{e:#}")), Err(e)),
