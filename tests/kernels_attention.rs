@@ -133,8 +133,8 @@ fn gqa_attention_bad_inputs() {
 /// Max |a - b| over max |b| (relative to the output's scale), and whether shapes match.
 fn rel_diff(a: &Array, b: &Array) -> f32 {
     assert_eq!(a.shape(), b.shape());
-    let d = ops::abs(&a.subtract(b).unwrap()).unwrap().max(None).unwrap().item::<f32>();
-    let m = ops::abs(b).unwrap().max(None).unwrap().item::<f32>();
+    let d = ops::abs(a.subtract(b).unwrap()).unwrap().max(None).unwrap().item_cast::<f32>();
+    let m = ops::abs(b).unwrap().max(None).unwrap().item_cast::<f32>();
     d / m.max(f32::MIN_POSITIVE)
 }
 
