@@ -10,7 +10,7 @@
 // output row as ONE sequential float sum   sum = sum + x[k] * (scale * q[k] + bias)   over k.
 // We keep exactly that per-row op sequence (on x86-64 no FMA: -ffp-contract=off, and no fma
 // target; on aarch64 the two fused multiply-adds libmlx was compiled to, see qmv_rows.inc) but run
-// 8 rows per vector lane-wise, 4 vectors interleaved to hide the add latency, on several threads.
+// 8 rows per vector lane-wise, 2–4 vectors interleaved to hide the add latency, on several threads.
 // The combine then accumulates y * w from 0 in slot order j = 0..k-1 (MLX's strided sum over
 // axis -2); the activation uses MLX's own scalar functors. So the result is bit-identical to
 // gather_qmm -> swiglu -> gather_qmm -> (y * w).sum(-2), which tests/kernels.rs checks.
