@@ -48,14 +48,14 @@ static DOWNPROJ: PatternInfo = PatternInfo {
 static LINEAR: PatternInfo = PatternInfo {
     name: "qmv_linear_fast",
     slot: SlotKind::Linear,
-    slots: &[SlotKind::Attention, SlotKind::SharedExpert, SlotKind::DenseMlp, SlotKind::Head],
+    slots: &[SlotKind::Attention, SlotKind::SharedExpert, SlotKind::DenseMlp, SlotKind::Head, SlotKind::Router],
     requires: &[],
     conflicts: &["qmv_linear"],
     families: &Family::ALL,
     class: SafetyClass::Validated,
     decode_only: false,
     env: &["ZMLX_CPU_THREADS", "ZMLX_CPU_ISA"],
-    description: "qmv_linear on the fast (reassociated, FMA) quantized mat-vec: validated, not bit-exact",
+    description: "qmv_linear on the fast (reassociated, FMA) quantized mat-vec (the router gate on the exact one): validated, not bit-exact",
 };
 
 static ATTENTION: PatternInfo = PatternInfo {

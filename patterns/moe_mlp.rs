@@ -18,7 +18,7 @@ use crate::kernels::moe_router::{moe_router, RouterKind};
 use crate::model::Model;
 use crate::moe::{SoftmaxRouter, WeightedSumCombine};
 use crate::nn::Linear;
-use crate::slots::{CombineSlot, RouterSlot, Routing};
+use crate::slots::{CombineSlot, MapLinears, RouterSlot, Routing};
 
 pub struct MoeMlp;
 
@@ -47,6 +47,10 @@ impl RouterSlot for FusedRouter {
     fn route(&self, x: &Array) -> Result<Routing> {
         let (indices, weights) = moe_router(&self.gate.forward(x)?, self.kind, self.k)?;
         Ok(Routing { indices, weights })
+    }
+
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn RouterSlot>> {
+        Some(Rc::new(FusedRouter { gate: f(&self.gate), kind: self.kind, k: self.k }))
     }
 
     fn as_any(&self) -> &dyn Any {

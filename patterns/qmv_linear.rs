@@ -1,5 +1,6 @@
 //! `qmv_linear` (safe on CPU): every quantized dense projection (decode and prefill rows) —
-//! attention q/k/v/o (GQA and MLA), dense and shared-expert MLPs, the output head — runs through
+//! attention q/k/v/o (GQA and MLA), dense and shared-expert MLPs, the output head, the softmax
+//! routers' gate (always on the exact rows, also in `qmv_linear_fast`) — runs through
 //! zmlx's multi-threaded SIMD mat-vec (`kernels::qmv_linear`) instead of MLX's scalar CPU
 //! `quantized_matmul`. Each output row keeps `_qmm_t`'s exact sequential sum, so it is
 //! bit-identical (tests/expert_kernels.rs) and token-identical (tests/fidelity.rs). Float
@@ -27,14 +28,14 @@ pub struct QmvLinear;
 static INFO: PatternInfo = PatternInfo {
     name: "qmv_linear",
     slot: SlotKind::Linear,
-    slots: &[SlotKind::Attention, SlotKind::SharedExpert, SlotKind::DenseMlp, SlotKind::Head],
+    slots: &[SlotKind::Attention, SlotKind::SharedExpert, SlotKind::DenseMlp, SlotKind::Head, SlotKind::Router],
     requires: &[],
     conflicts: &["qmv_linear_fast"],
     families: &Family::ALL,
     class: SafetyClass::Safe,
     decode_only: false,
     env: &["ZMLX_CPU_THREADS", "ZMLX_CPU_ISA"],
-    description: "decode: quantized dense projections (attention, dense/shared MLP, lm_head) on zmlx's bit-exact multi-threaded mat-vec",
+    description: "quantized dense projections (attention, dense/shared MLP, lm_head, softmax router gate) on zmlx's bit-exact multi-threaded mat-vec",
 };
 
 /// A quantized projection on the `qmv_linear` kernel; the projection it wraps runs wherever the
@@ -96,7 +97,8 @@ fn on_kernel<T: ?Sized>(
     };
     match rebuild(&mut f) {
         Some(imp) if quantized.get() > 0 => Swap::With(imp),
-        _ => Swap::skip("float weights (the kernel is for quantized 2/4/8-bit projections)"),
+        Some(_) => Swap::skip("float weights (the kernel is for quantized 2/4/8-bit projections)"),
+        None => Swap::skip("no Linear projection to swap (e.g. a sigmoid router's plain gate matrix)"),
     }
 }
 
@@ -118,5 +120,8 @@ pub(super) fn apply_with(info: &'static PatternInfo, class: KernelClass, model: 
         .shared_expert(|active| on_kernel(class, n, |f| active.with_linears(f)))
         .dense_mlp(|active| on_kernel(class, n, |f| active.with_linears(f)))
         .head(|active| on_kernel(class, n, |f| active.with_linears(f)))
+        // The router gate always on the exact rows, in the fast twin too: routing decisions stay
+        // bit-identical to MLX's (a near-tie flipped by rounding would swap an expert).
+        .router(|active| on_kernel(KernelClass::Exact, n, |f| active.with_linears(f)))
         .apply(model)
 }

@@ -116,6 +116,10 @@ impl RouterSlot for SoftmaxRouter {
         Ok(Routing { indices, weights })
     }
 
+    fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn RouterSlot>> {
+        Some(Rc::new(SoftmaxRouter { gate: f(&self.gate), kind: self.kind, k: self.k }))
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -57,6 +57,10 @@ pub trait AttentionSlot: Any {
 /// Gate projection + expert selection + routing weights.
 pub trait RouterSlot: Any {
     fn route(&self, x: &Array) -> Result<Routing>;
+    /// This implementation with its gate projection replaced (None: it has no `Linear` gate).
+    fn with_linears(&self, _f: MapLinears) -> Option<Rc<dyn RouterSlot>> {
+        None
+    }
     fn as_any(&self) -> &dyn Any;
 }
 
