@@ -12,7 +12,7 @@ use mlx_rs::{ops, Array, Dtype};
 use zmlx::cache::KvCache;
 use zmlx::kernels::check::rand;
 use zmlx::kernels::gqa_attention::{gqa_attention, gqa_attention_reference, random_attention, run_both};
-use zmlx::kernels::KernelClass::{Exact, Fast};
+use zmlx::kernels::KernelClass::{self, Exact, Fast};
 use zmlx::nn::Rope;
 
 fn bit_equal(a: &Array, b: &Array) -> bool {
@@ -74,11 +74,12 @@ fn gqa_attention_mixed_with_stock_steps() {
     assert!(bit_equal(&sv.try_index((Ellipsis, ..n, ..)).unwrap(), &mv.try_index((Ellipsis, ..n, ..)).unwrap()));
 }
 
-#[test]
-fn gqa_attention_extreme_values() {
-    let _g = mlx_lock();
-    // Large activations (scores in the thousands: softmax saturates to one key) and tiny ones.
+/// Large activations (scores in the thousands: softmax saturates to one key) and tiny ones, a
+/// prefill and a decode step each, through the stock core and the kernel of `class`:
+/// (what, stock output, kernel output) per step.
+fn extreme_steps(class: KernelClass) -> Vec<(String, Array, Array)> {
     let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();
+    let mut out = vec![];
     for scale in [300.0f32, 1e-20] {
         let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
         for (i, l) in [5, 1].into_iter().enumerate() {
@@ -88,9 +89,18 @@ fn gqa_attention_extreme_values() {
             let (q, k, v) =
                 (f(&[1, l, 256], 60 + i as u64), f(&[1, l, 128], 70 + i as u64), f(&[1, l, 128], 80 + i as u64));
             let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
-            let g = gqa_attention(&a, &q, &k, &v, &mut cg, Exact).unwrap();
-            assert!(bit_equal(&w, &g), "scale {scale} step {i} differs");
+            let g = gqa_attention(&a, &q, &k, &v, &mut cg, class).unwrap();
+            out.push((format!("scale {scale} step {i}"), w, g));
         }
+    }
+    out
+}
+
+#[test]
+fn gqa_attention_extreme_values() {
+    let _g = mlx_lock();
+    for (what, w, g) in extreme_steps(Exact) {
+        assert!(bit_equal(&w, &g), "{what} differs");
     }
 }
 
@@ -130,7 +140,7 @@ fn gqa_attention_bad_inputs() {
     assert!(format!("{e:#}").contains("[B, L, H*D]"), "{e:#}");
 }
 
-/// Max |a - b| over max |b| (relative to the output's scale), and whether shapes match.
+/// Max |a - b| over max |b| (relative to the output's scale); the shapes must match.
 fn rel_diff(a: &Array, b: &Array) -> f32 {
     assert_eq!(a.shape(), b.shape());
     let d = ops::abs(a.subtract(b).unwrap()).unwrap().max(None).unwrap().item_cast::<f32>();
@@ -174,22 +184,12 @@ fn gqa_attention_fast_within_rounding() {
 #[test]
 fn gqa_attention_fast_extremes_and_nan() {
     let _g = mlx_lock();
-    let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();
-    // Scores in the thousands (softmax saturates to one key; exp underflows to 0) and tiny ones.
-    for scale in [300.0f32, 1e-20] {
-        let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
-        for (i, l) in [5, 1].into_iter().enumerate() {
-            let f = |shape: &[i32], s: u64| {
-                rand(shape, s, 1.0, Dtype::Float32).unwrap().multiply(Array::from_f32(scale)).unwrap()
-            };
-            let (q, k, v) =
-                (f(&[1, l, 256], 60 + i as u64), f(&[1, l, 128], 70 + i as u64), f(&[1, l, 128], 80 + i as u64));
-            let w = gqa_attention_reference(&a, &q, &k, &v, &mut cw).unwrap();
-            let g = gqa_attention(&a, &q, &k, &v, &mut cg, Fast).unwrap();
-            let r = rel_diff(&g, &w);
-            assert!(r < 2e-5, "scale {scale} step {i}: off by {r:e}");
-        }
+    // Saturated softmax (exp underflows to 0 for all but one key) and tiny scores.
+    for (what, w, g) in extreme_steps(Fast) {
+        let r = rel_diff(&g, &w);
+        assert!(r < 2e-5, "{what}: off by {r:e}");
     }
+    let a = random_attention(4, 2, 64, false, Rope::plain(64, false, 1e4)).unwrap();
     // A NaN in one key's row: every head of its group sees NaN, as in the stock chain.
     let (mut cw, mut cg) = (KvCache::default(), KvCache::default());
     let q = rand(&[1, 3, 256], 1, 1.0, Dtype::Float32).unwrap();

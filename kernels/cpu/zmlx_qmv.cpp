@@ -140,18 +140,6 @@ bool qmv_fast_rows(int bits, const float* xp, const float* xs, int T, long ldx, 
   }
 }
 
-// The `fast` attention core (attend_fast.inc), declared in attend_fast.h: the same ISA choice
-// (its AVX2 build needs FMA too; AVX-512 CPUs run the AVX2 one).
-}  // namespace
-void zmlx_attend_fast(const float* q, int rep, int D, const float* K, const float* V, int nk, float* s, float* out) {
-#if defined(__x86_64__)
-  if ((isa() == Isa::Avx2 || isa() == Isa::Avx512) && __builtin_cpu_supports("fma"))
-    return zmlx_attend_fast_avx2(q, rep, D, K, V, nk, s, out);
-#endif
-  zmlx_attend_fast_base(q, rep, D, K, V, nk, s, out);
-}
-namespace {
-
 // Whether the fast kernels take this shape (whole vectors of packed bytes per group); the
 // primitives run the exact kernels otherwise.
 bool fast_supported(int bits, int gs) {
@@ -527,6 +515,16 @@ void check_expert(const char* op, const mx::array& w, const mx::array& s, const 
 }
 
 }  // namespace
+
+// The `fast` attention core (attend_fast.inc), declared in attend_fast.h: the same ISA choice
+// as the row kernels (its AVX2 build needs FMA too; AVX-512 CPUs run the AVX2 one).
+void zmlx_attend_fast(const float* q, int rep, int D, const float* K, const float* V, int nk, float* s, float* out) {
+#if defined(__x86_64__)
+  if ((isa() == Isa::Avx2 || isa() == Isa::Avx512) && __builtin_cpu_supports("fma"))
+    return zmlx_attend_fast_avx2(q, rep, D, K, V, nk, s, out);
+#endif
+  zmlx_attend_fast_base(q, rep, D, K, V, nk, s, out);
+}
 
 // The worker count the row kernels use (recorded in ledger lines and capsules).
 extern "C" int zmlx_cpu_threads() { return zmlx_pool::threads(); }
