@@ -20,6 +20,9 @@
 #   verified bit-exact), checks llama.cpp's greedy tokens against mlx-lm's, and runs llama-bench
 #   with the same THREADS, PROMPT_TOKENS, GEN_TOKENS (at PROMPT_TOKENS of context) and TRIALS
 #   repetitions: raw.jsonl sides llamacpp_q4_0/llamacpp_q4_1, one ledger line per configuration.
+#   PAIRED_ROUNDS=5 (default; with LLAMACPP=1): then zmlx safe/fast and llama.cpp q4_0/q4_1 run
+#   back to back that many rounds, order rotated per round (paired.py): same-round ratios, whose
+#   median is the zmlx/llama.cpp figure that this VM's drift does not skew; 0 skips it.
 #   FAST=1 (default): also `zmlx run --patterns fast` (the validated fast preset vs unpatched,
 #   tokens compared, logit max-abs/KL in its ledger line); FAST=0 skips it.
 # The defaults fit the 20-minute budget on a 2-core VM; the full setting is
@@ -77,6 +80,7 @@ PY
 cat "$CAP/threads.json"
 LLAMACPP=${LLAMACPP:-0}
 FAST=${FAST:-1}
+PAIRED_ROUNDS=${PAIRED_ROUNDS:-5}
 if [ "$LLAMACPP" = 1 ]; then
   echo "[bench] llama.cpp: build (cached after the first time)"
   bash benchmarks/llamacpp/build.sh | tee "$CAP/llamacpp_build.txt"
@@ -162,7 +166,15 @@ PY
               --quant "$q" --ckpt "$d" --run-json "$WORK/run.json" --convert-json "$g.json" \
               --tokens-json "$WORK/tokens.json" --ledger "$LEDGER" --capsule "$CAP" ${NOTES:+--notes "$NOTES"} >> "$RAW"
             rm -f "$WORK/tokens.json"
-          done ;;
+          done
+          if [ "$PAIRED_ROUNDS" -gt 0 ]; then
+            echo "[bench] paired: zmlx safe/fast and llama.cpp q4_0/q4_1 back to back, $PAIRED_ROUNDS rounds (paired.py)"
+            "$PY" benchmarks/paired.py --zmlx "$Z" --model "$d" --prompt-file "$WORK/prompt.txt" \
+              --prompt-tokens "$PROMPT_TOKENS" --gen "$GEN_TOKENS" --threads "$THREADS" --rounds "$PAIRED_ROUNDS" \
+              --warmup "$WARMUP" --patterns "safe fast" --bench "$LLAMACPP_BIN/llama-bench" \
+              --gguf "q4_0=$WORK/$fam-$q.q4_0.gguf" --gguf "q4_1=$WORK/$fam-$q.q4_1.gguf" \
+              --family "$fam" --quant "$q" >> "$RAW"
+          fi ;;
         *) echo "[bench] llama.cpp: no GGUF conversion for $fam q=$q (to_gguf.py: qwen3_moe, mixtral; 4-bit)" ;;
       esac
     fi

@@ -192,7 +192,9 @@ def main():
             slots = ", ".join(f"{k} {p['ms_stock'][k]:.1f}->{p['ms_patched'].get(k, float('nan')):.1f}" for k in p["ms_stock"])
             print(f"- {r['family']} {r['quant']}: ops {p['ops_stock']} -> {p['ops_patched']}; {slots}")
     engines = engine_table(raw, rows, f)
-    json.dump({"triad_gbs": triad, "triad": tri, "threads": threads, "rows": rows, "engines": engines},
+    paired = paired_table(raw, f)
+    json.dump({"triad_gbs": triad, "triad": tri, "threads": threads, "rows": rows, "engines": engines,
+               "paired": paired},
               open(os.path.join(os.path.dirname(raw_path), "summary.json"), "w"), indent=1)
 
 
@@ -243,6 +245,27 @@ def engine_table(raw, rows, f):
         print(f"\nllama.cpp: {', '.join(builds)}; Q4_x x Q8 dot products (activations quantized to 8 bits per "
               "block of 32, int8 SIMD); zmlx/MLX keep activations in f32, bit-exact to MLX.")
     return out
+
+
+def paired_table(raw, f):
+    """paired.py's rounds: zmlx safe/fast and llama.cpp back to back, order rotated per round."""
+    ps = [x for x in raw if x["side"] == "paired"]
+    if not ps:
+        return []
+    print("\nPaired (paired.py: the engines back to back, order rotated each round, so this VM's drift hits all "
+          "alike): median tok/s over the rounds, and the median of the same-round ratios (min-max):\n")
+    print("| family | ckpt | rounds | engine | prefill tok/s | decode tok/s | zmlx safe / this: prefill | decode | "
+          "zmlx fast / this: prefill | decode |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rng = lambda r: "-" if not r else f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+    for x in ps:
+        q = "bf16" if str(x["quant"]) == "none" else f"{x['quant']}-bit"
+        for e in x["engines"]:
+            m = x["medians"][e]
+            cells = [rng(x["ratios"].get(f"zmlx_{z}/{e}/{k}")) for z in ("safe", "fast") for k in ("prefill", "decode")]
+            print(f"| {x['family']} | {q} | {len(x['rounds'])} | {e.replace('_', ' ', 1)} | {f(m['prefill_tps'], 1)} | "
+                  f"{f(m['decode_tps'], 2)} | " + " | ".join(cells) + " |")
+    return ps
 
 
 if __name__ == "__main__":

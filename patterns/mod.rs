@@ -24,6 +24,8 @@ pub mod glm47_rope;
 pub mod gqa_attention;
 pub mod moe_mlp;
 pub mod qmv_linear;
+pub mod quantized_embedding;
+pub mod rms_norm;
 pub mod swiglu_mlp;
 
 use std::collections::BTreeMap;
@@ -35,7 +37,9 @@ use serde::Serialize;
 use crate::config::Family;
 use crate::model::Model;
 pub use crate::slots::SlotKind;
-use crate::slots::{AttentionSlot, CombineSlot, ExpertsSlot, HeadSlot, MlpSlot, RouterSlot, SlotMut};
+use crate::slots::{
+    AttentionSlot, CombineSlot, EmbeddingSlot, ExpertsSlot, HeadSlot, MlpSlot, NormSlot, RouterSlot, SlotMut,
+};
 
 /// How far a pattern's fidelity is proven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -126,6 +130,8 @@ pub struct Swaps<'r> {
     shared_expert: Option<Rule<'r, dyn MlpSlot>>,
     dense_mlp: Option<Rule<'r, dyn MlpSlot>>,
     head: Option<Rule<'r, dyn HeadSlot>>,
+    embedding: Option<Rule<'r, dyn EmbeddingSlot>>,
+    norm: Option<Rule<'r, dyn NormSlot>>,
     /// Appended to a slot's path in the outcome (e.g. `.down_proj` for the part it replaces).
     suffix: Vec<(SlotKind, &'static str)>,
 }
@@ -141,6 +147,8 @@ impl<'r> Swaps<'r> {
             shared_expert: None,
             dense_mlp: None,
             head: None,
+            embedding: None,
+            norm: None,
             suffix: vec![],
         }
     }
@@ -180,6 +188,16 @@ impl<'r> Swaps<'r> {
         self
     }
 
+    pub fn embedding(mut self, f: impl FnMut(&Rc<dyn EmbeddingSlot>) -> Swap<dyn EmbeddingSlot> + 'r) -> Self {
+        self.embedding = Some(Box::new(f));
+        self
+    }
+
+    pub fn norm(mut self, f: impl FnMut(&Rc<dyn NormSlot>) -> Swap<dyn NormSlot> + 'r) -> Self {
+        self.norm = Some(Box::new(f));
+        self
+    }
+
     /// Reports slots of `kind` as `<slot path><suffix>`.
     pub fn report_suffix(mut self, kind: SlotKind, suffix: &'static str) -> Self {
         self.suffix.push((kind, suffix));
@@ -195,6 +213,8 @@ impl<'r> Swaps<'r> {
             (SlotKind::SharedExpert, self.shared_expert.is_some()),
             (SlotKind::DenseMlp, self.dense_mlp.is_some()),
             (SlotKind::Head, self.head.is_some()),
+            (SlotKind::Embedding, self.embedding.is_some()),
+            (SlotKind::Norm, self.norm.is_some()),
         ];
         for (kind, has) in ruled {
             if has != self.info.slots.contains(&kind) {
@@ -239,6 +259,8 @@ impl<'r> Swaps<'r> {
                 SlotMut::SharedExpert(s) => rule!(self.shared_expert, s),
                 SlotMut::DenseMlp(s) => rule!(self.dense_mlp, s),
                 SlotMut::Head(s) => rule!(self.head, s),
+                SlotMut::Embedding(s) => rule!(self.embedding, s),
+                SlotMut::Norm(s) => rule!(self.norm, s),
             }
         }
         Ok(out)
@@ -259,6 +281,8 @@ pub fn registry() -> Vec<Box<dyn Pattern>> {
         Box::new(fast::GqaAttentionFast),
         Box::new(qmv_linear::QmvLinear),
         Box::new(fast::QmvLinearFast),
+        Box::new(rms_norm::RmsNormPattern),
+        Box::new(quantized_embedding::QuantizedEmbeddingPattern),
         Box::new(debug_drop_expert::DebugDropExpert),
     ]
 }

@@ -13,7 +13,7 @@ use crate::mlx_env::Backend;
 use crate::models;
 use crate::moe::MoeBlock;
 use crate::nn::{Embedding, Linear, LoadCtx, RmsNorm};
-use crate::slots::{AttentionSlot, HeadSlot, MapLinears, MlpSlot, Slot, SlotMut};
+use crate::slots::{AttentionSlot, EmbeddingSlot, HeadSlot, MapLinears, MlpSlot, NormSlot, Slot, SlotMut};
 use crate::weights::WeightStore;
 
 pub enum LayerMlp {
@@ -22,8 +22,8 @@ pub enum LayerMlp {
 }
 
 pub struct DecoderLayer {
-    pub input_layernorm: RmsNorm,
-    pub post_attention_layernorm: RmsNorm,
+    pub input_layernorm: Slot<dyn NormSlot>,
+    pub post_attention_layernorm: Slot<dyn NormSlot>,
     pub attention: Slot<dyn AttentionSlot>,
     pub mlp: LayerMlp,
 }
@@ -32,10 +32,10 @@ impl DecoderLayer {
     /// (attention output, layer output).
     fn forward_parts(&self, x: &Array, cache: &mut KvCache) -> Result<(Array, Array)> {
         let a = crate::profile::span("attention", || {
-            self.attention.get().forward(&self.input_layernorm.forward(x)?, cache)
+            self.attention.get().forward(&self.input_layernorm.get().forward(x)?, cache)
         })?;
         let h = x.add(&a)?;
-        let n = self.post_attention_layernorm.forward(&h)?;
+        let n = self.post_attention_layernorm.get().forward(&h)?;
         let m = match &self.mlp {
             LayerMlp::Moe(block) => block.forward(&n)?,
             LayerMlp::Dense(mlp) => crate::profile::span("dense_mlp", || mlp.get().forward(&n))?,
@@ -66,9 +66,9 @@ impl HeadSlot for OutputHead {
 
 pub struct Model {
     pub config: ModelConfig,
-    pub embed_tokens: Embedding,
+    pub embed_tokens: Slot<dyn EmbeddingSlot>,
     pub layers: Vec<DecoderLayer>,
-    pub norm: RmsNorm,
+    pub norm: Slot<dyn NormSlot>,
     /// lm_head, or the embedding as a linear map when tied.
     pub head: Slot<dyn HeadSlot>,
     pub dtype: Dtype,
@@ -173,6 +173,8 @@ impl Model {
         let head = slot(Rc::new(OutputHead { linear }) as Rc<dyn HeadSlot>);
         flush(&mut ctx)?;
         bar.finish_and_clear();
+        let embed_tokens = slot(Rc::new(embed_tokens) as Rc<dyn EmbeddingSlot>);
+        let norm = slot(Rc::new(norm) as Rc<dyn NormSlot>);
         Ok(Model { config, embed_tokens, layers, norm, head, dtype })
     }
 
@@ -186,7 +188,7 @@ impl Model {
 
     /// Hidden states after the final norm for `tokens` `[B, L]`.
     pub fn hidden(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
-        let mut h = self.embed_tokens.forward(tokens)?;
+        let mut h = self.embed_tokens.get().forward(tokens)?;
         let mut dump = crate::debug_dump::CallDump::start(&h);
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             if let Some(d) = &mut dump {
@@ -201,7 +203,7 @@ impl Model {
         if let Some(d) = dump {
             d.save()?;
         }
-        self.norm.forward(&h)
+        self.norm.get().forward(&h)
     }
 
     /// Logits `[B, L, V]` for `tokens` `[B, L]`.
@@ -217,12 +219,18 @@ impl Model {
         }
     }
 
-    /// Every slot with its module path, in model order: per layer attention, then router,
-    /// experts, combine and shared expert (MoE) or the dense MLP; the output head last.
+    /// Every slot with its module path, in model order: the embedding; per layer the input norm,
+    /// attention, the post-attention norm, then router, experts, combine and shared expert (MoE)
+    /// or the dense MLP; the final norm and the output head last.
     pub fn slots_mut(&mut self) -> Vec<(String, SlotMut<'_>)> {
-        let mut out = Vec::new();
+        let mut out = vec![("model.embed_tokens".to_owned(), SlotMut::Embedding(&mut self.embed_tokens))];
         for (i, layer) in self.layers.iter_mut().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm"), SlotMut::Norm(&mut layer.input_layernorm)));
             out.push((format!("model.layers.{i}.self_attn"), SlotMut::Attention(&mut layer.attention)));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm"),
+                SlotMut::Norm(&mut layer.post_attention_layernorm),
+            ));
             match &mut layer.mlp {
                 LayerMlp::Moe(b) => {
                     out.push((format!("{}.gate", b.path), SlotMut::Router(&mut b.router)));
@@ -235,6 +243,7 @@ impl Model {
                 LayerMlp::Dense(m) => out.push((format!("model.layers.{i}.mlp"), SlotMut::DenseMlp(m))),
             }
         }
+        out.push(("model.norm".into(), SlotMut::Norm(&mut self.norm)));
         out.push(("lm_head".into(), SlotMut::Head(&mut self.head)));
         out
     }

@@ -266,6 +266,16 @@ impl Embedding {
     }
 }
 
+impl crate::slots::EmbeddingSlot for Embedding {
+    fn forward(&self, ids: &Array) -> Result<Array> {
+        Embedding::forward(self, ids)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// SwitchLinear / QuantizedSwitchLinear: one weight per expert, `[E, out, in]`.
 #[derive(Clone)]
 pub struct SwitchLinear {
@@ -302,6 +312,16 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
         Ok(fast::rms_norm(x, Some(&self.weight), self.eps)?)
+    }
+}
+
+impl crate::slots::NormSlot for RmsNorm {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        RmsNorm::forward(self, x)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

@@ -7,8 +7,8 @@ use mlx_rs::Dtype;
 
 pub use crate::kernels::check::{claims_exact, CaseResult};
 use crate::kernels::{
-    self, gqa_attention, moe_combine, moe_router, qmv_combine, qmv_linear, qmv_swiglu, rope_decode, sigmoid_router,
-    swiglu,
+    self, gqa_attention, moe_combine, moe_router, qmv_combine, qmv_linear, qmv_swiglu, quantized_embedding, rms_norm,
+    rope_decode, sigmoid_router, swiglu,
 };
 
 pub fn run() -> Result<Vec<CaseResult>> {
@@ -42,6 +42,12 @@ fn decode_kernels(out: &mut Vec<CaseResult>) -> Result<()> {
         }
         rope_decode::selftest(dt, out)?;
         gqa_attention::selftest(dt, out)?;
+    }
+    rms_norm::selftest(out)?;
+    for dt in [Dtype::Float32, Dtype::Bfloat16] {
+        for bits in [4, 8] {
+            quantized_embedding::selftest(dt, bits, out)?;
+        }
     }
     Ok(())
 }

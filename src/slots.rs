@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::cache::KvCache;
 use crate::nn::Linear;
 
-/// A kind of model part a pattern can target. The first seven are slots (`Model::slots_mut`
-/// walks them); `Activation` and `Linear` name parts inside slots (the activation of expert and
+/// A kind of model part a pattern can target. All but `Activation` and `Linear` are slots
+/// (`Model::slots_mut` walks them); `Activation` and `Linear` name parts inside slots (the activation of expert and
 /// dense MLPs; dense projections in attention, MLP and head slots), replaced by swapping the slot
 /// that holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,6 +32,10 @@ pub enum SlotKind {
     DenseMlp,
     /// The output head.
     Head,
+    /// The token embedding lookup.
+    Embedding,
+    /// A layer-level RMSNorm (input / post-attention norms, the final norm).
+    Norm,
 }
 
 /// A copy of an implementation with each dense projection replaced by `f(projection)`.
@@ -134,6 +138,18 @@ pub trait HeadSlot: Any {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// The token embedding: ids `[B, L]` (uint32) → hidden states `[B, L, D]`.
+pub trait EmbeddingSlot: Any {
+    fn forward(&self, ids: &Array) -> Result<Array>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A normalisation over the last axis (`x` `[..., D]` → same shape).
+pub trait NormSlot: Any {
+    fn forward(&self, x: &Array) -> Result<Array>;
+    fn as_any(&self) -> &dyn Any;
+}
+
 /// One slot: the stock implementation it was loaded with, the one that runs, and every pattern
 /// that shaped the active one, in the order they were applied (each wraps or copies the one
 /// active before it).
@@ -192,6 +208,8 @@ pub enum SlotMut<'a> {
     SharedExpert(&'a mut Slot<dyn MlpSlot>),
     DenseMlp(&'a mut Slot<dyn MlpSlot>),
     Head(&'a mut Slot<dyn HeadSlot>),
+    Embedding(&'a mut Slot<dyn EmbeddingSlot>),
+    Norm(&'a mut Slot<dyn NormSlot>),
 }
 
 impl SlotMut<'_> {
@@ -204,6 +222,8 @@ impl SlotMut<'_> {
             SlotMut::SharedExpert(_) => SlotKind::SharedExpert,
             SlotMut::DenseMlp(_) => SlotKind::DenseMlp,
             SlotMut::Head(_) => SlotKind::Head,
+            SlotMut::Embedding(_) => SlotKind::Embedding,
+            SlotMut::Norm(_) => SlotKind::Norm,
         }
     }
 
@@ -215,6 +235,8 @@ impl SlotMut<'_> {
             SlotMut::Combine(s) => s.patterns(),
             SlotMut::SharedExpert(s) | SlotMut::DenseMlp(s) => s.patterns(),
             SlotMut::Head(s) => s.patterns(),
+            SlotMut::Embedding(s) => s.patterns(),
+            SlotMut::Norm(s) => s.patterns(),
         }
     }
 
@@ -226,6 +248,8 @@ impl SlotMut<'_> {
             SlotMut::Combine(s) => s.restore(),
             SlotMut::SharedExpert(s) | SlotMut::DenseMlp(s) => s.restore(),
             SlotMut::Head(s) => s.restore(),
+            SlotMut::Embedding(s) => s.restore(),
+            SlotMut::Norm(s) => s.restore(),
         }
     }
 }

@@ -49,8 +49,9 @@ fn check(family: Family, quantize: Option<i32>, dtype: DtypeChoice, names: &[&st
     }
     // The decode-only kernels really ran (not only their stock fallback).
     let calls = zmlx::fallbacks::snapshot();
-    for n in names.iter().filter(|n| ["downproj_combine", "glm47_rope", "qmv_linear", "gqa_attention"].contains(n)) {
-        let f32_only = *n == "gqa_attention" && dtype == DtypeChoice::F32;
+    let kernels = ["downproj_combine", "glm47_rope", "qmv_linear", "gqa_attention", "rms_norm", "quantized_embedding"];
+    for n in names.iter().filter(|n| kernels.contains(n)) {
+        let f32_only = ["gqa_attention", "rms_norm"].contains(n) && dtype == DtypeChoice::F32;
         if quantize.is_some() && dtype == DtypeChoice::F32 || *n == "glm47_rope" || f32_only {
             assert!(calls.get(*n).is_some_and(|c| c.fused > 0), "{family} {n}: kernel never ran: {calls:?}");
         }

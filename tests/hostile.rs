@@ -53,6 +53,7 @@ fn every_subcommand_with_bad_flags_exits_2_without_panicking() {
         (&["generate", "--model", "/x", "--max-tokens", "0"], &["--max-tokens", "at least 1"]),
         (&["generate", "--model", "/x", "--max-tokens=-3"], &["--max-tokens"]),
         (&["generate", "--model", "/x", "--dtype", "f64"], &["--dtype"]),
+        (&["generate", "--model", "/x", "--warmup", "101"], &["--warmup", "0 to 100"]),
         (&["generate", "--model", "/x", "--seed", "x"], &["--seed"]),
         (&["validate", "/x", "--cooldown", "inf"], &["--cooldown", "finite"]),
         (&["validate", "/x", "--cooldown=-1"], &["--cooldown", "between 0 and"]),

@@ -294,3 +294,86 @@ fn sigmoid_router_ties_and_negative_bias() {
     let e = kernels::sigmoid_router(&logits, &rand(&[16], 1, 0.1, Dtype::Float32), &p).unwrap_err().to_string();
     assert!(e.contains("n_group | E"), "{e}");
 }
+
+#[test]
+fn rms_norm_bit_exact() {
+    use zmlx::kernels::rms_norm::{rms_norm, rms_norm_reference, rms_norm_unsupported};
+    use zmlx::nn::RmsNorm;
+    let _g = mlx_lock();
+    for (i, &d) in [2048, 128, 7, 1].iter().enumerate() {
+        let seed = 300 + 10 * i as u64;
+        let norm = RmsNorm { weight: rand(&[d], seed, 1.0, Dtype::Float32), eps: [1e-6, 1e-5][i % 2] };
+        // One decode row, a prefill block (threaded), wide and tiny magnitudes, specials.
+        for (j, (shape, scale)) in
+            [(vec![1, 1, d], 1.0), (vec![1, 33, d], 3.0), (vec![2, 3, d], 1e4), (vec![3, d], 1e-20)]
+                .into_iter()
+                .enumerate()
+        {
+            let x = rand(&shape, seed + j as u64, scale, Dtype::Float32);
+            let x = if j == 1 { with_specials(&x) } else { x };
+            let (w, g) = (rms_norm_reference(&x, &norm).unwrap(), rms_norm(&x, &norm).unwrap());
+            assert!(bit_equal(&w, &g), "rms_norm D={d} shape {shape:?} scale {scale}: differs");
+        }
+        // All zeros: rsqrt(eps) times 0.
+        let z = ops::zeros::<f32>(&[1, 2, d]).unwrap();
+        assert!(bit_equal(&rms_norm_reference(&z, &norm).unwrap(), &rms_norm(&z, &norm).unwrap()));
+        // A transposed (non-contiguous) view.
+        let t = rand(&[d, 5], seed + 9, 1.0, Dtype::Float32).t();
+        assert!(bit_equal(&rms_norm_reference(&t, &norm).unwrap(), &rms_norm(&t, &norm).unwrap()), "strided D={d}");
+    }
+    // bf16 activations are not the kernel's (the pattern runs stock for them), and say so.
+    let norm = RmsNorm { weight: rand(&[64], 1, 1.0, Dtype::Float32), eps: 1e-6 };
+    let xb = rand(&[1, 64], 2, 1.0, Dtype::Bfloat16);
+    assert!(rms_norm_unsupported(&xb, &norm).unwrap().contains("Bfloat16"));
+    assert!(rms_norm(&xb, &norm).is_err());
+    // A weight of the wrong width is an error from the kernel, not a crash.
+    let bad = RmsNorm { weight: rand(&[32], 3, 1.0, Dtype::Float32), eps: 1e-6 };
+    let e = rms_norm(&rand(&[1, 64], 4, 1.0, Dtype::Float32), &bad).unwrap_err().to_string();
+    assert!(e.contains("rms_norm"), "{e}");
+}
+
+#[test]
+fn quantized_embedding_bit_exact() {
+    use zmlx::config::QuantParams;
+    use zmlx::kernels::quantized_embedding::{
+        quantized_embedding, quantized_embedding_reference, quantized_embedding_unsupported,
+    };
+    use zmlx::nn::{Embedding, QWeight, Weight};
+    let _g = mlx_lock();
+    for bits in [2, 4, 8] {
+        for (gs, st) in [(32, Dtype::Float32), (64, Dtype::Bfloat16), (128, Dtype::Float16)] {
+            let (w, s, b) =
+                ops::quantize(rand(&[300, 256], bits as u64 + gs as u64, 0.1, Dtype::Float32), gs, bits).unwrap();
+            let q = QWeight {
+                weight: w,
+                scales: s.as_dtype(st).unwrap(),
+                biases: b.as_dtype(st).unwrap(),
+                q: QuantParams { bits, group_size: gs },
+            };
+            let emb = Embedding { weight: Weight::Quant(q), dtype: Dtype::Float32 };
+            for ids in [vec![0u32], vec![299], vec![5, 5, 0, 299, 150, 17, 42, 8]] {
+                let a = Array::from_slice(&ids, &[1, ids.len() as i32]);
+                let (want, got) =
+                    (quantized_embedding_reference(&a, &emb).unwrap(), quantized_embedding(&a, &emb).unwrap());
+                assert!(bit_equal(&want, &got), "{bits}-bit g{gs} {st:?} ids {ids:?}: differs");
+            }
+            // An id past the table: a NaN row (MLX's gather does not check), no crash.
+            let out = quantized_embedding(&Array::from_slice(&[300u32, 1], &[2]), &emb).unwrap();
+            let nan_rows = ops::is_nan(&out).unwrap().all_axis(-1, None).unwrap();
+            assert_eq!(nan_rows.as_slice::<bool>(), &[true, false], "{bits}-bit g{gs}");
+        }
+    }
+    // What the kernel does not take is said (the pattern then runs the stock lookup).
+    let (w, s, b) = ops::quantize(rand(&[8, 64], 1, 0.1, Dtype::Float32), 64, 4).unwrap();
+    let emb = Embedding {
+        weight: Weight::Quant(QWeight { weight: w, scales: s, biases: b, q: QuantParams { bits: 4, group_size: 64 } }),
+        dtype: Dtype::Float32,
+    };
+    let why = quantized_embedding_unsupported(&Array::from_slice(&[1i32], &[1]), &emb).err().unwrap();
+    assert!(why.contains("Int32"), "{why}");
+    let f = Embedding { weight: Weight::Float(rand(&[8, 64], 2, 1.0, Dtype::Float32)), dtype: Dtype::Float32 };
+    assert!(quantized_embedding_unsupported(&Array::from_slice(&[1u32], &[1]), &f)
+        .err()
+        .unwrap()
+        .contains("float weights"));
+}

@@ -203,3 +203,56 @@ fn gqa_attention_fast_extremes_and_nan() {
     assert_eq!(nan(&w), nan(&g), "NaN positions differ");
     assert!(nan(&g).iter().any(|&b| b), "the NaN key must reach the output");
 }
+
+#[test]
+fn gqa_attention_host_ahead_of_the_stream() {
+    let _g = mlx_lock();
+    // The host builds and evaluates decode steps while the stream still works through earlier
+    // ones (async_eval in the generate loop; with few nodes per step it gets a step or more
+    // ahead). Here a slow matmul chain gates step 1's key, so when step 2's cache write is
+    // evaluated on the host, step 1's write has not run: the previous cache may be copied only
+    // inside the stream's task (a copy at evaluation time read the cache without step 1's row).
+    let a = random_attention(4, 2, 64, true, Rope::plain(64, false, 1e4)).unwrap();
+    let inputs: Vec<(Array, Array, Array)> = [5, 1, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            let s = 90 + 3 * i as u64;
+            (
+                rand(&[1, l, 4 * 64], s, 2.0, Dtype::Float32).unwrap(),
+                rand(&[1, l, 2 * 64], s + 1, 2.0, Dtype::Float32).unwrap(),
+                rand(&[1, l, 2 * 64], s + 2, 1.0, Dtype::Float32).unwrap(),
+            )
+        })
+        .collect();
+    let mut stock = KvCache::default();
+    let want: Vec<Array> = inputs
+        .iter()
+        .map(|(q, k, v)| {
+            let o = gqa_attention_reference(&a, q, k, v, &mut stock).unwrap();
+            o.eval().unwrap();
+            o
+        })
+        .collect();
+    for class in [Exact, Fast] {
+        let mut cache = KvCache::default();
+        let (q, k, v) = &inputs[0];
+        gqa_attention(&a, q, k, v, &mut cache, class).unwrap().eval().unwrap();
+        // ~1 s of reference-BLAS matmuls, finite, times zero: the value of k is unchanged.
+        let mut slow = rand(&[768, 768], 5, 0.03, Dtype::Float32).unwrap();
+        for _ in 0..3 {
+            slow = slow.matmul(&slow).unwrap();
+        }
+        let gate = slow.sum(None).unwrap().multiply(Array::from_f32(0.0)).unwrap();
+        let (q1, k1, v1) = &inputs[1];
+        let o1 = gqa_attention(&a, q1, &k1.add(&gate).unwrap(), v1, &mut cache, class).unwrap();
+        let (q2, k2, v2) = &inputs[2];
+        let o2 = gqa_attention(&a, q2, k2, v2, &mut cache, class).unwrap();
+        mlx_rs::transforms::eval([&o2]).unwrap();
+        o1.eval().unwrap();
+        for (i, (w, g)) in want[1..].iter().zip([&o1, &o2]).enumerate() {
+            let ok = if class == Exact { bit_equal(w, g) } else { rel_diff(w, g) < 2e-5 };
+            assert!(ok, "{class:?}: decode step {} differs from the stock core", i + 1);
+        }
+    }
+}

@@ -165,3 +165,35 @@ fn benchmark_runs_generate_exactly_max_tokens_and_record_threads() {
         assert_eq!(v["report"][side]["runs"][0]["token_ids"].as_array().unwrap().len(), 9, "{side}");
     }
 }
+
+#[test]
+fn generate_warmup_leaves_the_timed_generation_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let _g = mlx_lock();
+        synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 8));
+    }
+    let gen = |warmup: &str| -> serde_json::Value {
+        let (code, out, err) = zmlx(&[
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "The kernel schedules threads.",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+            "--warmup",
+            warmup,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let (cold, warm) = (gen("0"), gen("2"));
+    assert_eq!(warm["token_ids"], cold["token_ids"], "warm-up generations must not change the timed one");
+    assert_eq!(warm["token_ids"].as_array().unwrap().len(), 6);
+    // Kernel call counts cover the timed generation only: the same with or without warm-up.
+    assert_eq!(warm["pattern_calls"], cold["pattern_calls"]);
+    assert!(warm["pattern_calls"].as_object().is_some_and(|m| !m.is_empty()), "{}", warm["pattern_calls"]);
+}

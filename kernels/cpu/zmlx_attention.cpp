@@ -46,6 +46,7 @@
 #include "mlx/c/private/stream.h"
 
 #include "attend_fast.h"
+#include "rms_norm_row.h"
 #include "zmlx_common.h"
 #include "zmlx_pool.h"
 #include "zmlx_rope.h"
@@ -78,13 +79,7 @@ struct HeadP {
 };
 
 // rms_norm's fallback on one row of D values (f32), in place.
-void rms_norm_row(float* x, const float* w, int d, float eps) {
-  float s = 0.0f;
-  for (int i = 0; i < d; ++i) s = dt::Add{}(s, dt::Square{}(x[i]));
-  float inv_n = static_cast<float>(1.0 / d);
-  float r = dt::Rsqrt{}(dt::Add{}(dt::Multiply{}(s, inv_n), eps));
-  for (int i = 0; i < d; ++i) x[i] = dt::Multiply{}(dt::Multiply{}(x[i], r), w[i]);
-}
+void rms_norm_row(float* x, const float* w, int d, float eps) { zmlx_norm::rms_norm_row(x, w, d, eps, x); }
 
 // cos/sin of positions offset..offset+L-1, [L, dims/2] each.
 struct Angles {
@@ -117,14 +112,19 @@ class KvWrite : public mx::UnaryPrimitive {
     const auto& c = in[0];
     need_contiguous(c, "the KV cache");
     if (c.data_size() != c.size()) throw std::invalid_argument("zmlx gqa_attention: the KV cache must be materialised");
-    if (c.is_donatable() && c.nbytes() == out.nbytes()) {
+    // Donated: the write lands in the previous cache's buffer (no other node holds it). Else the
+    // copy of the previous cache happens in the task, on the stream, after the tasks queued
+    // before it (the write that filled the previous row may not have run yet when this node is
+    // evaluated on the main thread: copying here read a stale cache when the host ran ahead).
+    bool donated = c.is_donatable() && c.nbytes() == out.nbytes();
+    if (donated) {
       out.copy_shared_buffer(c);
     } else {
       out.set_data(mx::allocator::malloc(out.nbytes()));
-      std::memcpy(out.data<void>(), c.data<void>(), c.nbytes());
     }
     auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.dispatch([in, out, h = h_, r = r_, rotate = rotate_]() mutable {
+    enc.dispatch([in, out, donated, h = h_, r = r_, rotate = rotate_]() mutable {
+      if (!donated) std::memcpy(out.data<void>(), in[0].data<void>(), in[0].nbytes());
       const auto& x = in[1];
       int B = x.shape(0), L = x.shape(1), cap = out.shape(2), D = h.d;
       std::optional<Angles> ang;

@@ -461,8 +461,9 @@ class QmvCombine : public mx::UnaryPrimitive {
   bool fast_;
 };
 
-// inputs: x [T, K] f32, w [N, K*bits/32] u32, s, b [N, K/gs] f32  ->  out [T, N] f32
-// (quantized_matmul(x, w, transpose=true) for a few rows: each row is `_qmm_t`'s sum).
+// inputs: x [..., K] f32 (T rows), w [N, K*bits/32] u32, s, b [N, K/gs] f32  ->  out [..., N] f32
+// (quantized_matmul(x, w, transpose=true) for a few rows: each row is `_qmm_t`'s sum). Any rank,
+// so the caller needs no reshape nodes around it.
 class QmvLinear : public mx::UnaryPrimitive {
  public:
   QmvLinear(mx::Stream s, int gs, int bits, bool fast = false)
@@ -473,7 +474,7 @@ class QmvLinear : public mx::UnaryPrimitive {
     enc.dispatch([in, o = out.data<float>(), gs = gs_, bits = bits_, fast = fast_]() {
       std::vector<float> xb;
       const float* x = dense(in[0], xb);
-      int tokens = in[0].shape(0), K = in[0].shape(1), n = in[1].shape(0);
+      int K = in[0].shape(-1), n = in[1].shape(0), tokens = int(in[0].size() / size_t(K));
       ZmlxQMat m{in[1].data<uint8_t>(), in[2].data<void>(),  in[3].data<void>(), long(in[1].shape(1)) * 4,
                  long(in[2].shape(1)),    scale_type(in[2].dtype())};
       if (fast) return run_linear_fast(bits, x, m, o, tokens, K, n, gs);
@@ -585,8 +586,9 @@ extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_
     auto& s0 = mlx_array_get_(sc);
     auto& b0 = mlx_array_get_(bi);
     if (bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("zmlx qmv_linear: bits must be 2, 4 or 8");
-    if (x0.ndim() != 2 || x0.dtype() != mx::float32) throw std::invalid_argument("zmlx qmv_linear: x must be float32 [T, K]");
-    int K = x0.shape(1);
+    if (x0.ndim() < 1 || x0.dtype() != mx::float32 || x0.shape(-1) < 1)
+      throw std::invalid_argument("zmlx qmv_linear: x must be float32 [..., K]");
+    int K = x0.shape(-1);
     if (w0.ndim() != 2 || w0.dtype() != mx::uint32 || s0.ndim() != 2 || b0.shape() != s0.shape() ||
         scale_type(s0.dtype()) < 0 || b0.dtype() != s0.dtype() || group_size <= 0 || K % group_size != 0 ||
         w0.shape(1) * 32 != K * bits || s0.shape(1) != K / group_size || s0.shape(0) != w0.shape(0))
@@ -594,7 +596,8 @@ extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_
           "zmlx qmv_linear: weight [N, K*bits/32] uint32 with float32/bfloat16/float16 scales/biases [N, K/group] "
           "(one dtype) expected");
     std::vector<mx::array> ins = {x0, expert_weight(w0, st), expert_weight(s0, st), expert_weight(b0, st)};
-    mx::Shape shape = {x0.shape(0), w0.shape(0)};
+    mx::Shape shape = x0.shape();
+    shape.back() = w0.shape(0);
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvLinear>(st, group_size, bits), ins));
   });
 }

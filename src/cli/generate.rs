@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::args::{at_least_one, parse_temp, parse_top_p, PatternArgs};
+use super::args::{at_least_one, parse_temp, parse_top_p, parse_warmup, PatternArgs};
 use crate::generate::{generate, GenerateOptions, SamplerConfig};
 use crate::mlx_env;
 use crate::model::{dtype_name, DtypeChoice, Model};
@@ -37,6 +37,10 @@ pub struct GenerateArgs {
     /// Print one JSON object (ids, text, statistics) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Greedy warm-up generations (5 tokens on "Hello") before the timed one, as `zmlx run` and
+    /// mlx-lm's benchmarks do: the statistics then leave out first-call costs.
+    #[arg(long, default_value_t = 0, value_parser = parse_warmup)]
+    pub warmup: usize,
     #[command(flatten)]
     pub patterns: PatternArgs,
 }
@@ -54,6 +58,7 @@ impl GenerateArgs {
             dtype: DtypeChoice::Auto,
             ignore_eos: true,
             json: false,
+            warmup: 0,
             patterns: PatternArgs::default(),
         }
     }
@@ -88,6 +93,14 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
             dtype_name(info.stored_dtype),
             info.seconds
         );
+    }
+    if a.warmup > 0 {
+        let hello = tok.encode("Hello")?;
+        let warm = GenerateOptions::greedy(5, tok.eos_token_ids.clone());
+        for _ in 0..a.warmup {
+            generate(&model, &hello, &warm, |_| Ok(()))?;
+        }
+        crate::fallbacks::reset();
     }
     let mut stream = tok.stream();
     let mut out = std::io::stdout();

@@ -16,6 +16,8 @@
 //! | `qmv_linear` | `zmlx_cpu_qmv_linear` (zmlx_qmv.cpp + qmv_rows.inc) | none (CPU only) |
 //! | `gqa_attention` | `zmlx_cpu_gqa_attention` (zmlx_attention.cpp) | none (CPU only) |
 //! | `rope_decode` | `zmlx_cpu_rope_decode` (zmlx_rope.cpp) | `rope_decode.cu` / `.metal` |
+//! | `rms_norm` | `zmlx_cpu_rms_norm` (zmlx_rms_norm.cpp + rms_norm_row.h) | none (CPU only) |
+//! | `quantized_embedding` | `zmlx_cpu_quantized_embedding` (zmlx_embedding.cpp) | none (CPU only) |
 //!
 //! Layering: kernels depend on the stock layers (for the references and the weight types),
 //! never the other way round; patterns (`patterns/`) depend on both.
@@ -36,6 +38,8 @@ pub mod moe_router;
 pub mod qmv_combine;
 pub mod qmv_linear;
 pub mod qmv_swiglu;
+pub mod quantized_embedding;
+pub mod rms_norm;
 pub mod rope_decode;
 pub mod sigmoid_router;
 pub mod swiglu;

@@ -63,16 +63,11 @@ pub fn qmv_linear_class(x: &Array, w: &QWeight, class: KernelClass) -> Result<Ar
     if let Some(why) = qmv_linear_unsupported(x, w) {
         bail!("qmv_linear: {why}");
     }
-    let k = x.dim(-1);
-    let rows = (x.size() / k.max(1) as usize) as i32;
-    let x2 = x.reshape(&[rows, k])?;
-    let out = raw_array(|res, s| unsafe {
+    // The node takes x of any rank and returns [..., N] (no reshape nodes around it).
+    Ok(raw_array(|res, s| unsafe {
         let f = if class == KernelClass::Fast { zmlx_cpu_qmv_linear_fast } else { zmlx_cpu_qmv_linear };
-        f(res, x2.as_ptr(), w.weight.as_ptr(), w.scales.as_ptr(), w.biases.as_ptr(), w.q.group_size, w.q.bits, s)
-    })?;
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = w.weight.dim(0);
-    Ok(out.reshape(&shape)?)
+        f(res, x.as_ptr(), w.weight.as_ptr(), w.scales.as_ptr(), w.biases.as_ptr(), w.q.group_size, w.q.bits, s)
+    })?)
 }
 
 /// Selftest case for one dtype and bit width (CPU only): one expert of the `qmv_combine` case's

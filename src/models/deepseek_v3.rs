@@ -140,6 +140,15 @@ impl ModelFamily for DeepseekV3 {
 
     /// moe_mlp stays for its combine kernel; glm47_rope fuses the MLA decode RoPE.
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "deepseek_router", "downproj_combine", "qmv_linear", "glm47_rope"]
+        vec![
+            "swiglu_mlp",
+            "moe_mlp",
+            "deepseek_router",
+            "downproj_combine",
+            "qmv_linear",
+            "glm47_rope",
+            "rms_norm",
+            "quantized_embedding",
+        ]
     }
 }

@@ -127,6 +127,15 @@ impl ModelFamily for Glm4Moe {
 
     /// moe_mlp stays for its combine kernel; the router is deepseek_router's.
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "deepseek_router", "downproj_combine", "gqa_attention", "qmv_linear"]
+        vec![
+            "swiglu_mlp",
+            "moe_mlp",
+            "deepseek_router",
+            "downproj_combine",
+            "gqa_attention",
+            "qmv_linear",
+            "rms_norm",
+            "quantized_embedding",
+        ]
     }
 }

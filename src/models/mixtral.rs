@@ -115,6 +115,14 @@ impl ModelFamily for Mixtral {
     }
 
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "downproj_combine", "gqa_attention", "qmv_linear"]
+        vec![
+            "swiglu_mlp",
+            "moe_mlp",
+            "downproj_combine",
+            "gqa_attention",
+            "qmv_linear",
+            "rms_norm",
+            "quantized_embedding",
+        ]
     }
 }

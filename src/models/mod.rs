@@ -216,14 +216,13 @@ fn decoder_layer(
     mlp: crate::model::LayerMlp,
 ) -> Result<DecoderLayer> {
     let (d, eps) = (ctx.config.hidden_size, ctx.config.rms_norm_eps);
+    let norm = |ctx: &mut LoadCtx, name: &str| -> Result<crate::slots::Slot<dyn crate::slots::NormSlot>> {
+        let n = crate::nn::RmsNorm::load(ctx, &format!("model.layers.{i}.{name}"), d, eps)?;
+        Ok(crate::model::slot(Rc::new(n) as Rc<dyn crate::slots::NormSlot>))
+    };
     Ok(DecoderLayer {
-        input_layernorm: crate::nn::RmsNorm::load(ctx, &format!("model.layers.{i}.input_layernorm"), d, eps)?,
-        post_attention_layernorm: crate::nn::RmsNorm::load(
-            ctx,
-            &format!("model.layers.{i}.post_attention_layernorm"),
-            d,
-            eps,
-        )?,
+        input_layernorm: norm(ctx, "input_layernorm")?,
+        post_attention_layernorm: norm(ctx, "post_attention_layernorm")?,
         attention: crate::model::slot(attention),
         mlp,
     })

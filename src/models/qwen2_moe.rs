@@ -127,6 +127,14 @@ impl ModelFamily for Qwen2Moe {
     }
 
     fn preset_patterns(&self) -> Vec<&'static str> {
-        vec!["swiglu_mlp", "moe_mlp", "downproj_combine", "gqa_attention", "qmv_linear"]
+        vec![
+            "swiglu_mlp",
+            "moe_mlp",
+            "downproj_combine",
+            "gqa_attention",
+            "qmv_linear",
+            "rms_norm",
+            "quantized_embedding",
+        ]
     }
 }
