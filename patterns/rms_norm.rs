@@ -1,9 +1,9 @@
 //! `rms_norm` (safe on CPU): each layer-level RMSNorm — every layer's input and post-attention
-//! norms and the final norm — as one kernel node (`kernels::rms_norm`) instead of the ~9 op nodes
-//! of MLX's CPU `fast::rms_norm` fallback. The arithmetic is the same: it saves per-node overhead
-//! (graph node, allocation, task hand-off: ~14 µs per small op in the 2-core VM's decode loop,
-//! ~45 nodes per step on a 2-layer model), not compute. Bit-identical (tests/kernels.rs,
-//! `zmlx selftest`), token-identical on every family (tests/fidelity.rs). The norms inside MLA
+//! norms and the final norm — as one kernel node (`kernels::rms_norm`) instead of the ~10 op nodes
+//! of MLX's CPU `fast::rms_norm` fallback. The arithmetic is the same: it saves per-node
+//! overhead (graph node, allocation, task hand-off: ~14 µs per small op in the 2-core VM's decode
+//! loop; 50 of 152 nodes per decode step on the 2-layer bench model), not compute. Bit-identical
+//! (tests/kernels.rs, `zmlx selftest`), token-identical on every family (tests/fidelity.rs). The norms inside MLA
 //! attention (q_a/kv_a) and Qwen3's per-head q/k norms are parts of the attention slot
 //! (`gqa_attention` already fuses the latter). Not applied on GPU backends (`fast::rms_norm` is
 //! one fused kernel there); non-f32 calls run stock (counted).
@@ -34,7 +34,7 @@ static INFO: PatternInfo = PatternInfo {
     class: SafetyClass::Safe,
     decode_only: false,
     env: &["ZMLX_CPU_THREADS"],
-    description: "layer RMSNorms (input, post-attention, final) as one CPU kernel node each instead of ~9 MLX ops",
+    description: "layer RMSNorms (input, post-attention, final) as one CPU kernel node each instead of ~10 MLX ops",
 };
 
 /// The stock norm's weights on the fused kernel.

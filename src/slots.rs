@@ -14,9 +14,9 @@ use crate::cache::KvCache;
 use crate::nn::Linear;
 
 /// A kind of model part a pattern can target. All but `Activation` and `Linear` are slots
-/// (`Model::slots_mut` walks them); `Activation` and `Linear` name parts inside slots (the activation of expert and
-/// dense MLPs; dense projections in attention, MLP and head slots), replaced by swapping the slot
-/// that holds them.
+/// (`Model::slots_mut` walks them); those two name parts inside slots (the activation of expert
+/// and dense MLPs; dense projections in attention, MLP and head slots), replaced by swapping the
+/// slot that holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotKind {

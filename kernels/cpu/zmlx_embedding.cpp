@@ -1,6 +1,6 @@
 // ZmlxQEmbed: the `quantized_embedding` pattern's kernel — QuantizedEmbedding's lookup
 // (`dequantize(w[ids], scales[ids], biases[ids])`) as one node. On the CPU MLX 0.32 builds that
-// lookup from ~35 op nodes (three gathers; per packed field a left and a right shift, an
+// lookup from ~57 op nodes (three gathers; per packed field a left and a right shift, an
 // expand_dims; a concatenate, reshapes, the scale multiply and bias add with their broadcasts),
 // each a node, an allocation and a task hand-off in the decode loop. Bit-identical: every element
 // is MLX's `float(q) * scale + bias`, a product rounded and then a sum rounded (no FMA: this file

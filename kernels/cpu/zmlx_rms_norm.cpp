@@ -1,8 +1,8 @@
 // ZmlxRmsNorm: the `rms_norm` pattern's kernel — mlx.nn.RMSNorm (fast::rms_norm) on the CPU as
-// one node instead of the ~9 op nodes of MLX's CPU fallback (square, sum, scale by 1/n, add eps,
-// rsqrt, two multiplies and their broadcasts): each of which costs a graph node, an allocation
-// and a task hand-off (~14 us each in the decode loop on the 2-core VM, small next to nothing
-// they compute). Bit-identical: the same sums in the same order (rms_norm_row.h).
+// one node instead of the ~10 op nodes of MLX's CPU fallback (square, sum, scale by 1/n, add eps,
+// rsqrt, two multiplies and their broadcasts). Each node costs an allocation and a task
+// hand-off, ~14 us in the decode loop on the 2-core VM: far more than the arithmetic of one row.
+// Bit-identical: the same sums in the same order (rms_norm_row.h).
 #include <stdexcept>
 #include <string>
 #include <vector>

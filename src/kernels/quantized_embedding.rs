@@ -1,6 +1,6 @@
 //! `quantized_embedding`: QuantizedEmbedding's lookup (`dequantize` of the gathered rows) as one
 //! graph node — the `quantized_embedding` pattern's kernel. Reference: `nn::Embedding::forward`
-//! (on the CPU MLX 0.32 builds it from ~35 op nodes). CPU only: `zmlx_cpu_quantized_embedding`
+//! (on the CPU MLX 0.32 builds it from ~57 op nodes). CPU only: `zmlx_cpu_quantized_embedding`
 //! (kernels/cpu/zmlx_embedding.cpp): each element `float(q) * scale + bias` with both roundings,
 //! scales widened exactly, so it is bit-identical. On GPUs MLX's dequantize is a fused kernel.
 use anyhow::{bail, Result};

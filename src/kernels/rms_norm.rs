@@ -1,6 +1,6 @@
 //! `rms_norm`: mlx.nn.RMSNorm (`fast::rms_norm(x, w, eps)`) as one graph node — the `rms_norm`
 //! pattern's kernel. Reference: `nn::RmsNorm::forward` (on the CPU MLX 0.32 runs it as a fallback
-//! of ~9 op nodes). CPU only: `zmlx_cpu_rms_norm` (kernels/cpu/zmlx_rms_norm.cpp, the row in
+//! of ~10 op nodes). CPU only: `zmlx_cpu_rms_norm` (kernels/cpu/zmlx_rms_norm.cpp, the row in
 //! rms_norm_row.h, shared with `gqa_attention`'s q/k norms): the same sequential sum of squares,
 //! scale by `(float)(1/n)`, `rsqrt`, and two rounded multiplies, so it is bit-identical. On GPUs
 //! `fast::rms_norm` is already one fused kernel.
