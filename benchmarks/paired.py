@@ -27,6 +27,10 @@ import statistics as st
 import subprocess
 import sys
 import time
+import types
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp"))
+from bench_llamacpp import llama_bench  # noqa: E402
 
 
 def run_zmlx(a, patterns, prompt):
@@ -43,16 +47,11 @@ def run_zmlx(a, patterns, prompt):
 
 
 def run_llama(a, gguf):
-    out = {}
-    for key, p, n, d in (("prefill_tps", a.prompt_tokens, 0, 0), ("decode_tps", 0, a.gen, a.prompt_tokens)):
-        cmd = [a.bench, "-m", gguf, "-t", str(a.threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"]
-        if d:
-            cmd += ["-d", str(d)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"llama-bench failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
-        out[key] = json.loads(r.stdout)[0]["avg_ts"]
-    return out
+    """bench_llamacpp.py's two llama-bench runs (pp at depth 0, tg at depth PROMPT), one repetition."""
+    b = types.SimpleNamespace(bench=a.bench, gguf=gguf, threads=a.threads, reps=1)
+    _, pp = llama_bench(b, a.prompt_tokens, 0, 0)
+    _, tg = llama_bench(b, 0, a.gen, a.prompt_tokens)
+    return {"prefill_tps": pp[0]["avg_ts"], "decode_tps": tg[0]["avg_ts"]}
 
 
 def main():

@@ -78,9 +78,6 @@ struct HeadP {
   }
 };
 
-// rms_norm's fallback on one row of D values (f32), in place.
-void rms_norm_row(float* x, const float* w, int d, float eps) { zmlx_norm::rms_norm_row(x, w, d, eps, x); }
-
 // cos/sin of positions offset..offset+L-1, [L, dims/2] each.
 struct Angles {
   int half;
@@ -137,7 +134,7 @@ class KvWrite : public mx::UnaryPrimitive {
         float* row = dst + ((size_t(b) * h.heads + hh) * cap + h.offset + t) * D;
         std::memcpy(row, src + ((size_t(b) * L + t) * h.heads + hh) * D, D * sizeof(float));
         if (rotate) {
-          if (h.has_norm) rms_norm_row(row, w, D, h.eps);
+          if (h.has_norm) zmlx_norm::rms_norm_row(row, w, D, h.eps, row);
           ang->rotate(row, r, t);
         }
       });
@@ -184,7 +181,7 @@ class GqaAttend : public mx::UnaryPrimitive {
       // q of one head: norm, rotation and scale exactly as the stock chain (both classes).
       auto prepare_q = [&](float* q, int b, int t, int hh) {
         std::memcpy(q, qs + ((size_t(b) * L + t) * hq + hh) * D, D * sizeof(float));
-        if (h.has_norm) rms_norm_row(q, w, D, h.eps);
+        if (h.has_norm) zmlx_norm::rms_norm_row(q, w, D, h.eps, q);
         ang.rotate(q, r, t);
         for (int i = 0; i < D; ++i) q[i] = dt::Multiply{}(scale, q[i]);
       };

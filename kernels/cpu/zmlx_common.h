@@ -6,6 +6,9 @@
 
 #include "mlx/array.h"
 #include "mlx/c/error.h"
+#include "mlx/ops.h"
+
+#include "qmv_rows.h"
 
 namespace zmlx_cpu {
 
@@ -39,6 +42,19 @@ const T* dense(const mlx::core::array& a, std::vector<T>& buf) {
     }
   }
   return buf.data();
+}
+
+// ZMLX_SCALE_* of a scales/biases dtype; -1 if the row kernels cannot read it.
+inline int scale_type(mlx::core::Dtype d) {
+  if (d == mlx::core::float32) return ZMLX_SCALE_F32;
+  if (d == mlx::core::bfloat16) return ZMLX_SCALE_BF16;
+  if (d == mlx::core::float16) return ZMLX_SCALE_F16;
+  return -1;
+}
+
+// Packed weights/tables must be evaluated row-contiguous buffers: kernels read them in place.
+inline mlx::core::array whole(const mlx::core::array& a, const mlx::core::Stream& st) {
+  return a.flags().row_contiguous ? a : mlx::core::contiguous(a, false, st);
 }
 
 }  // namespace zmlx_cpu

@@ -29,12 +29,8 @@ namespace dt = mlx::core::detail;
 
 namespace {
 
-int scale_type_of(mx::Dtype d) {
-  if (d == mx::float32) return ZMLX_SCALE_F32;
-  if (d == mx::bfloat16) return ZMLX_SCALE_BF16;
-  if (d == mx::float16) return ZMLX_SCALE_F16;
-  return -1;
-}
+using zmlx_cpu::scale_type;
+using zmlx_cpu::whole;
 
 // inputs: ids [...] u32, w [V, D*bits/32] u32, scales/biases [V, D/gs]  ->  out [..., D] f32.
 // An id past the table gives a NaN row (MLX's gather does not check; the caller validates ids).
@@ -48,11 +44,11 @@ class QEmbed : public mx::UnaryPrimitive {
       std::vector<uint32_t> ib;
       const uint32_t* ids = zmlx_cpu::dense(in[0], ib);
       const auto &w = in[1], &s = in[2], &b = in[3];
-      // The packed table and its scales are whole, contiguous arrays (checked at construction).
+      // The packed table and its scales are whole, row-contiguous arrays (made so at construction).
       const uint32_t* wp = w.data<uint32_t>();
       const void *sp = s.data<void>(), *bp = b.data<void>();
       long V = w.shape(0), words = w.shape(1), groups = s.shape(1);
-      int D = int(words * 32 / bits), st = scale_type_of(s.dtype());
+      int D = int(words * 32 / bits), st = scale_type(s.dtype());
       uint32_t mask = (1u << bits) - 1u;
       int per_word = 32 / bits;
       for (size_t t = 0; t < in[0].size(); ++t) {
@@ -96,15 +92,13 @@ extern "C" int zmlx_cpu_quantized_embedding(mlx_array* res, const mlx_array ids,
     if (bits != 2 && bits != 4 && bits != 8) bad("bits must be 2, 4 or 8");
     if (i0.dtype() != mx::uint32) bad("token ids must be uint32");
     if (w0.ndim() != 2 || w0.dtype() != mx::uint32 || s0.ndim() != 2 || b0.shape() != s0.shape() ||
-        scale_type_of(s0.dtype()) < 0 || b0.dtype() != s0.dtype() || s0.shape(0) != w0.shape(0) || group_size <= 0)
+        scale_type(s0.dtype()) < 0 || b0.dtype() != s0.dtype() || s0.shape(0) != w0.shape(0) || group_size <= 0)
       bad("weight [V, D*bits/32] uint32 with float32/bfloat16/float16 scales/biases [V, D/group] (one dtype) expected");
     long D = long(w0.shape(1)) * 32 / bits;
     if (D % group_size != 0 || s0.shape(1) != D / group_size) bad("scales must be [V, D/group_size]");
-    // The kernel indexes the whole tables directly: make them contiguous (a no-op for loaded weights).
-    auto whole = [&](const mx::array& a) { return a.flags().row_contiguous ? a : mx::contiguous(a, false, st); };
     mx::Shape shape = i0.shape();
     shape.push_back(int(D));
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QEmbed>(st, group_size, bits),
-                                   {i0, whole(w0), whole(s0), whole(b0)}));
+                                   {i0, whole(w0, st), whole(s0, st), whole(b0, st)}));
   });
 }

@@ -149,13 +149,8 @@ bool fast_supported(int bits, int gs) {
 // Rows per work item: a multiple of 32 so the interleaved path does the bulk.
 constexpr int CHUNK = 64;
 
-// ZMLX_SCALE_* of a scales/biases dtype; -1 if the row kernels cannot read it.
-int scale_type(mx::Dtype d) {
-  if (d == mx::float32) return ZMLX_SCALE_F32;
-  if (d == mx::bfloat16) return ZMLX_SCALE_BF16;
-  if (d == mx::float16) return ZMLX_SCALE_F16;
-  return -1;
-}
+using zmlx_cpu::scale_type;
+using zmlx_cpu::whole;
 
 // Stacked expert matrices [E, rows, K] (packed), scales/biases [E, rows, K / gs] (f32/bf16/f16, as stored).
 struct ExpertMats {
@@ -500,10 +495,6 @@ class QmvLinear : public mx::UnaryPrimitive {
   bool fast_;
 };
 
-// Packed expert weights must be evaluated row-contiguous buffers: they are read in place.
-mx::array expert_weight(const mx::array& a, const mx::Stream& st) {
-  return a.flags().row_contiguous ? a : mx::contiguous(a, false, st);
-}
 
 void check_expert(const char* op, const mx::array& w, const mx::array& s, const mx::array& b, int K, int gs, int bits) {
   if (w.ndim() != 3 || w.dtype() != mx::uint32 || s.ndim() != 3 || b.shape() != s.shape())
@@ -548,7 +539,7 @@ extern "C" int zmlx_cpu_qmv_swiglu(mlx_array* res, const mlx_array x, const mlx_
     check_expert("zmlx qmv_swiglu (up)", u, mlx_array_get_(su), mlx_array_get_(bu), K, group_size, bits);
     if (g.shape() != u.shape()) throw std::invalid_argument("zmlx qmv_swiglu: gate and up weights differ in shape");
     std::vector<mx::array> ins = {x0, i0};
-    for (auto a : {wg, sg, bg, wu, su, bu}) ins.push_back(expert_weight(mlx_array_get_(a), st));
+    for (auto a : {wg, sg, bg, wu, su, bu}) ins.push_back(whole(mlx_array_get_(a), st));
     mx::Shape shape = {x0.shape(0), i0.shape(1), g.shape(1)};
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvSwiglu>(st, group_size, bits), ins));
   });
@@ -571,7 +562,7 @@ extern "C" int zmlx_cpu_qmv_combine(mlx_array* res, const mlx_array h, const mlx
     auto& d = mlx_array_get_(wd);
     check_expert("zmlx qmv_combine (down)", d, mlx_array_get_(sd), mlx_array_get_(bd), h0.shape(2), group_size, bits);
     std::vector<mx::array> ins = {h0, i0, w0};
-    for (auto a : {wd, sd, bd}) ins.push_back(expert_weight(mlx_array_get_(a), st));
+    for (auto a : {wd, sd, bd}) ins.push_back(whole(mlx_array_get_(a), st));
     mx::Shape shape = {h0.shape(0), d.shape(1)};
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvCombine>(st, group_size, bits), ins));
   });
@@ -595,7 +586,7 @@ extern "C" int zmlx_cpu_qmv_linear(mlx_array* res, const mlx_array x, const mlx_
       throw std::invalid_argument(
           "zmlx qmv_linear: weight [N, K*bits/32] uint32 with float32/bfloat16/float16 scales/biases [N, K/group] "
           "(one dtype) expected");
-    std::vector<mx::array> ins = {x0, expert_weight(w0, st), expert_weight(s0, st), expert_weight(b0, st)};
+    std::vector<mx::array> ins = {x0, whole(w0, st), whole(s0, st), whole(b0, st)};
     mx::Shape shape = x0.shape();
     shape.back() = w0.shape(0);
     mlx_array_set_(*res, mx::array(shape, mx::float32, std::make_shared<QmvLinear>(st, group_size, bits), ins));
