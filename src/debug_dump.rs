@@ -1,6 +1,6 @@
 //! Diagnostics (`ZMLX_DUMP_DIR=dir`): the first forward call of a process whose dump does not
 //! exist yet (the prefill) saves its embedding, each layer's attention and layer output, and
-//! layer 0's named intermediates (recorded by the attention through `record`) to
+//! layer 0's named intermediates (recorded by the attention and the MoE block through `record`) to
 //! `dir/hidden.safetensors`, so a GPU run can be compared op by op with mlx-lm
 //! (scripts/gpu/layer_diff.py). Without the variable every hook is a cheap no-op.
 use std::cell::RefCell;
@@ -17,6 +17,11 @@ thread_local! {
 fn dir() -> Option<&'static Path> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| std::env::var_os("ZMLX_DUMP_DIR").map(PathBuf::from)).as_deref()
+}
+
+/// Whether layer 0 of a dumped call is running (so a caller can skip building what it would record).
+pub fn recording() -> bool {
+    SINK.with(|s| s.borrow().is_some())
 }
 
 /// Records `a` under `name` while layer 0 of a dumped call runs.

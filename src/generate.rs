@@ -172,8 +172,14 @@ pub fn generate(
         let last = all.try_index((done as i32)..)?;
         let (mut y, lp) = step(model, &mut caches, &last, &mut sampler)?;
         async_eval([&y, &lp])?;
+        // ZMLX_DECODE_PIPELINE=0: finish each step before building the next (a diagnostic for
+        // scheduling-dependent results; costs the overlap of host and device work).
+        let pipeline = crate::settings::switch_var("ZMLX_DECODE_PIPELINE", true);
         let mut n = 0usize;
         loop {
+            if !pipeline {
+                eval([&y])?;
+            }
             // Queue the next step before reading this one, so compute overlaps the host work.
             let next = if n + 1 < opts.max_tokens {
                 let (ny, nlp) = step(model, &mut caches, &y, &mut sampler)?;

@@ -6,7 +6,7 @@ use anyhow::Result;
 use mlx_rs::ops::indexing::{Ellipsis, NewAxis, TryIndexOp};
 use mlx_rs::{ops, stop_gradient, Array, Dtype};
 
-use crate::nn::{Linear, LoadCtx, SwitchLinear};
+use crate::nn::{Linear, LoadCtx, SwitchLinear, Weight};
 use crate::slots::{ActivationSlot, CombineSlot, ExpertsSlot, MapLinears, MlpSlot, RouterSlot, Routing, Slot};
 
 // ---------------------------------------------------------------- the stock op chains
@@ -225,13 +225,28 @@ impl ExpertsSlot for SwitchGlu {
             let inv = ops::argsort_axis(&order, 0)?;
             let rows = order.floor_divide(Array::from_int(m).as_dtype(order.dtype())?)?;
             let x = x.flatten(0, -3)?.take_axis(&rows, 0)?;
+            crate::debug_dump::record("experts_sort_order", &order);
+            crate::debug_dump::record("experts_x_sorted", &x);
             (x, flat.take_axis(&order, 0)?, Some(inv))
         } else {
             (x, indices.clone(), None)
         };
         let up = self.up_proj.forward(&x, &idx, do_sort)?;
         let gate = self.gate_proj.forward(&x, &idx, do_sort)?;
-        let mut y = self.down_proj.forward(&self.activation.forward(&gate, &up)?, &idx, do_sort)?;
+        let h = self.activation.forward(&gate, &up)?;
+        let mut y = self.down_proj.forward(&h, &idx, do_sort)?;
+        for (name, a) in [("experts_up", &up), ("experts_gate", &gate), ("experts_h", &h), ("experts_down", &y)] {
+            crate::debug_dump::record(name, a);
+        }
+        if crate::debug_dump::recording() {
+            // The down projection's parameters as this process holds them (packed words as
+            // uint16 halves: exact in the dump's float32), to compare with the file.
+            if let Weight::Quant(q) = &self.down_proj.weight {
+                crate::debug_dump::record("experts_down_w_u16", &q.weight.view::<u16>()?);
+                crate::debug_dump::record("experts_down_scales", &q.scales);
+                crate::debug_dump::record("experts_down_biases", &q.biases);
+            }
+        }
         if let Some(inv) = inv_order {
             y = ops::unflatten(y.take_axis(&inv, 0)?, 0, indices.shape())?;
         }
@@ -339,9 +354,12 @@ pub struct MoeBlock {
 impl MoeBlock {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let r = self.router.get().route(x)?;
+        crate::debug_dump::record("router_indices", &r.indices);
+        crate::debug_dump::record("router_weights", &r.weights);
         crate::profile::barrier("router", &r.weights)?;
         let mut out =
             crate::profile::span("experts+combine", || self.experts.get().forward_combined(x, &r, self.combine.get()))?;
+        crate::debug_dump::record("moe_routed", &out);
         if let Some(shared) = &self.shared {
             out = out.add(crate::profile::span("shared_expert", || shared.get().forward(x))?)?;
         }

@@ -1,0 +1,64 @@
+"""Pure-MLX reproduction for issue #15's run-to-run drift: layer 0's expert down projection of a
+zmlx prefill dump (ZMLX_DUMP_DIR; its router indices, sort order and SwiGLU output), recomputed
+with mx.gather_qmm(sorted_indices=True) on the checkpoint's own weights (mx.load), in bf16 and
+f32, with the SwiGLU input materialized and (`lazy`) computed in the same graph from the dumped
+gate/up, as zmlx runs it. Also compares the down projection's parameters as zmlx held them (the
+dump's experts_down_*) with the file's. Prints one JSON line of hashes; run it in several
+processes and compare: differing hashes with identical inputs reproduce the drift without zmlx.
+
+usage: python gather_qmm_repro.py CKPT_DIR DUMP_FILE [LAYER_PREFIX]
+"""
+import hashlib
+import json
+import os
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+ckpt, dump = sys.argv[1], sys.argv[2]
+prefix = sys.argv[3] if len(sys.argv) > 3 else "model.layers.0.mlp.switch_mlp.down_proj"
+index_file = os.path.join(ckpt, "model.safetensors.index.json")
+name = (json.load(open(index_file))["weight_map"][prefix + ".weight"] if os.path.exists(index_file)
+        else "model.safetensors")
+shard = mx.load(os.path.join(ckpt, name))
+w, s, b = (shard[f"{prefix}.{n}"] for n in ("weight", "scales", "biases"))
+d = mx.load(dump)
+h = d["l0.experts_h"]
+idx = d["l0.router_indices"].astype(mx.uint32).flatten()[d["l0.experts_sort_order"].astype(mx.uint32)]
+
+
+def digest(a):
+    a = a.astype(mx.float32)
+    mx.eval(a)
+    return hashlib.sha256(np.array(a).tobytes()).hexdigest()[:16]
+
+
+out = {"inputs": {"h": digest(h), "idx": digest(idx), "w": hashlib.sha256(np.array(w).tobytes()).hexdigest()[:16]},
+       "zmlx_down": digest(d["l0.experts_down"])}
+for name, dt in (("bf16", mx.bfloat16), ("f32", mx.float32)):
+    x = h.astype(dt)
+    ys = [mx.gather_qmm(x, w, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=4, sorted_indices=True)
+          for _ in range(3)]
+    out[name] = [digest(y) for y in ys]
+    # unsorted path on the same rows, as a control
+    out[name + "_unsorted"] = digest(mx.gather_qmm(x, w, s, b, rhs_indices=idx, transpose=True, group_size=64,
+                                                   bits=4, sorted_indices=False))
+# The SwiGLU computed in the same graph as the projection (zmlx's op chain: silu(gate) * up).
+gate = d["l0.experts_gate"].astype(mx.bfloat16)
+up = d["l0.experts_up"].astype(mx.bfloat16)
+mx.eval(gate, up)
+lazy = []
+for _ in range(3):
+    hl = (gate * mx.sigmoid(gate)) * up
+    lazy.append(digest(mx.gather_qmm(hl, w, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=4,
+                                     sorted_indices=True)))
+out["bf16_lazy_swiglu"] = lazy
+if "l0.experts_down_w_u16" in d:
+    zw = d["l0.experts_down_w_u16"].astype(mx.uint16)
+    out["zmlx_params_equal_file"] = {
+        "weight": bool(mx.array_equal(zw, w.view(mx.uint16)).item()),
+        "scales": bool(mx.array_equal(d["l0.experts_down_scales"], s.astype(mx.float32)).item()),
+        "biases": bool(mx.array_equal(d["l0.experts_down_biases"], b.astype(mx.float32)).item()),
+    }
+print(json.dumps(out), flush=True)
