@@ -4,14 +4,15 @@
 //! groups the (token, slot) pairs by expert. Bit-identical
 //! to gather_qmm + `(y * w).sum(-2)` on CPU (tests/kernels.rs), token-identical
 //! (tests/fidelity.rs). Wraps the active experts: on `swiglu_mlp`'s fused experts its gate/up
-//! kernel feeds this one (the down weights are found under any wrapper by `find_experts`). Other
-//! calls (no fused hidden state from the experts slot, float experts, bf16 activations, a
-//! non-plain combine) use the stock slots and are counted in `fallbacks`.
+//! kernel feeds this one (the down weights are found under any wrapper by `find_experts`). Float
+//! or 3/5/6-bit experts, a compute dtype or backend the kernel is not exact for: the experts stay
+//! as they were, decided at patch time (the report says why). Calls without a fused hidden state
+//! from the experts slot or with a non-plain combine use the stock slots, counted in `fallbacks`.
 use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
@@ -105,7 +106,12 @@ impl ExpertsSlot for FusedDownCombine {
     }
 }
 
-fn fused(active: &Rc<dyn ExpertsSlot>, class: KernelClass, counter: &'static str) -> Swap<dyn ExpertsSlot> {
+fn fused(
+    active: &Rc<dyn ExpertsSlot>,
+    dtype: Dtype,
+    class: KernelClass,
+    counter: &'static str,
+) -> Swap<dyn ExpertsSlot> {
     let Some(s) = find_experts::<SwitchGlu>(&**active) else {
         return Swap::skip("experts are not a SwitchGLU");
     };
@@ -115,7 +121,11 @@ fn fused(active: &Rc<dyn ExpertsSlot>, class: KernelClass, counter: &'static str
     if ![2, 4, 8].contains(&down.q.bits) {
         return Swap::skip(format!("{}-bit experts (the kernel has 2/4/8)", down.q.bits));
     }
-    // Activation dtype and backend are checked per call (fallbacks are counted).
+    // Compute dtype and backend decide at patch time: a wrapper that would fall back on every
+    // call is not installed (the per-call checks stay as a guard and are counted).
+    if let Some(why) = unsupported(dtype, &[down]) {
+        return Swap::skip(why);
+    }
     Swap::With(Rc::new(FusedDownCombine { inner: active.clone(), down: down.clone(), class, counter }))
 }
 
@@ -131,8 +141,9 @@ impl Pattern for DownprojCombine {
 
 /// `downproj_combine`'s swap with the given row kernels (shared with `downproj_combine_fast`).
 pub(super) fn apply_with(info: &'static PatternInfo, class: KernelClass, model: &mut Model) -> Result<PatternOutcome> {
+    let dtype = model.dtype;
     Swaps::new(info)
-        .experts(|active| fused(active, class, info.name))
+        .experts(|active| fused(active, dtype, class, info.name))
         .report_suffix(SlotKind::Experts, ".down_proj")
         .apply(model)
 }

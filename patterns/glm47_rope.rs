@@ -71,8 +71,13 @@ impl Pattern for Glm47Rope {
     }
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
+        let gpu_not_exact = kernels::backend() != Backend::Cpu && !kernels::gpu_experimental();
         Swaps::new(&INFO)
             .attention(|active| match active.as_any().downcast_ref::<MlaAttention>() {
+                Some(_) if gpu_not_exact => Swap::skip(format!(
+                    "not bit-exact on {} (ZMLX_GPU_EXPERIMENTAL=1 runs it): the stock rope runs",
+                    kernels::backend().name()
+                )),
                 Some(m) => Swap::With(Rc::new(FusedRopeMla { inner: m.clone() })),
                 None => Swap::skip("not multi-head latent attention"),
             })

@@ -114,12 +114,23 @@ impl Pattern for MoeMlp {
 
     fn apply(&self, model: &mut Model) -> Result<PatternOutcome> {
         let mode = combine_mode()?;
+        // The act-mode combine's half-precision sum is not bit-exact on GPUs: there the combine
+        // stays the stock weighted sum (which `downproj_combine` composes with), decided here
+        // rather than on every call.
+        let model_dtype = model.dtype;
+        let half = matches!(model_dtype, Dtype::Float16 | Dtype::Bfloat16);
+        let gpu_half_act = mode == CombineMode::Act && half && kernels::backend() != crate::mlx_env::Backend::Cpu;
         Swaps::new(&INFO)
             .router(|active| match active.as_any().downcast_ref::<SoftmaxRouter>() {
                 Some(r) => Swap::With(Rc::new(FusedRouter { gate: r.gate.clone(), kind: r.kind, k: r.k })),
                 None => Swap::skip("sigmoid group router (see deepseek_router)"),
             })
             .combine(|active| match active.as_any().downcast_ref::<WeightedSumCombine>() {
+                Some(_) if gpu_half_act => Swap::skip(format!(
+                    "{:?} act combine on {} (not bit-exact there): the stock weighted sum runs",
+                    model_dtype,
+                    kernels::backend().name()
+                )),
                 Some(c) => Swap::With(Rc::new(FusedCombine { mode, cast_back: c.cast_back })),
                 None => Swap::skip("not a weighted-sum combine"),
             })

@@ -4,7 +4,8 @@
 //! zmlx's multi-threaded SIMD mat-vec (`kernels::qmv_linear`) instead of MLX's scalar CPU
 //! `quantized_matmul`. Each output row keeps `_qmm_t`'s exact sequential sum, so it is
 //! bit-identical (tests/expert_kernels.rs) and token-identical (tests/fidelity.rs). Float
-//! weights, bf16 activations and GPU backends run the wrapped projection, counted in `fallbacks`.
+//! weights, bf16 activations and GPU backends keep the stock projection, decided at patch time
+//! (the report says why).
 //! It gives each projection of the *active* attention/MLP/head implementation a new
 //! `DenseProjection` (through the slots' generic `with_linears`), so it composes with the other
 //! attention/MLP patterns without knowing their types.
@@ -13,12 +14,12 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
-use crate::kernels::qmv_linear::{qmv_linear_class, qmv_linear_unsupported};
+use crate::kernels::qmv_linear::{qmv_linear_class, qmv_linear_unsupported, qmv_linear_unsupported_for};
 use crate::kernels::KernelClass;
 use crate::model::Model;
 use crate::nn::{DenseProjection, Linear, QWeight, Weight};
@@ -80,25 +81,36 @@ impl DenseProjection for QmvProjection {
     }
 }
 
-/// Rebuilds the active implementation with every quantized projection on the kernel; skips it
-/// when it has none (float weights) or cannot be rebuilt.
+/// Rebuilds the active implementation with every quantized projection the kernel applies to
+/// (decided here, at patch time, from the weights, the compute dtype and the backend) on the
+/// kernel; skips it, saying why, when there is none.
 fn on_kernel<T: ?Sized>(
     class: KernelClass,
     counter: &'static str,
+    dtype: Dtype,
     rebuild: impl FnOnce(&mut dyn FnMut(&Linear) -> Linear) -> Option<Rc<T>>,
 ) -> Swap<T> {
-    let quantized = Cell::new(0);
+    let swapped = Cell::new(0);
+    let mut why: Option<String> = None;
     let mut f = |l: &Linear| match l.weight() {
-        Weight::Quant(q) => {
-            quantized.set(quantized.get() + 1);
-            l.with(Rc::new(QmvProjection { weight: q.clone(), inner: l.implementation().clone(), class, counter }))
-        }
+        Weight::Quant(q) => match qmv_linear_unsupported_for(dtype, q) {
+            None => {
+                swapped.set(swapped.get() + 1);
+                l.with(Rc::new(QmvProjection { weight: q.clone(), inner: l.implementation().clone(), class, counter }))
+            }
+            Some(w) => {
+                why.get_or_insert(w);
+                l.clone()
+            }
+        },
         Weight::Float(_) => l.clone(),
     };
-    match rebuild(&mut f) {
-        Some(imp) if quantized.get() > 0 => Swap::With(imp),
-        Some(_) => Swap::skip("float weights (the kernel is for quantized 2/4/8-bit projections)"),
-        None => Swap::skip("no Linear projection to swap (e.g. a sigmoid router's plain gate matrix)"),
+    let rebuilt = rebuild(&mut f);
+    match (rebuilt, why) {
+        (Some(imp), _) if swapped.get() > 0 => Swap::With(imp),
+        (Some(_), Some(why)) => Swap::skip(why),
+        (Some(_), None) => Swap::skip("float weights (the kernel is for quantized 2/4/8-bit projections)"),
+        (None, _) => Swap::skip("no Linear projection to swap (e.g. a sigmoid router's plain gate matrix)"),
     }
 }
 
@@ -114,14 +126,14 @@ impl Pattern for QmvLinear {
 
 /// `qmv_linear`'s swaps with the given row kernels (shared with `qmv_linear_fast`).
 pub(super) fn apply_with(info: &'static PatternInfo, class: KernelClass, model: &mut Model) -> Result<PatternOutcome> {
-    let n = info.name;
+    let (n, dt) = (info.name, model.dtype);
     Swaps::new(info)
-        .attention(|active| on_kernel(class, n, |f| active.with_linears(f)))
-        .shared_expert(|active| on_kernel(class, n, |f| active.with_linears(f)))
-        .dense_mlp(|active| on_kernel(class, n, |f| active.with_linears(f)))
-        .head(|active| on_kernel(class, n, |f| active.with_linears(f)))
+        .attention(|active| on_kernel(class, n, dt, |f| active.with_linears(f)))
+        .shared_expert(|active| on_kernel(class, n, dt, |f| active.with_linears(f)))
+        .dense_mlp(|active| on_kernel(class, n, dt, |f| active.with_linears(f)))
+        .head(|active| on_kernel(class, n, dt, |f| active.with_linears(f)))
         // The router gate always on the exact rows, in the fast twin too: routing decisions stay
         // bit-identical to MLX's (a near-tie flipped by rounding would swap an expert).
-        .router(|active| on_kernel(KernelClass::Exact, n, |f| active.with_linears(f)))
+        .router(|active| on_kernel(KernelClass::Exact, n, dt, |f| active.with_linears(f)))
         .apply(model)
 }

@@ -1,21 +1,25 @@
 //! `swiglu_mlp` (safe): the gated activation `silu(gate) * up` of every expert MLP (SwitchGLU),
 //! dense MLP and shared expert runs as one fused kernel instead of three MLX ops; with quantized
 //! experts (2/4/8-bit, f32 activations on CPU) the gathered gate and up mat-vecs run inside the
-//! same kernel (`qmv_swiglu`: decode, and prefill grouped by expert; other calls use the
-//! activation kernel, counted in `fallbacks`). Bit-identical on CPU (tests/kernels.rs), token-identical
-//! (tests/fidelity.rs).
+//! same kernel (`qmv_swiglu`: decode, and prefill grouped by expert). Whether that kernel applies
+//! is decided at patch time from the weights, compute dtype and backend (float experts or bf16
+//! activations on the CPU: the activation kernel alone; a GPU backend without
+//! `ZMLX_GPU_EXPERIMENTAL`: the experts stay stock, the patch report says why).
+//! Bit-identical on CPU (tests/kernels.rs), token-identical (tests/fidelity.rs).
 use std::any::Any;
 use std::rc::Rc;
 
 use anyhow::Result;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
+use crate::kernels;
 use crate::kernels::qmv_swiglu::{qmv_swiglu_class, unsupported};
 use crate::kernels::swiglu::swiglu;
 use crate::kernels::KernelClass;
+use crate::mlx_env::Backend;
 use crate::model::Model;
 use crate::moe::{DenseMlp, GatedSharedExpert, SwitchGlu};
 use crate::nn::Weight;
@@ -112,6 +116,27 @@ impl ExpertsSlot for FusedSwitchGlu {
     }
 }
 
+/// Decided once, at patch time, from the weights, the compute dtype and the backend (what the
+/// kernel would check on every call): the `qmv_swiglu` experts where that kernel applies; else,
+/// on the CPU, only the fused activation; on a GPU backend the stock experts (the activation
+/// kernel alone has shown no gain there, and a wrapper that always falls back costs time).
+fn fused_experts(s: &SwitchGlu, dtype: Dtype, class: KernelClass, counter: &'static str) -> Swap<dyn ExpertsSlot> {
+    let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
+    let why = match (&s.gate_proj.weight, &s.up_proj.weight) {
+        (Weight::Quant(g), Weight::Quant(u)) => match unsupported(dtype, &[g, u]) {
+            None => return Swap::With(Rc::new(FusedSwitchGlu { inner, class, counter })),
+            Some(why) => why,
+        },
+        _ => "float experts".to_owned(),
+    };
+    if kernels::backend() == Backend::Cpu {
+        // The fused activation still applies; the gate/up kernel never would.
+        Swap::With(Rc::new(inner))
+    } else {
+        Swap::skip(format!("{why}: the stock experts run"))
+    }
+}
+
 /// The active dense or shared-expert MLP with the fused activation (its projections as active).
 fn fused_dense(active: &Rc<dyn MlpSlot>) -> Swap<dyn MlpSlot> {
     let any = active.as_any();
@@ -142,12 +167,10 @@ pub(super) fn apply_with(
     counter: &'static str,
     model: &mut Model,
 ) -> Result<PatternOutcome> {
+    let dtype = model.dtype;
     Swaps::new(info)
         .experts(|active| match active.as_any().downcast_ref::<SwitchGlu>() {
-            Some(s) => {
-                let inner = SwitchGlu { activation: Rc::new(FusedSwiGlu), ..s.clone() };
-                Swap::With(Rc::new(FusedSwitchGlu { inner, class, counter }))
-            }
+            Some(s) => fused_experts(s, dtype, class, counter),
             None => Swap::skip("experts are not a SwitchGLU"),
         })
         .shared_expert(fused_dense)

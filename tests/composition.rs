@@ -83,6 +83,57 @@ fn stacked_patterns_keep_every_name_per_slot() {
     metadata_matches(&mut m);
 }
 
+/// No cost when nothing is fused: a kernel that could never run for this backend and compute
+/// dtype is not installed (the slot keeps the stock implementation or only what does apply, and
+/// the report says why), so no call falls back. Here: a 4-bit model in bf16 on the CPU, where the
+/// quantized kernels are exact for float32 activations only.
+#[test]
+fn kernels_that_cannot_apply_are_not_installed() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 8));
+    let (mut m, tok) = load(dir.path(), DtypeChoice::Bf16);
+    let r = patterns::patch(&mut m, &sel(&["swiglu_mlp", "moe_mlp", "downproj_combine", "qmv_linear"])).unwrap();
+    let why = |p: &str| -> Vec<String> { r.patterns[p].skipped.iter().map(|(_, w)| w.clone()).collect() };
+    for p in ["downproj_combine", "qmv_linear"] {
+        assert!(r.patterns[p].patched.is_empty(), "{p} patched {:?}", r.patterns[p].patched);
+        let w = why(p);
+        assert!(
+            !w.is_empty() && w.iter().all(|w| w.contains("activations (the CPU kernel is bit-exact for float32 only)")),
+            "{p}: {w:?}"
+        );
+    }
+    // swiglu_mlp keeps only the activation kernel (the gate/up kernel never applies in bf16).
+    let (_, b) = m.moe_blocks_mut().next().unwrap();
+    assert_eq!(b.experts.patterns(), ["swiglu_mlp"]);
+    assert!(
+        b.experts.get().as_any().is::<zmlx::moe::SwitchGlu>(),
+        "experts should be a plain SwitchGlu with the fused activation"
+    );
+    assert_eq!(b.combine.patterns(), ["moe_mlp"]);
+    zmlx::fallbacks::reset();
+    let ids = tok.encode("The quick brown fox").unwrap();
+    greedy_ids(&m, &ids, 6, true).unwrap();
+    let calls = zmlx::fallbacks::snapshot();
+    for (name, c) in &calls {
+        assert!(c.fallback.is_empty(), "{name} fell back at run time: {:?}", c.fallback);
+    }
+    // In float32 the same selection installs every kernel and they run.
+    let (mut m, _) = load(dir.path(), DtypeChoice::F32);
+    let r = patterns::patch(&mut m, &sel(&["swiglu_mlp", "moe_mlp", "downproj_combine", "qmv_linear"])).unwrap();
+    for p in ["swiglu_mlp", "downproj_combine", "qmv_linear"] {
+        assert!(!r.patterns[p].patched.is_empty(), "{p} in float32: {:?}", r.patterns[p].skipped);
+    }
+    zmlx::fallbacks::reset();
+    greedy_ids(&m, &ids, 6, true).unwrap();
+    let calls = zmlx::fallbacks::snapshot();
+    // downproj_combine composes with moe_mlp's combine (the plain weighted sum, done inside its
+    // kernel), so moe_mlp's combine kernel is not called.
+    for n in ["downproj_combine", "qmv_linear", "swiglu_mlp.experts"] {
+        assert!(calls.get(n).is_some_and(|c| c.fused > 0 && c.fallback.is_empty()), "{n}: {calls:?}");
+    }
+}
+
 static A: PatternInfo = PatternInfo {
     name: "a",
     slot: SlotKind::Router,

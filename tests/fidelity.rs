@@ -23,14 +23,18 @@ fn check(family: Family, quantize: Option<i32>, dtype: DtypeChoice, names: &[&st
     let sel = Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
     let report = patterns::patch(&mut model, &sel).unwrap();
     if report.modules_patched() == 0 {
-        // Only acceptable for a quantized-experts-only pattern on a float checkpoint, said so
-        // (a sigmoid router, which has no Linear gate, says that).
+        // Only acceptable for a quantized-kernel pattern on a float checkpoint or a compute dtype
+        // its kernel is not exact for (decided at patch time), said so (a sigmoid router, which
+        // has no Linear gate, says that).
         let reasons: Vec<&String> = report.patterns.values().flat_map(|o| o.skipped.iter().map(|(_, r)| r)).collect();
+        let float_ckpt =
+            |r: &str| r.contains("float experts") || r.contains("float weights") || r.contains("no Linear projection");
+        let half_compute = |r: &str| r.contains("activations (the CPU kernel is bit-exact for float32 only)");
         assert!(
-            quantize.is_none()
-                && !reasons.is_empty()
+            !reasons.is_empty()
                 && reasons.iter().all(|r| {
-                    r.contains("float experts") || r.contains("float weights") || r.contains("no Linear projection")
+                    (quantize.is_none() && float_ckpt(r))
+                        || (dtype != DtypeChoice::F32 && (half_compute(r) || float_ckpt(r)))
                 }),
             "{family}: {names:?} patched nothing:\n{}",
             report.summary()

@@ -46,10 +46,15 @@ pub fn qmv_linear_reference(x: &Array, w: &QWeight) -> Result<Array> {
 /// Why `qmv_linear` does not apply to this call (None: it does). CPU only: on GPUs MLX's own
 /// quantized matmul is already a tuned kernel.
 pub fn qmv_linear_unsupported(x: &Array, w: &QWeight) -> Option<String> {
+    qmv_linear_unsupported_for(x.dtype(), w)
+}
+
+/// [`qmv_linear_unsupported`] for activations of `dtype` (what a pattern decides at patch time).
+pub fn qmv_linear_unsupported_for(dtype: Dtype, w: &QWeight) -> Option<String> {
     if backend() != Backend::Cpu {
         return Some(format!("{} backend (CPU-only kernel)", backend().name()));
     }
-    unsupported(x.dtype(), &[w])
+    unsupported(dtype, &[w])
 }
 
 /// `quantized_matmul(x, w, transpose=true)` as one multi-threaded node, any number of rows
