@@ -1,8 +1,9 @@
-//! Per-token profile of the decode step (issue #6): how many MLX operations one decode step
-//! builds (from MLX's own graph export, by primitive), and where its time goes (each slot
-//! evaluated behind a barrier: attention incl. its input norm, router, experts + combine,
-//! shared expert, dense MLP, head incl. the final norm). Barriers change scheduling, not
-//! values; totals are therefore a little above an unprofiled step.
+//! Per-token profile of the decode step (issue #6), and of one prefill (issue #15): how many MLX
+//! operations it builds (from MLX's own graph export, by primitive), and where its time goes
+//! (each slot evaluated behind a barrier: attention incl. its input norm, router, experts +
+//! combine, shared expert, dense MLP, head incl. the final norm). Barriers change scheduling, not
+//! values; totals are therefore a little above an unprofiled step (the prefill profile also
+//! reports the unbarriered time).
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -59,10 +60,21 @@ pub struct DecodeProfile {
     pub tokens: usize,
 }
 
-fn prefill(model: &Model, prompt: &[u32]) -> Result<(Vec<KvCache>, u32)> {
+/// A prompt `profile` can run: at least 2 tokens, every id a row of the embedding (MLX does not
+/// bounds-check the gather).
+fn check_prompt(model: &Model, prompt: &[u32]) -> Result<()> {
     if prompt.len() < 2 {
         bail!("profile: the prompt needs at least 2 tokens");
     }
+    let rows = model.config.vocab_size as u32;
+    if let Some(bad) = prompt.iter().find(|&&t| t >= rows) {
+        bail!("profile: prompt token id {bad} is out of range: the model's embedding has {rows} rows (config.json vocab_size)");
+    }
+    Ok(())
+}
+
+fn prefill(model: &Model, prompt: &[u32]) -> Result<(Vec<KvCache>, u32)> {
+    check_prompt(model, prompt)?;
     let mut caches: Vec<KvCache> = (0..model.layers.len()).map(|_| KvCache::default()).collect();
     let ids = Array::from_slice(&prompt[..prompt.len() - 1], &[1, prompt.len() as i32 - 1]);
     let logits = model.forward(&ids, &mut caches)?;
@@ -80,8 +92,8 @@ fn argmax_last(logits: &Array) -> Result<u32> {
     Ok(mlx_rs::ops::indexing::argmax_axis(&last, -1, None)?.item_cast::<u32>())
 }
 
-/// Counts primitive nodes in MLX's DOT export of `out`'s graph.
-fn op_histogram(out: &Array) -> Result<BTreeMap<String, usize>> {
+/// Counts primitive nodes in MLX's DOT export of the graph of `outs`.
+fn op_histogram(outs: &[&Array]) -> Result<BTreeMap<String, usize>> {
     let path = std::env::temp_dir().join(format!("zmlx-profile-{}.dot", std::process::id()));
     let cpath = std::ffi::CString::new(path.to_string_lossy().as_bytes())?;
     let status = unsafe {
@@ -90,7 +102,9 @@ fn op_histogram(out: &Array) -> Result<BTreeMap<String, usize>> {
             bail!("profile: cannot write {}", path.display());
         }
         let v = mlx_sys::mlx_vector_array_new();
-        mlx_sys::mlx_vector_array_append_value(v, out.as_ptr());
+        for out in outs {
+            mlx_sys::mlx_vector_array_append_value(v, out.as_ptr());
+        }
         let namer = mlx_sys::mlx_node_namer_new();
         let s = mlx_sys::mlx_export_to_dot(f as *mut _, namer, v);
         mlx_sys::mlx_node_namer_free(namer);
@@ -118,7 +132,7 @@ pub fn decode_profile(model: &Model, prompt: &[u32], tokens: usize) -> Result<De
     let (mut caches, mut next) = prefill(model, prompt)?;
     // 1. The graph of one decode step (built, not evaluated, then evaluated to move on).
     let step = model.forward(&Array::from_slice(&[next], &[1, 1]), &mut caches)?;
-    let hist = op_histogram(&step)?;
+    let hist = op_histogram(&[&step])?;
     next = argmax_last(&step)?;
     // 2. Barriered timing of the following steps.
     TIMES.with(|t| *t.borrow_mut() = Some(BTreeMap::new()));
@@ -141,5 +155,65 @@ pub fn decode_profile(model: &Model, prompt: &[u32], tokens: usize) -> Result<De
         ms_total: ms_by_slot.values().sum(),
         ms_by_slot,
         tokens,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillProfile {
+    /// Tokens prefilled (the prompt but its last token, as `generate` prefills).
+    pub prompt_tokens: usize,
+    /// MLX operations in the prefill graph (what `generate` evaluates: the KV caches), by primitive.
+    pub ops_total: usize,
+    pub ops_by_primitive: BTreeMap<String, usize>,
+    /// Milliseconds per prefill by slot (barriered), and their sum. `head` is there only because
+    /// the barrier evaluates it: `generate`'s prefill never computes the prompt's logits.
+    pub ms_by_slot: BTreeMap<String, f64>,
+    pub ms_total: f64,
+    /// Unbarriered milliseconds per prefill (median of `runs`, after one warm-up) and tok/s.
+    pub ms_unbarriered: f64,
+    pub tokens_per_second: f64,
+    pub runs: usize,
+}
+
+/// Profiles prefilling `prompt` (all but its last token, fresh caches each time) `runs` times.
+pub fn prefill_profile(model: &Model, prompt: &[u32], runs: usize) -> Result<PrefillProfile> {
+    check_prompt(model, prompt)?;
+    let n = prompt.len() - 1;
+    let ids = Array::from_slice(&prompt[..n], &[1, n as i32]);
+    let once = || -> Result<f64> {
+        let mut caches = model.new_cache();
+        let t0 = Instant::now();
+        let _ = model.forward(&ids, &mut caches)?;
+        eval(caches.iter().flat_map(|c| c.state()))?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    // The graph, then a warm-up (first-call costs: kernel compilation, allocation).
+    let hist = {
+        let mut caches = model.new_cache();
+        let _ = model.forward(&ids, &mut caches)?;
+        let states: Vec<&Array> = caches.iter().flat_map(|c| c.state()).collect();
+        let h = op_histogram(&states)?;
+        eval(states)?;
+        h
+    };
+    once()?;
+    let mut times: Vec<f64> = (0..runs.max(1)).map(|_| once()).collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    let ms_unbarriered = times[times.len() / 2];
+    TIMES.with(|t| *t.borrow_mut() = Some(BTreeMap::new()));
+    let run = (0..runs.max(1)).try_for_each(|_| once().map(|_| ()));
+    let slots = TIMES.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    run?;
+    let ms_by_slot: BTreeMap<String, f64> =
+        slots.iter().map(|(k, (s, _))| (k.to_string(), s * 1e3 / runs.max(1) as f64)).collect();
+    Ok(PrefillProfile {
+        prompt_tokens: n,
+        ops_total: hist.values().sum(),
+        ops_by_primitive: hist,
+        ms_total: ms_by_slot.values().sum(),
+        ms_by_slot,
+        ms_unbarriered,
+        tokens_per_second: n as f64 / (ms_unbarriered / 1e3),
+        runs: runs.max(1),
     })
 }

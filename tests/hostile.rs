@@ -65,6 +65,8 @@ fn every_subcommand_with_bad_flags_exits_2_without_panicking() {
         (&["run", "/x", "--warmup=-1"], &["--warmup"]),
         (&["validate", "/x", "--warmup", "1000000"], &["--warmup", "0 to 100"]),
         (&["profile", "/x", "--tokens", "0"], &["--tokens"]),
+        (&["profile", "/x", "--prefill", "0"], &["--prefill", "1 to 100"]),
+        (&["profile", "/x", "--prefill", "many"], &["--prefill", "1 to 100"]),
         (&["synth", "--family", "llama", "--out", "/tmp/x"], &["unknown family `llama`"]),
         (
             &["synth", "--family", "mixtral", "--out", "/tmp/x", "--quantize", "7"],

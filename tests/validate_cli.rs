@@ -142,6 +142,33 @@ fn decode_profile_counts_ops_and_times_slots() {
 }
 
 #[test]
+fn prefill_profile_counts_ops_and_times_slots() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 5));
+    let (model, _) = load(dir.path(), DtypeChoice::F32);
+    let prompt: Vec<u32> = (0..40).map(|i| 7 + 11 * i).collect();
+    let p = zmlx::profile::prefill_profile(&model, &prompt, 2).unwrap();
+    let bad = zmlx::profile::prefill_profile(&model, &[1, 100_000], 1).unwrap_err().to_string();
+    assert!(bad.contains("100000 is out of range"), "{bad}");
+    assert_eq!(p.prompt_tokens, 39);
+    assert_eq!(p.ops_total, p.ops_by_primitive.values().sum::<usize>());
+    // 39 tokens x k slots: the experts run the sorted gathered matmul, as mlx-lm's prefill does.
+    assert!(
+        p.ops_by_primitive.contains_key("GatherQMM") && p.ops_by_primitive.contains_key("ArgSort"),
+        "{:?}",
+        p.ops_by_primitive
+    );
+    for slot in ["attention", "router", "experts+combine"] {
+        assert!(p.ms_by_slot.get(slot).is_some_and(|v| *v > 0.0), "{slot} missing: {:?}", p.ms_by_slot);
+    }
+    assert!(p.ms_unbarriered > 0.0 && p.tokens_per_second > 0.0);
+    // Profiling must not change what the model computes.
+    let (fresh, _) = load(dir.path(), DtypeChoice::F32);
+    assert_eq!(greedy_ids(&model, &prompt, 6, true).unwrap(), greedy_ids(&fresh, &prompt, 6, true).unwrap());
+}
+
+#[test]
 fn benchmark_runs_generate_exactly_max_tokens_and_record_threads() {
     let dir = tempfile::tempdir().unwrap();
     {

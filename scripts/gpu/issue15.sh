@@ -14,6 +14,9 @@
 #                               zmlx (TOKENS, default 32) per configuration (default; cuDNN SDPA
 #                               off; CUDA graphs off; decode pipeline off), mlx-lm alike, and two
 #                               prefill dumps (ZMLX_DUMP_DIR) compared -> $OUT/diag-FAMILY.jsonl
+#   issue15.sh prefill FAMILY   the prefill side by side: `zmlx profile --prefill 3 --json` (ops by
+#                               primitive, barriered ms per slot, unbarriered ms) and
+#                               mlx_lm_profile.py (mlx-lm's ops and ms, same ids) -> $OUT/prefill-FAMILY.jsonl
 #   issue15.sh speed FAMILY     zmlx (PATTERNS) and mlx-lm interleaved, ROUNDS rounds, one warm-up
 #                               generation each, prefill + decode tok/s -> $OUT/speed-FAMILY.jsonl
 # env: REPEATS (8), PROCS (3), TOKENS (512), ROUNDS (2), GEN (256), PATTERNS (none), SDPA_ENV
@@ -134,6 +137,25 @@ except Exception as e:
     print(json.dumps({"summary": True, "prefill_dumps_error": repr(e)}))
 PY
   ;;
+prefill)
+  fam=$1; d=$FULL/$fam; o=$OUT/prefill-$fam.jsonl
+  ids=$(prompt_ids "$d")
+  zmlx profile "$d" --patterns ${PATTERNS:-none} --prompt "$PROMPT" --tokens 4 --prefill 3 --json 2>> "$OUT/errors.log" >> "$o"
+  python3 scripts/gpu/mlx_lm_profile.py --model "$d" --prompt-ids "$ids" --runs 3 2>> "$OUT/errors.log" >> "$o"
+  python3 - "$o" <<'PY'
+import json, sys
+z, m = [json.loads(l) for l in open(sys.argv[1]) if l.strip()][-2:]
+zs = z["stock_prefill"]
+print(f"prefill {zs['prompt_tokens']} tokens: zmlx {zs['ms_unbarriered']:.1f} ms, mlx-lm {m['ms_unbarriered']:.1f} ms; "
+      f"ops zmlx {zs['ops_total']}, mlx-lm {m['ops_total']}")
+keys = sorted(set(zs["ops_by_primitive"]) | set(m["ops_by_primitive"]))
+for k in keys:
+    a, b = zs["ops_by_primitive"].get(k, 0), m["ops_by_primitive"].get(k, 0)
+    if a != b:
+        print(f"  {k}: zmlx {a}, mlx-lm {b}")
+print("zmlx barriered ms per slot:", {k: round(v, 2) for k, v in zs["ms_by_slot"].items()})
+PY
+  ;;
 speed)
   fam=$1; d=$FULL/$fam; o=$OUT/speed-$fam.jsonl
   ids=$(prompt_ids "$d")
@@ -149,5 +171,5 @@ speed)
     tail -2 "$o"
   done
   ;;
-*) echo "usage: issue15.sh synth|repeat|procs|speed FAMILY..." >&2; exit 2 ;;
+*) echo "usage: issue15.sh synth|repeat|procs|diag|prefill|speed FAMILY..." >&2; exit 2 ;;
 esac

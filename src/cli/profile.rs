@@ -1,4 +1,5 @@
-//! `zmlx profile`: MLX operations per decode step and ms per slot, stock vs patched.
+//! `zmlx profile`: MLX operations per decode step and ms per slot, stock vs patched; with
+//! `--prefill N`, the same for one prefill of the prompt (N timed runs).
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -23,8 +24,18 @@ pub struct ProfileArgs {
     pub prompt: String,
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DtypeChoice,
+    /// Also profile the prefill of the prompt: N timed runs (barriered and not), ops by primitive.
+    #[arg(long, value_parser = parse_prefill_runs)]
+    pub prefill: Option<usize>,
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_prefill_runs(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=100).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}`: expected a number of runs from 1 to 100")),
+    }
 }
 
 pub fn run(a: &ProfileArgs) -> Result<i32> {
@@ -33,13 +44,17 @@ pub fn run(a: &ProfileArgs) -> Result<i32> {
     let tok = TextTokenizer::load(&a.model, &model.config)?;
     let prompt = tok.encode(&a.prompt)?;
     let selection = a.patterns.select(model.family())?;
+    let prefill = |m: &Model| a.prefill.map(|runs| crate::profile::prefill_profile(m, &prompt, runs)).transpose();
     let stock = crate::profile::decode_profile(&model, &prompt, a.tokens)?;
+    let stock_prefill = prefill(&model)?;
     patterns::patch(&mut model, &selection)?;
     let patched = crate::profile::decode_profile(&model, &prompt, a.tokens)?;
+    let patched_prefill = prefill(&model)?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"model": a.model, "patterns": selection.names, "stock": stock, "patched": patched})
+            serde_json::json!({"model": a.model, "patterns": selection.names, "stock": stock, "patched": patched,
+                               "stock_prefill": stock_prefill, "patched_prefill": patched_prefill})
         );
         return Ok(0);
     }
@@ -64,5 +79,19 @@ pub fn run(a: &ProfileArgs) -> Result<i32> {
     ops.sort_by(|x, y| y.1.cmp(x.1));
     let top: Vec<String> = ops.iter().take(8).map(|(k, v)| format!("{k} {v}")).collect();
     println!("most frequent stock ops: {}", top.join(", "));
+    if let (Some(sp), Some(pp)) = (&stock_prefill, &patched_prefill) {
+        println!(
+            "prefill of {} tokens: MLX operations stock {}, patched {}; unbarriered ms (median of {}): stock {:.2} ({:.1} tok/s), patched {:.2} ({:.1} tok/s)",
+            sp.prompt_tokens, sp.ops_total, pp.ops_total, sp.runs, sp.ms_unbarriered, sp.tokens_per_second,
+            pp.ms_unbarriered, pp.tokens_per_second
+        );
+        println!("{:<18} {:>10} {:>10}", "slot (ms/prefill)", "stock", "patched");
+        let keys: BTreeSet<&String> = sp.ms_by_slot.keys().chain(pp.ms_by_slot.keys()).collect();
+        for k in keys {
+            let f = |m: &BTreeMap<String, f64>| m.get(k).map_or("-".into(), |v| format!("{v:.2}"));
+            println!("{:<18} {:>10} {:>10}", k, f(&sp.ms_by_slot), f(&pp.ms_by_slot));
+        }
+        println!("{:<18} {:>10.2} {:>10.2}", "total", sp.ms_total, pp.ms_total);
+    }
     Ok(0)
 }
