@@ -130,6 +130,16 @@ fn step(model: &Model, caches: &mut [KvCache], tokens: &Array, sampler: &mut Sam
 
 /// Generates from `prompt` token ids, calling `on_token` with each new token as it is produced.
 /// Returns the generated ids (without EOS) and mlx-lm-style statistics.
+/// Every id of `prompt` is a row of the model's embedding: an id past it must never reach the
+/// gather (MLX does not bounds-check it).
+pub fn check_prompt_ids(model: &Model, prompt: &[u32]) -> Result<()> {
+    let rows = model.config.vocab_size as u32;
+    if let Some(bad) = prompt.iter().find(|&&t| t >= rows) {
+        bail!("prompt token id {bad} is out of range: the model's embedding has {rows} rows (config.json vocab_size)");
+    }
+    Ok(())
+}
+
 pub fn generate(
     model: &Model,
     prompt: &[u32],
@@ -143,11 +153,7 @@ pub fn generate(
     if opts.prefill_step == 0 {
         bail!("prefill_step must be at least 1");
     }
-    // An id past the embedding rows must never reach the gather (MLX does not bounds-check it).
-    let rows = model.config.vocab_size as u32;
-    if let Some(bad) = prompt.iter().find(|&&t| t >= rows) {
-        bail!("prompt token id {bad} is out of range: the model's embedding has {rows} rows (config.json vocab_size)");
-    }
+    check_prompt_ids(model, prompt)?;
     let start = Instant::now();
     let mut caches = model.new_cache();
     let mut sampler = Sampler::new(opts.sampler)?;

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use mlx_rs::{transforms::eval, Array};
 use serde::Serialize;
 
@@ -60,22 +60,26 @@ pub struct DecodeProfile {
     pub tokens: usize,
 }
 
-/// A prompt `profile` can run: at least 2 tokens, every id a row of the embedding (MLX does not
-/// bounds-check the gather).
+/// A prompt `profile` can run: at least 2 tokens, every id a row of the embedding.
 fn check_prompt(model: &Model, prompt: &[u32]) -> Result<()> {
     if prompt.len() < 2 {
         bail!("profile: the prompt needs at least 2 tokens");
     }
-    let rows = model.config.vocab_size as u32;
-    if let Some(bad) = prompt.iter().find(|&&t| t >= rows) {
-        bail!("profile: prompt token id {bad} is out of range: the model's embedding has {rows} rows (config.json vocab_size)");
-    }
-    Ok(())
+    crate::generate::check_prompt_ids(model, prompt).map_err(|e| anyhow!("profile: {e}"))
+}
+
+/// Runs `f` with slot timing active; its milliseconds per slot divided by `per`.
+fn timed_slots(per: usize, f: impl FnOnce() -> Result<()>) -> Result<BTreeMap<String, f64>> {
+    TIMES.with(|t| *t.borrow_mut() = Some(BTreeMap::new()));
+    let run = f();
+    let times = TIMES.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    run?;
+    Ok(times.iter().map(|(k, (s, _))| (k.to_string(), s * 1e3 / per.max(1) as f64)).collect())
 }
 
 fn prefill(model: &Model, prompt: &[u32]) -> Result<(Vec<KvCache>, u32)> {
     check_prompt(model, prompt)?;
-    let mut caches: Vec<KvCache> = (0..model.layers.len()).map(|_| KvCache::default()).collect();
+    let mut caches = model.new_cache();
     let ids = Array::from_slice(&prompt[..prompt.len() - 1], &[1, prompt.len() as i32 - 1]);
     let logits = model.forward(&ids, &mut caches)?;
     let mut outs = vec![&logits];
@@ -135,18 +139,13 @@ pub fn decode_profile(model: &Model, prompt: &[u32], tokens: usize) -> Result<De
     let hist = op_histogram(&[&step])?;
     next = argmax_last(&step)?;
     // 2. Barriered timing of the following steps.
-    TIMES.with(|t| *t.borrow_mut() = Some(BTreeMap::new()));
-    let run = (|| -> Result<()> {
+    let ms_by_slot = timed_slots(tokens, || {
         for _ in 0..tokens {
             let logits = model.forward(&Array::from_slice(&[next], &[1, 1]), &mut caches)?;
             next = argmax_last(&logits)?;
         }
         Ok(())
-    })();
-    let times = TIMES.with(|t| t.borrow_mut().take()).unwrap_or_default();
-    run?;
-    let ms_by_slot: BTreeMap<String, f64> =
-        times.iter().map(|(k, (s, _))| (k.to_string(), s * 1e3 / tokens.max(1) as f64)).collect();
+    })?;
     let ops_total = hist.values().sum();
     Ok(DecodeProfile {
         ops_total,
@@ -178,6 +177,7 @@ pub struct PrefillProfile {
 /// Profiles prefilling `prompt` (all but its last token, fresh caches each time) `runs` times.
 pub fn prefill_profile(model: &Model, prompt: &[u32], runs: usize) -> Result<PrefillProfile> {
     check_prompt(model, prompt)?;
+    let runs = runs.max(1);
     let n = prompt.len() - 1;
     let ids = Array::from_slice(&prompt[..n], &[1, n as i32]);
     let once = || -> Result<f64> {
@@ -197,15 +197,10 @@ pub fn prefill_profile(model: &Model, prompt: &[u32], runs: usize) -> Result<Pre
         h
     };
     once()?;
-    let mut times: Vec<f64> = (0..runs.max(1)).map(|_| once()).collect::<Result<_>>()?;
+    let mut times: Vec<f64> = (0..runs).map(|_| once()).collect::<Result<_>>()?;
     times.sort_by(f64::total_cmp);
     let ms_unbarriered = times[times.len() / 2];
-    TIMES.with(|t| *t.borrow_mut() = Some(BTreeMap::new()));
-    let run = (0..runs.max(1)).try_for_each(|_| once().map(|_| ()));
-    let slots = TIMES.with(|t| t.borrow_mut().take()).unwrap_or_default();
-    run?;
-    let ms_by_slot: BTreeMap<String, f64> =
-        slots.iter().map(|(k, (s, _))| (k.to_string(), s * 1e3 / runs.max(1) as f64)).collect();
+    let ms_by_slot = timed_slots(runs, || (0..runs).try_for_each(|_| once().map(|_| ())))?;
     Ok(PrefillProfile {
         prompt_tokens: n,
         ops_total: hist.values().sum(),
@@ -214,6 +209,6 @@ pub fn prefill_profile(model: &Model, prompt: &[u32], runs: usize) -> Result<Pre
         ms_by_slot,
         ms_unbarriered,
         tokens_per_second: n as f64 / (ms_unbarriered / 1e3),
-        runs: runs.max(1),
+        runs,
     })
 }

@@ -68,13 +68,7 @@ pub fn run(a: &ProfileArgs) -> Result<i32> {
         "MLX operations per step: stock {} ({:.1}/layer), patched {} ({:.1}/layer)",
         stock.ops_total, stock.ops_per_layer, patched.ops_total, patched.ops_per_layer
     );
-    println!("{:<18} {:>10} {:>10}", "slot (ms/token)", "stock", "patched");
-    let keys: BTreeSet<&String> = stock.ms_by_slot.keys().chain(patched.ms_by_slot.keys()).collect();
-    for k in keys {
-        let f = |m: &BTreeMap<String, f64>| m.get(k).map_or("-".into(), |v| format!("{v:.2}"));
-        println!("{:<18} {:>10} {:>10}", k, f(&stock.ms_by_slot), f(&patched.ms_by_slot));
-    }
-    println!("{:<18} {:>10.2} {:>10.2}", "total", stock.ms_total, patched.ms_total);
+    print_slots("slot (ms/token)", (&stock.ms_by_slot, stock.ms_total), (&patched.ms_by_slot, patched.ms_total));
     let mut ops: Vec<(&String, &usize)> = stock.ops_by_primitive.iter().collect();
     ops.sort_by(|x, y| y.1.cmp(x.1));
     let top: Vec<String> = ops.iter().take(8).map(|(k, v)| format!("{k} {v}")).collect();
@@ -85,13 +79,18 @@ pub fn run(a: &ProfileArgs) -> Result<i32> {
             sp.prompt_tokens, sp.ops_total, pp.ops_total, sp.runs, sp.ms_unbarriered, sp.tokens_per_second,
             pp.ms_unbarriered, pp.tokens_per_second
         );
-        println!("{:<18} {:>10} {:>10}", "slot (ms/prefill)", "stock", "patched");
-        let keys: BTreeSet<&String> = sp.ms_by_slot.keys().chain(pp.ms_by_slot.keys()).collect();
-        for k in keys {
-            let f = |m: &BTreeMap<String, f64>| m.get(k).map_or("-".into(), |v| format!("{v:.2}"));
-            println!("{:<18} {:>10} {:>10}", k, f(&sp.ms_by_slot), f(&pp.ms_by_slot));
-        }
-        println!("{:<18} {:>10.2} {:>10.2}", "total", sp.ms_total, pp.ms_total);
+        print_slots("slot (ms/prefill)", (&sp.ms_by_slot, sp.ms_total), (&pp.ms_by_slot, pp.ms_total));
     }
     Ok(0)
+}
+
+/// The stock vs patched table of milliseconds per slot, and the totals.
+fn print_slots(title: &str, stock: (&BTreeMap<String, f64>, f64), patched: (&BTreeMap<String, f64>, f64)) {
+    println!("{:<18} {:>10} {:>10}", title, "stock", "patched");
+    let keys: BTreeSet<&String> = stock.0.keys().chain(patched.0.keys()).collect();
+    for k in keys {
+        let f = |m: &BTreeMap<String, f64>| m.get(k).map_or("-".into(), |v| format!("{v:.2}"));
+        println!("{:<18} {:>10} {:>10}", k, f(stock.0), f(patched.0));
+    }
+    println!("{:<18} {:>10.2} {:>10.2}", "total", stock.1, patched.1);
 }
