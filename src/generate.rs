@@ -77,6 +77,10 @@ pub struct GenerationStats {
     pub peak_memory_gb: f64,
     /// "stop" (EOS) or "length".
     pub finish_reason: String,
+    /// Seconds in the chunked prefill (every prompt token but the last, cache evaluated) and
+    /// until the first token (time to first token): where a slow `prompt_tps` comes from.
+    pub prefill_seconds: f64,
+    pub first_token_seconds: f64,
 }
 
 struct Sampler {
@@ -169,11 +173,13 @@ pub fn generate(
         mlx_rs::memory::clear_cache()?;
         done += n;
     }
+    let prefill_seconds = start.elapsed().as_secs_f64();
 
     let mut tokens = Vec::new();
     let mut finish = "length";
     let mut gen_start = start;
     let mut prompt_tps = 0.0;
+    let mut first_token_seconds = 0.0;
     if opts.max_tokens > 0 {
         let last = all.try_index((done as i32)..)?;
         let (mut y, lp) = step(model, &mut caches, &last, &mut sampler)?;
@@ -197,6 +203,7 @@ pub fn generate(
             if n == 0 {
                 eval([&y])?;
                 let t = start.elapsed().as_secs_f64();
+                first_token_seconds = t;
                 prompt_tps = prompt.len() as f64 / t;
                 gen_start = Instant::now();
             }
@@ -226,6 +233,8 @@ pub fn generate(
         generation_tps: if elapsed > 0.0 { counted as f64 / elapsed } else { 0.0 },
         peak_memory_gb: crate::mlx_env::peak_memory() as f64 / 1e9,
         finish_reason: finish.to_owned(),
+        prefill_seconds,
+        first_token_seconds,
     };
     Ok((tokens, stats))
 }

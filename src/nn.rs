@@ -234,7 +234,28 @@ impl Linear {
 
 /// `quantized_matmul(x, W, transpose=true)` as QuantizedLinear runs it.
 pub fn quantized_matmul(x: &Array, q: &QWeight) -> Result<Array> {
-    Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.q.group_size, q.q.bits)?)
+    qmm_race_free(x, |x| Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.q.group_size, q.q.bits)?))
+}
+
+/// Runs a quantized matmul `f` on `x`. With `ZMLX_CUDA_QMM_F32=1` on the CUDA backend, a
+/// half-precision input of 8 or more rows goes in as float32 and the result comes back in the
+/// input's dtype: MLX 0.32.2's `qmm_sm80_kernel`, which those calls run, has a shared-memory race
+/// (a late `cp.async` can overwrite part of its output tile; HANDOFF.md, issue #15), and with a
+/// float32 input MLX takes its naive kernel instead. Not bit-identical to the sm80 kernel's
+/// result (weights dequantized in f32, not bf16) and slower (H200, full-size Qwen3 shape: prompt
+/// 115–139 vs ~430 tok/s); it removes the race's wrong values but not all run-to-run drift (3
+/// processes × 512 tokens still diverged at token 37–44), so it is a diagnostic, off by default.
+pub fn qmm_race_free(x: &Array, f: impl Fn(&Array) -> Result<Array>) -> Result<Array> {
+    let half = matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16);
+    let rows = x.size() / (x.dim(-1).max(1) as usize);
+    if half
+        && rows >= 8
+        && crate::mlx_env::backend() == crate::mlx_env::Backend::Cuda
+        && crate::settings::switch_var("ZMLX_CUDA_QMM_F32", false)
+    {
+        return Ok(f(&x.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?);
+    }
+    f(x)
 }
 
 /// nn.Embedding / nn.QuantizedEmbedding (a tied output head is a `Linear` over its weight).
@@ -291,9 +312,20 @@ impl SwitchLinear {
     pub fn forward(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
         Ok(match &self.weight {
             Weight::Float(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, sorted)?,
-            Weight::Quant(q) => {
-                ops::gather_qmm(x, &q.weight, &q.scales, &q.biases, None, idx, true, q.q.group_size, q.q.bits, sorted)?
-            }
+            Weight::Quant(q) => qmm_race_free(x, |x| {
+                Ok(ops::gather_qmm(
+                    x,
+                    &q.weight,
+                    &q.scales,
+                    &q.biases,
+                    None,
+                    idx,
+                    true,
+                    q.q.group_size,
+                    q.q.bits,
+                    sorted,
+                )?)
+            })?,
         })
     }
 }
@@ -424,9 +456,9 @@ impl MultiLinear {
                     x.matmul(w)?
                 }
             }
-            Weight::Quant(q) => {
-                ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?
-            }
+            Weight::Quant(q) => qmm_race_free(x, |x| {
+                Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?)
+            })?,
         })
     }
 }

@@ -172,6 +172,9 @@ pub struct PrefillProfile {
     pub ms_unbarriered: f64,
     pub tokens_per_second: f64,
     pub runs: usize,
+    /// The first prefill of this prompt length in the process, graph building included: what a
+    /// first prompt pays for kernel compilation, allocation (and, on CUDA, graph capture).
+    pub ms_first: f64,
 }
 
 /// Profiles prefilling `prompt` (all but its last token, fresh caches each time) `runs` times.
@@ -188,13 +191,16 @@ pub fn prefill_profile(model: &Model, prompt: &[u32], runs: usize) -> Result<Pre
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     };
     // The graph, then a warm-up (first-call costs: kernel compilation, allocation).
-    let hist = {
+    let (hist, ms_first) = {
+        let t0 = Instant::now();
         let mut caches = model.new_cache();
         let _ = model.forward(&ids, &mut caches)?;
         let states: Vec<&Array> = caches.iter().flat_map(|c| c.state()).collect();
+        let t_hist = Instant::now();
         let h = op_histogram(&states)?;
+        let hist_s = t_hist.elapsed();
         eval(states)?;
-        h
+        (h, (t0.elapsed() - hist_s).as_secs_f64() * 1e3)
     };
     once()?;
     let mut times: Vec<f64> = (0..runs).map(|_| once()).collect::<Result<_>>()?;
@@ -210,5 +216,6 @@ pub fn prefill_profile(model: &Model, prompt: &[u32], runs: usize) -> Result<Pre
         ms_unbarriered,
         tokens_per_second: n as f64 / (ms_unbarriered / 1e3),
         runs,
+        ms_first,
     })
 }

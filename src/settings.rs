@@ -60,6 +60,7 @@ const KNOWN: &[Known] = &[
     Known { name: "ZMLX_COMBINE_MODE", accepts: "auto, act, f32 or f32_no_fma", check: combine_mode },
     Known { name: "ZMLX_DUMP_DIR", accepts: "a directory path", check: any_path },
     Known { name: "ZMLX_DECODE_PIPELINE", accepts: "0 or 1", check: switch },
+    Known { name: "ZMLX_CUDA_QMM_F32", accepts: "0 or 1", check: switch },
     // Read by the test suite and scripts, not by the library; listed so they are not "unknown".
     Known { name: "ZMLX_ORACLE_PYTHON", accepts: "a Python interpreter path", check: any_path },
     Known {

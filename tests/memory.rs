@@ -46,6 +46,10 @@ fn generate(dir: &Path) -> (u64, u64, Vec<u64>) {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rss = v["peak_rss_bytes"].as_u64().expect("peak_rss_bytes in generate --json");
     let mlx = (v["stats"]["peak_memory_gb"].as_f64().unwrap() * 1e9) as u64;
+    // The time-to-first-token split: the chunked prefill is part of the time to the first token.
+    let (pre, first) =
+        (v["stats"]["prefill_seconds"].as_f64().unwrap(), v["stats"]["first_token_seconds"].as_f64().unwrap());
+    assert!(pre > 0.0 && pre <= first, "prefill_seconds {pre} must be in (0, first_token_seconds {first}]");
     let toks = v["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
     (rss, mlx, toks)
 }

@@ -54,6 +54,48 @@ for _ in range(3):
     lazy.append(digest(mx.gather_qmm(hl, w, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=4,
                                      sorted_indices=True)))
 out["bf16_lazy_swiglu"] = lazy
+# The whole expert chain in one graph from the dumped sorted input, as zmlx builds it: gathered
+# up/gate projections, SwiGLU, gathered down projection (does the drift need the lazy producers?).
+if "l0.experts_x_sorted" in d:
+    base = prefix.rsplit(".", 1)[0]
+    def params(n):
+        key = f"{base}.{n}"
+        f = (json.load(open(index_file))["weight_map"][key + ".weight"] if os.path.exists(index_file)
+             else "model.safetensors")
+        sh = shard if f == name else mx.load(os.path.join(ckpt, f))
+        return tuple(sh[f"{key}.{p}"] for p in ("weight", "scales", "biases"))
+    (uw, us, ub), (gw, gs_, gb) = params("up_proj"), params("gate_proj")
+    xs = d["l0.experts_x_sorted"].astype(mx.bfloat16)
+    mx.eval(xs)
+    chain, chain_up = [], []
+    for _ in range(3):
+        u = mx.gather_qmm(xs, uw, us, ub, rhs_indices=idx, transpose=True, group_size=64, bits=4, sorted_indices=True)
+        g = mx.gather_qmm(xs, gw, gs_, gb, rhs_indices=idx, transpose=True, group_size=64, bits=4, sorted_indices=True)
+        hh = (g * mx.sigmoid(g)) * u
+        chain.append(digest(mx.gather_qmm(hh, w, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=4,
+                                          sorted_indices=True)))
+        chain_up.append(digest(u))
+    out["bf16_full_chain"] = chain
+    # The same chain with the expert order computed in the graph too (argsort of the router's
+    # indices, as zmlx and mlx-lm do at prefill): indices produced by a kernel still in flight.
+    ri = d["l0.router_indices"].astype(mx.uint32)
+    mx.eval(ri)
+    for sorted_flag in (True, False):
+        lazy_idx = []
+        for _ in range(5):
+            flat = ri.flatten()
+            order = mx.argsort(flat)
+            li = flat[order]
+            u = mx.gather_qmm(xs, uw, us, ub, rhs_indices=li, transpose=True, group_size=64, bits=4,
+                              sorted_indices=sorted_flag)
+            g = mx.gather_qmm(xs, gw, gs_, gb, rhs_indices=li, transpose=True, group_size=64, bits=4,
+                              sorted_indices=sorted_flag)
+            hh = (g * mx.sigmoid(g)) * u
+            lazy_idx.append(digest(mx.gather_qmm(hh, w, s, b, rhs_indices=li, transpose=True, group_size=64,
+                                                 bits=4, sorted_indices=sorted_flag)))
+        out["bf16_lazy_idx_chain" + ("" if sorted_flag else "_unsorted")] = lazy_idx
+    out["bf16_full_chain_up"] = chain_up
+    out["zmlx_up"] = digest(d["l0.experts_up"])
 if "l0.experts_down_w_u16" in d:
     zw = d["l0.experts_down_w_u16"].astype(mx.uint16)
     out["zmlx_params_equal_file"] = {

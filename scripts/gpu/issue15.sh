@@ -17,11 +17,16 @@
 #   issue15.sh prefill FAMILY   the prefill side by side: `zmlx profile --prefill 3 --json` (ops by
 #                               primitive, barriered ms per slot, unbarriered ms) and
 #                               mlx_lm_profile.py (mlx-lm's ops and ms, same ids) -> $OUT/prefill-FAMILY.jsonl
+#   issue15.sh dumps FAMILY     DUMPS prefill dumps per MLX setting (default, CUDA graphs off, cuDNN SDPA
+#                               off), each's layer-0 down projection against MLX's own on the dump's
+#                               inputs (dump_compare.py) -> $OUT/dumps-FAMILY.jsonl
+#   issue15.sh ttft FAMILY      generate's prefill / first-token seconds (decode pipeline on, off) and
+#                               mlx-lm's prompt tok/s, 16 tokens -> $OUT/ttft-FAMILY.jsonl
 #   issue15.sh speed FAMILY     zmlx (PATTERNS) and mlx-lm interleaved, ROUNDS rounds, one warm-up
 #                               generation each, prefill + decode tok/s -> $OUT/speed-FAMILY.jsonl
 # env: REPEATS (8), PROCS (3), TOKENS (512), ROUNDS (2), GEN (256), PATTERNS (none), SDPA_ENV
 # (extra env for the zmlx/mlx-lm processes, e.g. "MLX_CUDA_USE_CUDNN_SDPA=0"), DUMPS (2: prefill dumps
-# in diag), DUMPS_ONLY (diag: only the dumps)
+# in diag), DUMPS_ONLY (diag: only the dumps), ZMLX_ONLY (procs: zmlx processes only)
 set -u
 . /tmp/zmlx-gpu/env.sh || exit 1
 export ZMLX_ORACLE_PYTHON=${ZMLX_ORACLE_PYTHON:-python3}
@@ -71,7 +76,7 @@ procs)
       --patterns ${PATTERNS:-none} 2>> "$OUT/errors.log" |
       python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"tool":"zmlx","patterns":sys.argv[1],"env":sys.argv[2],"ids":r["token_ids"],"prefill_tps":r["stats"]["prompt_tps"],"decode_tps":r["stats"]["generation_tps"]}))' \
         "${PATTERNS:-none}" "${SDPA_ENV:-}" >> "$o"
-    env ${SDPA_ENV:-} python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens "$n" --warmup 0 \
+    [ -n "${ZMLX_ONLY:-}" ] || env ${SDPA_ENV:-} python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens "$n" --warmup 0 \
       --dtype native 2>> "$OUT/errors.log" |
       python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"tool":"mlx-lm","env":sys.argv[1],"ids":r["token_ids"],"prefill_tps":r["prompt_tps"],"decode_tps":r["generation_tps"]}))' \
         "${SDPA_ENV:-}" >> "$o"
@@ -140,13 +145,14 @@ PY
 prefill)
   fam=$1; d=$FULL/$fam; o=$OUT/prefill-$fam.jsonl
   ids=$(prompt_ids "$d")
-  zmlx profile "$d" --patterns ${PATTERNS:-none} --prompt "$PROMPT" --tokens 4 --prefill 3 --json 2>> "$OUT/errors.log" >> "$o"
-  python3 scripts/gpu/mlx_lm_profile.py --model "$d" --prompt-ids "$ids" --runs 3 2>> "$OUT/errors.log" >> "$o"
+  env ${SDPA_ENV:-} zmlx profile "$d" --patterns ${PATTERNS:-none} --prompt "$PROMPT" --tokens 4 --prefill 3 --json 2>> "$OUT/errors.log" >> "$o"
+  env ${SDPA_ENV:-} python3 scripts/gpu/mlx_lm_profile.py --model "$d" --prompt-ids "$ids" --runs 3 2>> "$OUT/errors.log" >> "$o"
   python3 - "$o" <<'PY'
 import json, sys
 z, m = [json.loads(l) for l in open(sys.argv[1]) if l.strip()][-2:]
 zs = z["stock_prefill"]
-print(f"prefill {zs['prompt_tokens']} tokens: zmlx {zs['ms_unbarriered']:.1f} ms, mlx-lm {m['ms_unbarriered']:.1f} ms; "
+print(f"prefill {zs['prompt_tokens']} tokens: zmlx {zs['ms_unbarriered']:.1f} ms (first {zs.get('ms_first', 0):.0f}), "
+      f"mlx-lm {m['ms_unbarriered']:.1f} ms (first {m.get('ms_first', 0):.0f}); "
       f"ops zmlx {zs['ops_total']}, mlx-lm {m['ops_total']}")
 keys = sorted(set(zs["ops_by_primitive"]) | set(m["ops_by_primitive"]))
 for k in keys:
@@ -155,6 +161,34 @@ for k in keys:
         print(f"  {k}: zmlx {a}, mlx-lm {b}")
 print("zmlx barriered ms per slot:", {k: round(v, 2) for k, v in zs["ms_by_slot"].items()})
 PY
+  ;;
+dumps)
+  # Prefill dumps per MLX setting, each compared with MLX's own layer-0 down projection on the
+  # dump's inputs (dump_compare.py) -> $OUT/dumps-FAMILY.jsonl
+  fam=$1; d=$FULL/$fam; o=$OUT/dumps-$fam.jsonl; args=()
+  for cfg in "default:" "no_cuda_graphs:MLX_USE_CUDA_GRAPHS=0" "no_cudnn_sdpa:MLX_CUDA_USE_CUDNN_SDPA=0"; do
+    name=${cfg%%:*}; envs=${cfg#*:}
+    for i in $(seq "${DUMPS:-2}"); do
+      rm -rf "/tmp/zmlx-gpu/dump-$name-$i"
+      env $envs ZMLX_DUMP_DIR="/tmp/zmlx-gpu/dump-$name-$i" zmlx generate --model "$d" --prompt "$PROMPT" --max-tokens 1 \
+        --json --patterns none > /dev/null 2>> "$OUT/errors.log"
+      args+=("$name-$i=/tmp/zmlx-gpu/dump-$name-$i/hidden.safetensors")
+    done
+  done
+  python3 scripts/gpu/dump_compare.py "$d" "${args[@]}" 2>> "$OUT/errors.log" | tee -a "$o"
+  ;;
+ttft)
+  # Where zmlx's generate-measured prompt tok/s goes: prefill and first-token seconds, decode
+  # pipeline on and off, beside mlx-lm -> $OUT/ttft-FAMILY.jsonl
+  fam=$1; d=$FULL/$fam; o=$OUT/ttft-$fam.jsonl
+  ids=$(prompt_ids "$d")
+  for pl in 1 0; do
+    env ${SDPA_ENV:-} ZMLX_DECODE_PIPELINE=$pl zmlx generate --model "$d" --prompt "$PROMPT" --max-tokens 16 --ignore-eos --json --warmup 1 \
+      --patterns none 2>> "$OUT/errors.log" |
+      python3 -c 'import json,sys; r=json.load(sys.stdin); s=r["stats"]; print(json.dumps({"tool":"zmlx","pipeline":sys.argv[1],**{k:s[k] for k in ("prompt_tokens","prompt_tps","prefill_seconds","first_token_seconds","generation_tps")}}))' "$pl" | tee -a "$o"
+  done
+  env ${SDPA_ENV:-} python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens 16 --warmup 1 --dtype native \
+    2>> "$OUT/errors.log" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"tool":"mlx-lm","prompt_tokens":r["prompt_tokens"],"prompt_tps":r["prompt_tps"],"generation_tps":r["generation_tps"]}))' | tee -a "$o"
   ;;
 speed)
   fam=$1; d=$FULL/$fam; o=$OUT/speed-$fam.jsonl
@@ -171,5 +205,5 @@ speed)
     tail -2 "$o"
   done
   ;;
-*) echo "usage: issue15.sh synth|repeat|procs|diag|prefill|speed FAMILY..." >&2; exit 2 ;;
+*) echo "usage: issue15.sh synth|repeat|procs|diag|dumps|ttft|prefill|speed FAMILY..." >&2; exit 2 ;;
 esac

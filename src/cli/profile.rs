@@ -45,8 +45,9 @@ pub fn run(a: &ProfileArgs) -> Result<i32> {
     let prompt = tok.encode(&a.prompt)?;
     let selection = a.patterns.select(model.family())?;
     let prefill = |m: &Model| a.prefill.map(|runs| crate::profile::prefill_profile(m, &prompt, runs)).transpose();
-    let stock = crate::profile::decode_profile(&model, &prompt, a.tokens)?;
+    // Prefill first: its `ms_first` is then the process's first prefill (what a first prompt pays).
     let stock_prefill = prefill(&model)?;
+    let stock = crate::profile::decode_profile(&model, &prompt, a.tokens)?;
     patterns::patch(&mut model, &selection)?;
     let patched = crate::profile::decode_profile(&model, &prompt, a.tokens)?;
     let patched_prefill = prefill(&model)?;
