@@ -132,8 +132,6 @@ fn step(model: &Model, caches: &mut [KvCache], tokens: &Array, sampler: &mut Sam
     Ok((y, logprobs))
 }
 
-/// Generates from `prompt` token ids, calling `on_token` with each new token as it is produced.
-/// Returns the generated ids (without EOS) and mlx-lm-style statistics.
 /// Every id of `prompt` is a row of the model's embedding: an id past it must never reach the
 /// gather (MLX does not bounds-check it).
 pub fn check_prompt_ids(model: &Model, prompt: &[u32]) -> Result<()> {
@@ -144,6 +142,8 @@ pub fn check_prompt_ids(model: &Model, prompt: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Generates from `prompt` token ids, calling `on_token` with each new token as it is produced.
+/// Returns the generated ids (without EOS) and mlx-lm-style statistics.
 pub fn generate(
     model: &Model,
     prompt: &[u32],

@@ -246,11 +246,10 @@ pub fn quantized_matmul(x: &Array, q: &QWeight) -> Result<Array> {
 /// 115–139 vs ~430 tok/s); it removes the race's wrong values but not all run-to-run drift (3
 /// processes × 512 tokens still diverged at token 37–44), so it is a diagnostic, off by default.
 pub fn qmm_race_free(x: &Array, f: impl Fn(&Array) -> Result<Array>) -> Result<Array> {
-    let half = matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16);
-    let rows = x.size() / (x.dim(-1).max(1) as usize);
-    if half
-        && rows >= 8
-        && crate::mlx_env::backend() == crate::mlx_env::Backend::Cuda
+    // The backend first: on the CPU (every decode step) nothing else is looked at.
+    if crate::mlx_env::backend() == crate::mlx_env::Backend::Cuda
+        && matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16)
+        && x.size() / (x.dim(-1).max(1) as usize) >= 8
         && crate::settings::switch_var("ZMLX_CUDA_QMM_F32", false)
     {
         return Ok(f(&x.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?);

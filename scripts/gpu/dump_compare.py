@@ -8,19 +8,15 @@ recompute, max |diff|, and the differing rows/columns (first few).
 """
 import hashlib
 import json
-import os
 import sys
 
 import mlx.core as mx
+from ckpt_tensors import quantized
 import numpy as np
 
 ckpt = sys.argv[1]
 prefix = "model.layers.0.mlp.switch_mlp.down_proj"
-index_file = os.path.join(ckpt, "model.safetensors.index.json")
-name = (json.load(open(index_file))["weight_map"][prefix + ".weight"] if os.path.exists(index_file)
-        else "model.safetensors")
-shard = mx.load(os.path.join(ckpt, name))
-w, s, b = (shard[f"{prefix}.{n}"] for n in ("weight", "scales", "biases"))
+w, s, b = quantized(ckpt, prefix)
 for arg in sys.argv[2:]:
     label, path = arg.split("=", 1)
     d = mx.load(path)

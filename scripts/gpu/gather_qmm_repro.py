@@ -10,19 +10,15 @@ usage: python gather_qmm_repro.py CKPT_DIR DUMP_FILE [LAYER_PREFIX]
 """
 import hashlib
 import json
-import os
 import sys
 
 import mlx.core as mx
+from ckpt_tensors import quantized
 import numpy as np
 
 ckpt, dump = sys.argv[1], sys.argv[2]
 prefix = sys.argv[3] if len(sys.argv) > 3 else "model.layers.0.mlp.switch_mlp.down_proj"
-index_file = os.path.join(ckpt, "model.safetensors.index.json")
-name = (json.load(open(index_file))["weight_map"][prefix + ".weight"] if os.path.exists(index_file)
-        else "model.safetensors")
-shard = mx.load(os.path.join(ckpt, name))
-w, s, b = (shard[f"{prefix}.{n}"] for n in ("weight", "scales", "biases"))
+w, s, b = quantized(ckpt, prefix)
 d = mx.load(dump)
 h = d["l0.experts_h"]
 idx = d["l0.router_indices"].astype(mx.uint32).flatten()[d["l0.experts_sort_order"].astype(mx.uint32)]
@@ -58,13 +54,7 @@ out["bf16_lazy_swiglu"] = lazy
 # up/gate projections, SwiGLU, gathered down projection (does the drift need the lazy producers?).
 if "l0.experts_x_sorted" in d:
     base = prefix.rsplit(".", 1)[0]
-    def params(n):
-        key = f"{base}.{n}"
-        f = (json.load(open(index_file))["weight_map"][key + ".weight"] if os.path.exists(index_file)
-             else "model.safetensors")
-        sh = shard if f == name else mx.load(os.path.join(ckpt, f))
-        return tuple(sh[f"{key}.{p}"] for p in ("weight", "scales", "biases"))
-    (uw, us, ub), (gw, gs_, gb) = params("up_proj"), params("gate_proj")
+    (uw, us, ub), (gw, gs_, gb) = quantized(ckpt, f"{base}.up_proj"), quantized(ckpt, f"{base}.gate_proj")
     xs = d["l0.experts_x_sorted"].astype(mx.bfloat16)
     mx.eval(xs)
     chain, chain_up = [], []

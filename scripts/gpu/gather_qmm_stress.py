@@ -2,19 +2,15 @@
 weights via mx.load) N times in one process, alone and with other GPU work queued around it, and
 count results that differ from the first. usage: python gather_qmm_stress.py CKPT DUMP [N]"""
 import json
-import os
 import sys
 
 import mlx.core as mx
+from ckpt_tensors import quantized
 
 ckpt, dump = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 200
 prefix = "model.layers.0.mlp.switch_mlp.down_proj"
-index_file = os.path.join(ckpt, "model.safetensors.index.json")
-name = (json.load(open(index_file))["weight_map"][prefix + ".weight"] if os.path.exists(index_file)
-        else "model.safetensors")
-shard = mx.load(os.path.join(ckpt, name))
-w, s, b = (shard[f"{prefix}.{p}"] for p in ("weight", "scales", "biases"))
+w, s, b = quantized(ckpt, prefix)
 d = mx.load(dump)
 h = d["l0.experts_h"].astype(mx.bfloat16)
 idx = d["l0.router_indices"].astype(mx.uint32).flatten()[d["l0.experts_sort_order"].astype(mx.uint32)]
