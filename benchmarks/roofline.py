@@ -10,6 +10,10 @@
       non-expert tensor once, expert tensors x k/E (only the routed experts are read), one row of
       the input embedding, float tensors at float32 (zmlx/mlx-lm CPU compute dtype), packed
       weights as stored, plus the KV cache read by attention (CTX positions, float32).
+  python roofline.py bytes-batch DIR CTX B -> the same per decode step of B sequences: experts
+      x the expected fraction of distinct experts B tokens touch, 1 - (1 - k/E)^B (uniform,
+      independent routing: what the random-weight bench routers do), B embedding rows, B KV
+      caches; bytes_per_token = step bytes / B.
 """
 import json
 import os
@@ -152,7 +156,7 @@ def tensors(d):
                     yield k, v["dtype"], v["shape"]
 
 
-def bytes_per_token(d, ctx):
+def bytes_per_token(d, ctx, batch=1):
     cfg = json.load(open(os.path.join(d, "config.json")))
     e = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     k = cfg["num_experts_per_tok"]
@@ -163,9 +167,9 @@ def bytes_per_token(d, ctx):
             n *= s
         size = n * (SIZES[dt] if dt in ("U32", "I32", "U8") else 4)
         if "embed_tokens" in name:
-            size /= shape[0]  # one row is gathered
+            size *= batch / shape[0]  # one row per sequence is gathered
         elif ".experts." in name or "switch_mlp" in name or "block_sparse_moe.experts" in name:
-            size *= k / e
+            size *= 1 - (1 - k / e) ** batch  # expected share of distinct experts touched
         total += size
     layers = cfg["num_hidden_layers"]
     if cfg.get("kv_lora_rank"):
@@ -173,12 +177,15 @@ def bytes_per_token(d, ctx):
     else:
         hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         per_pos = 2 * cfg["num_key_value_heads"] * hd
-    kv = layers * per_pos * 4 * ctx
-    return {"weights_bytes": int(total), "kv_bytes": int(kv), "bytes_per_token": int(total + kv), "experts": e, "k": k}
+    kv = layers * per_pos * 4 * ctx * batch
+    return {"weights_bytes": int(total), "kv_bytes": int(kv), "bytes_per_step": int(total + kv),
+            "bytes_per_token": int((total + kv) / batch), "batch": batch, "experts": e, "k": k}
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "triad":
         print(json.dumps(triad(int(sys.argv[2]) if len(sys.argv) > 2 else None)))
+    elif sys.argv[1] == "bytes-batch":
+        print(json.dumps(bytes_per_token(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
     else:
         print(json.dumps(bytes_per_token(sys.argv[2], int(sys.argv[3]))))

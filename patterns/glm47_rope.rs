@@ -40,9 +40,9 @@ pub struct FusedRopeMla {
 }
 
 impl AttentionSlot for FusedRopeMla {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+    fn forward(&self, x: &Array, caches: &mut [KvCache]) -> Result<Array> {
         let a = &self.inner;
-        self.inner.forward_with(x, cache, &|q, k, offset| {
+        self.inner.forward_with(x, caches, &|q, k, offset| {
             if q.dim(2) != 1 {
                 fallbacks::fallback(INFO.name, "prefill (L > 1)");
                 return a.stock_pe(q, k, offset);

@@ -46,9 +46,9 @@ pub struct FusedGqa {
 }
 
 impl AttentionSlot for FusedGqa {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+    fn forward(&self, x: &Array, caches: &mut [KvCache]) -> Result<Array> {
         let a = &self.inner;
-        a.forward_with(x, cache, &|q, k, v, c| {
+        a.forward_with(x, caches, &|q, k, v, c| {
             if let Some(why) = kernel::gqa_attention_unsupported(a, q) {
                 fallbacks::fallback(self.pattern, &why);
                 return a.stock_core(q, k, v, c);

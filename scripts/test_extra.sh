@@ -6,8 +6,10 @@
 #      ~25 min cold: it builds MLX's aarch64 inputs and a second target dir);
 #   2. scripts/validate_fast.sh: the `fast` preset vs unpatched, 4 prompts x 256 tokens on every
 #      family's bench checkpoint (and FULL=... full-size ones), ledger lines with logit max-abs/KL
-#      (~30 min).
-# Exit status: non-zero if either fails (both run).
+#      (~30 min);
+#   3. the `extra_` tests (scripts/test.sh skips them): batch invariance on the bench
+#      checkpoints of five more families, and unpatched (~10 min).
+# Exit status: non-zero if any fails (all run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rc=0
@@ -15,5 +17,7 @@ echo "[test_extra] aarch64 cross build + kernel tests under qemu-aarch64"
 bash scripts/cross_aarch64.sh --test || rc=1
 echo "[test_extra] fast-preset validation suite"
 bash scripts/validate_fast.sh || rc=1
+echo "[test_extra] extra_ tests (batch invariance on the bench checkpoints)"
+cargo test --release --test batch -- extra_ || rc=1
 echo "[test_extra] done (exit $rc)"
 exit $rc

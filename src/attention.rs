@@ -6,7 +6,7 @@ use anyhow::Result;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::Array;
 
-use crate::cache::KvCache;
+use crate::cache::{per_sequence, KvCache};
 use crate::nn::{Linear, LoadCtx, RmsNorm, Rope};
 use crate::slots::{AttentionSlot, MapLinears};
 
@@ -100,12 +100,14 @@ impl GqaAttention {
         Ok(o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
     }
 
-    /// The attention with a replaceable core.
-    pub fn forward_with(&self, x: &Array, cache: &mut KvCache, core: GqaCore) -> Result<Array> {
+    /// The attention with a replaceable core: the projections over the whole batch, the core
+    /// per sequence when each row has its own cache.
+    pub fn forward_with(&self, x: &Array, caches: &mut [KvCache], core: GqaCore) -> Result<Array> {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
-        self.o_proj.forward(&core(&q, &k, &v, cache)?)
+        let o = per_sequence(&[&q, &k, &v], caches, |p, c| core(&p[0], &p[1], &p[2], c))?;
+        self.o_proj.forward(&o)
     }
 
     /// A copy with each dense projection replaced by `f(projection)`.
@@ -121,8 +123,8 @@ impl GqaAttention {
 }
 
 impl AttentionSlot for GqaAttention {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        self.forward_with(x, cache, &|q, k, v, c| self.stock_core(q, k, v, c))
+    fn forward(&self, x: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        self.forward_with(x, caches, &|q, k, v, c| self.stock_core(q, k, v, c))
     }
 
     fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {

@@ -12,7 +12,7 @@ use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::{NewAxis, TryIndexOp};
 use mlx_rs::{ops, Array};
 
-use crate::cache::KvCache;
+use crate::cache::{per_sequence, KvCache};
 use crate::config::{MlaConfig, ModelConfig, RopeScaling};
 use crate::nn::{Linear, LoadCtx, MultiLinear, RmsNorm, Rope};
 use crate::slots::{AttentionSlot, MapLinears};
@@ -116,8 +116,10 @@ impl MlaAttention {
         MlaAttention { q, kv_a_proj_with_mqa: f(&self.kv_a_proj_with_mqa), o_proj: f(&self.o_proj), ..self.clone() }
     }
 
-    /// The attention with a replaceable positional step (the `glm47_rope` pattern swaps it).
-    pub fn forward_with(&self, x: &Array, cache: &mut KvCache, pe: PeStep) -> Result<Array> {
+    /// The attention with a replaceable positional step (the `glm47_rope` pattern swaps it):
+    /// the projections over the whole batch, the rest per sequence when each row has its own
+    /// cache.
+    pub fn forward_with(&self, x: &Array, caches: &mut [KvCache], pe: PeStep) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let d = &self.dims;
         let q = match &self.q {
@@ -127,13 +129,32 @@ impl MlaAttention {
         let q =
             q.reshape(&[b, l, self.n_heads, d.qk_nope_head_dim + d.qk_rope_head_dim])?.transpose_axes(&[0, 2, 1, 3])?;
         let qs = q.split_at_indices(&[d.qk_nope_head_dim], -1)?;
-        let (q_nope, q_pe) = (&qs[0], &qs[1]);
         let ckv = self.kv_a_proj_with_mqa.forward(x)?;
         let parts = ckv.split_at_indices(&[d.kv_lora_rank], -1)?;
         let k_pe = parts[1].reshape(&[b, l, 1, d.qk_rope_head_dim])?.transpose_axes(&[0, 2, 1, 3])?;
         let kv_latent = self.kv_a_layernorm.forward(&parts[0])?;
+        let out = per_sequence(&[&qs[0], &qs[1], &k_pe, &kv_latent], caches, |p, cache| {
+            self.attend(&p[0], &p[1], &p[2], &p[3], cache, pe)
+        })?;
+        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * d.v_head_dim])?;
+        self.o_proj.forward(&out)
+    }
+
+    /// RoPE, cache update and SDPA for rows sharing one cache: `q_nope` `[B, H, L, nope]`,
+    /// `q_pe` `[B, H, L, rope]`, `k_pe` `[B, 1, L, rope]`, `kv_latent` `[B, L, rank]` →
+    /// `[B, H, L, v_head_dim]`.
+    fn attend(
+        &self,
+        q_nope: &Array,
+        q_pe: &Array,
+        k_pe: &Array,
+        kv_latent: &Array,
+        cache: &mut KvCache,
+        pe: PeStep,
+    ) -> Result<Array> {
+        let l = q_nope.dim(2);
         let offset = cache.offset;
-        let (q_pe_scaled, k_pe) = pe(q_pe, &k_pe, offset)?;
+        let (q_pe_scaled, k_pe) = pe(q_pe, k_pe, offset)?;
         let kv_latent = kv_latent.expand_dims(1)?;
         let (kv_latent, k_pe) = cache.update_and_fetch(&kv_latent, &k_pe)?;
         for (n, a) in [("q_nope", q_nope), ("q_pe_scaled", &q_pe_scaled), ("k_pe", &k_pe), ("kv_latent", &kv_latent)] {
@@ -164,14 +185,13 @@ impl MlaAttention {
             fast::scaled_dot_product_attention(q_nope, &k, &v, self.scale, pe_mask, None)?
         };
         crate::debug_dump::record("sdpa", &out);
-        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * d.v_head_dim])?;
-        self.o_proj.forward(&out)
+        Ok(out)
     }
 }
 
 impl AttentionSlot for MlaAttention {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        self.forward_with(x, cache, &|q, k, o| self.stock_pe(q, k, o))
+    fn forward(&self, x: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        self.forward_with(x, caches, &|q, k, o| self.stock_pe(q, k, o))
     }
 
     fn with_linears(&self, f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {

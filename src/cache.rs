@@ -1,5 +1,6 @@
-//! mlx-lm's KVCache: buffers grown in steps of 256 positions, written in place.
-use anyhow::Result;
+//! mlx-lm's KVCache: buffers grown in steps of 256 positions, written in place; and the split of
+//! a batch of independent sequences into per-sequence attention calls.
+use anyhow::{bail, Result};
 use mlx_rs::ops::indexing::{Ellipsis, TryIndexMutOp, TryIndexOp};
 use mlx_rs::{ops, Array, Dtype};
 
@@ -71,6 +72,34 @@ impl KvCache {
     /// Arrays to evaluate after a prefill chunk.
     pub fn state(&self) -> Vec<&Array> {
         self.keys.iter().chain(self.values.iter()).collect()
+    }
+}
+
+/// Runs the position-dependent part of attention (`f`: RoPE, cache update, SDPA) for a batch.
+/// `parts` are `[B, ...]` arrays whose row b belongs to sequence b. One cache: `f` sees the
+/// whole batch (mlx-lm's layout). One cache per row: `f` runs once per sequence on its rows and
+/// cache, and the outputs are joined along axis 0 — so a sequence's attention is computed
+/// exactly as in a batch-1 run (its own length, no padding, no mask over other rows), which is
+/// what makes batched decode batch-invariant.
+pub fn per_sequence(
+    parts: &[&Array],
+    caches: &mut [KvCache],
+    mut f: impl FnMut(&[Array], &mut KvCache) -> Result<Array>,
+) -> Result<Array> {
+    let b = parts.first().map_or(0, |a| a.dim(0));
+    match caches {
+        [] => bail!("attention was given no KV cache"),
+        [one] => f(&parts.iter().map(|&a| a.clone()).collect::<Vec<_>>(), one),
+        many if many.len() as i32 == b => {
+            let mut outs = Vec::with_capacity(many.len());
+            for (i, cache) in many.iter_mut().enumerate() {
+                let i = i as i32;
+                let rows = parts.iter().map(|a| a.try_index(i..i + 1)).collect::<Result<Vec<_>, _>>()?;
+                outs.push(f(&rows, cache)?);
+            }
+            Ok(ops::concatenate(&outs, 0)?)
+        }
+        many => bail!("attention got {} KV caches for a batch of {b} rows: give one, or one per row", many.len()),
     }
 }
 

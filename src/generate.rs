@@ -83,19 +83,24 @@ pub struct GenerationStats {
     pub first_token_seconds: f64,
 }
 
-struct Sampler {
+pub(crate) struct Sampler {
     config: SamplerConfig,
     state: Option<random::RandomState>,
 }
 
 impl Sampler {
-    fn new(config: SamplerConfig) -> Result<Sampler> {
+    pub(crate) fn new(config: SamplerConfig) -> Result<Sampler> {
         let state = if config.temperature > 0.0 { Some(random::RandomState::with_seed(config.seed)?) } else { None };
         Ok(Sampler { config, state })
     }
 
+    /// Whether this sampler picks the argmax (no random state).
+    pub(crate) fn is_greedy(&self) -> bool {
+        self.state.is_none()
+    }
+
     /// `logprobs` `[1, V]` → token `[1]`.
-    fn sample(&mut self, logprobs: &Array) -> Result<Array> {
+    pub(crate) fn sample(&mut self, logprobs: &Array) -> Result<Array> {
         let Some(state) = self.state.as_mut() else {
             return Ok(ops::indexing::argmax_axis(logprobs, -1, None)?);
         };
@@ -123,11 +128,17 @@ fn apply_top_p(logprobs: &Array, top_p: f32) -> Result<Array> {
     Ok(ops::select(&keep, logprobs, &neg_inf)?)
 }
 
+/// Log-probabilities of the last position of logits `[1, L, V]`, as mlx-lm's generate_step:
+/// `logits - logsumexp(logits)` over all axes — so only for one sequence (batch.rs applies it
+/// to each row).
+pub(crate) fn last_logprobs(logits: &Array) -> Result<Array> {
+    let logits = logits.try_index((.., -1, ..))?;
+    Ok(logits.subtract(ops::logsumexp(&logits, true)?)?)
+}
+
 /// One model step on `tokens` `[L]`: returns (sampled token `[1]`, logprobs `[1, V]`).
 fn step(model: &Model, caches: &mut [KvCache], tokens: &Array, sampler: &mut Sampler) -> Result<(Array, Array)> {
-    let logits = model.forward(&tokens.expand_dims(0)?, caches)?;
-    let logits = logits.try_index((.., -1, ..))?;
-    let logprobs = logits.subtract(ops::logsumexp(&logits, true)?)?;
+    let logprobs = last_logprobs(&model.forward(&tokens.expand_dims(0)?, caches)?)?;
     let y = sampler.sample(&logprobs)?;
     Ok((y, logprobs))
 }

@@ -123,6 +123,10 @@ pub struct MatrixEntry {
     /// allocator only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_bytes: Option<u64>,
+    /// Sequences decoded together per run (`--batch-size`; speeds are the batch's totals).
+    /// Lines without it (the Python original's, older zmlx) were batch 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
 
     /// Keys neither tool knows, kept in file order and written back after ours.
     #[serde(flatten)]
@@ -175,6 +179,7 @@ impl Default for MatrixEntry {
             logit_kl_max: None,
             load_seconds: None,
             peak_rss_bytes: None,
+            batch_size: None,
             extra: Map::new(),
         }
     }

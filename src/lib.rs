@@ -1,6 +1,7 @@
 //! zmlx: run, patch, validate and benchmark Mixture-of-Experts LLMs on MLX.
 pub mod attention;
 pub mod attention_mla;
+pub mod batch;
 pub mod cache;
 pub mod capsule;
 pub mod cli;

@@ -29,10 +29,10 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// (attention output, layer output).
-    fn forward_parts(&self, x: &Array, cache: &mut KvCache) -> Result<(Array, Array)> {
+    /// (attention output, layer output); `caches`: one for all rows of `x`, or one per row.
+    fn forward_parts(&self, x: &Array, caches: &mut [KvCache]) -> Result<(Array, Array)> {
         let a = crate::profile::span("attention", || {
-            self.attention.get().forward(&self.input_layernorm.get().forward(x)?, cache)
+            self.attention.get().forward(&self.input_layernorm.get().forward(x)?, caches)
         })?;
         let h = x.add(&a)?;
         let n = self.post_attention_layernorm.get().forward(&h)?;
@@ -196,11 +196,33 @@ impl Model {
         (0..self.layers.len()).map(|_| KvCache::default()).collect()
     }
 
-    /// Hidden states after the final norm for `tokens` `[B, L]`.
+    /// Hidden states after the final norm for `tokens` `[B, L]`, one cache per layer (holding
+    /// all B rows, mlx-lm's layout).
     pub fn hidden(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        self.hidden_layers(tokens, caches.iter_mut().map(std::slice::from_mut).collect())
+    }
+
+    /// Logits `[B, L, V]` for `tokens` `[B, L]`, one cache per layer.
+    pub fn forward(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        let h = self.hidden(tokens, caches)?;
+        crate::profile::span("head", || self.head.get().forward(&h))
+    }
+
+    /// Logits `[B, L, V]` for a batch of independent sequences: row b of `tokens` `[B, L]`
+    /// continues sequence b, whose cache in layer i is `caches[i][b]` (positions may differ per
+    /// sequence). Everything but the attention core runs once over the batch.
+    pub fn forward_batch(&self, tokens: &Array, caches: &mut [Vec<KvCache>]) -> Result<Array> {
+        let h = self.hidden_layers(tokens, caches.iter_mut().map(|c| c.as_mut_slice()).collect())?;
+        crate::profile::span("head", || self.head.get().forward(&h))
+    }
+
+    fn hidden_layers(&self, tokens: &Array, caches: Vec<&mut [KvCache]>) -> Result<Array> {
+        if caches.len() != self.layers.len() {
+            anyhow::bail!("{} layer caches for a model of {} layers", caches.len(), self.layers.len());
+        }
         let mut h = self.embed_tokens.get().forward(tokens)?;
         let mut dump = crate::debug_dump::CallDump::start(&h);
-        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+        for (i, (layer, cache)) in self.layers.iter().zip(caches).enumerate() {
             if let Some(d) = &mut dump {
                 d.before_layer(i);
             }
@@ -214,12 +236,6 @@ impl Model {
             d.save()?;
         }
         self.norm.get().forward(&h)
-    }
-
-    /// Logits `[B, L, V]` for `tokens` `[B, L]`.
-    pub fn forward(&self, tokens: &Array, caches: &mut [KvCache]) -> Result<Array> {
-        let h = self.hidden(tokens, caches)?;
-        crate::profile::span("head", || self.head.get().forward(&h))
     }
 
     /// Puts every slot back to the implementation it was loaded with.

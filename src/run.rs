@@ -108,6 +108,7 @@ pub fn entry_for(
         logit_kl_max: r.logit_stats.as_ref().map(|l| l.kl_max),
         load_seconds: Some(r4(r.load_seconds)),
         peak_rss_bytes: Some(hardware::peak_rss_bytes()),
+        batch_size: Some(r.batch_size as u64),
         ..Default::default()
     }
 }

@@ -48,9 +48,13 @@ pub struct Routing {
     pub weights: Array,
 }
 
-/// Attention including its positional encoding; updates the layer's KV cache.
+/// Attention including its positional encoding; updates the layer's KV caches.
+///
+/// `caches` holds either one cache for every row of `x` `[B, L, D]` (mlx-lm's layout: the rows
+/// share positions) or one cache per row (a batch of independent sequences at their own
+/// positions; see [`crate::cache::per_sequence`]).
 pub trait AttentionSlot: Any {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array>;
+    fn forward(&self, x: &Array, caches: &mut [KvCache]) -> Result<Array>;
     /// This implementation with its dense projections replaced (None: it has none it can rebuild).
     fn with_linears(&self, _f: MapLinears) -> Option<Rc<dyn AttentionSlot>> {
         None

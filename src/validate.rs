@@ -10,6 +10,7 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array};
 use serde::Serialize;
 
+use crate::batch::{generate_batch, BatchOptions, SequenceRequest};
 use crate::generate::{generate, GenerateOptions, GenerationStats};
 use crate::mlx_env::{self, Backend};
 use crate::model::{dtype_name, DtypeChoice, Model};
@@ -39,6 +40,8 @@ pub struct ValidateOptions {
     pub ignore_eos: bool,
     /// Untimed warm-up generations (5 tokens of "Hello") per configuration before the runs.
     pub warmup: usize,
+    /// Copies of the prompt decoded together per run (1 = `generate`, else the batch engine).
+    pub batch_size: usize,
 }
 
 /// Upper bound for `--cooldown` (an hour between runs is already more than any GPU needs).
@@ -52,6 +55,9 @@ impl ValidateOptions {
         }
         if self.max_tokens == 0 {
             bail!("--max-tokens must be at least 1: validation compares generated tokens");
+        }
+        if !(1..=crate::batch::MAX_BATCH).contains(&self.batch_size) {
+            bail!("--batch-size {} is not allowed: use 1..={}", self.batch_size, crate::batch::MAX_BATCH);
         }
         if !(self.cooldown_s.is_finite() && (0.0..=MAX_COOLDOWN_S).contains(&self.cooldown_s)) {
             bail!("--cooldown {} is not allowed: use seconds from 0 to {MAX_COOLDOWN_S}", self.cooldown_s);
@@ -191,6 +197,8 @@ pub struct ValidationReport {
     pub ignore_eos: bool,
     /// Untimed warm-up generations per configuration.
     pub warmup: usize,
+    /// Copies of the prompt decoded together per run (speeds are the batch's totals).
+    pub batch_size: usize,
     /// Threads of zmlx's CPU kernels (MLX's own CPU ops are single-threaded).
     pub threads: u32,
     /// Seconds `Model::load` took.
@@ -284,8 +292,35 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn one_run(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Result<RunResult> {
+/// One timed generation; with `batch > 1`, `batch` copies of the prompt decoded together: the
+/// speeds are the batch's totals and every copy must equal the first (batch invariance).
+fn one_run(model: &Model, prompt: &[u32], opts: &GenerateOptions, batch: usize) -> Result<RunResult> {
     mlx_env::reset_peak_memory();
+    if batch > 1 {
+        let req = SequenceRequest {
+            prompt: prompt.to_vec(),
+            max_tokens: opts.max_tokens,
+            sampler: opts.sampler,
+            ignore_eos: opts.ignore_eos,
+            eos_token_ids: opts.eos_token_ids.clone(),
+        };
+        let mut bopts = BatchOptions::new(batch);
+        bopts.prefill_step = opts.prefill_step;
+        let (outs, stats) = generate_batch(model, &vec![req; batch], bopts, |_, _| Ok(()))?;
+        let first = &outs[0].token_ids;
+        if let Some((i, o)) = outs.iter().enumerate().find(|(_, o)| &o.token_ids != first) {
+            bail!(
+                "batch invariance broken: copy {i} of the prompt differs from copy 0 at token {:?} in a batch of {batch}",
+                (0..first.len().max(o.token_ids.len())).find(|&j| first.get(j) != o.token_ids.get(j))
+            );
+        }
+        return Ok(RunResult {
+            token_ids: first.clone(),
+            prompt_tps: stats.prompt_tps,
+            decode_tps: stats.generation_tps,
+            peak_mem_gb: stats.peak_memory_gb,
+        });
+    }
     let (ids, stats): (Vec<u32>, GenerationStats) = generate(model, prompt, opts, |_| Ok(()))?;
     Ok(RunResult {
         token_ids: ids,
@@ -386,6 +421,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         runs: 0,
         ignore_eos: opts.ignore_eos,
         warmup: opts.warmup,
+        batch_size: opts.batch_size,
         threads: crate::hardware::kernel_threads(),
         load_seconds: load.seconds,
         selection: opts.selection.clone(),
@@ -444,7 +480,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         for patched in order {
             set(&mut model, patched)?;
             bar.set_message(if patched { "patched" } else { "baseline" });
-            let run = one_run(&model, &prompt, &gen)?;
+            let run = one_run(&model, &prompt, &gen, opts.batch_size)?;
             bar.inc(1);
             if patched {
                 patched_runs.push(run)
@@ -534,6 +570,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         runs: opts.runs,
         ignore_eos: opts.ignore_eos,
         warmup: opts.warmup,
+        batch_size: opts.batch_size,
         threads: crate::hardware::kernel_threads(),
         load_seconds: load.seconds,
         selection: opts.selection.clone(),
@@ -573,8 +610,12 @@ pub fn render(r: &ValidationReport) -> String {
     let mut s = format!("{bar}\nVALIDATION REPORT\n{bar}\nModel: {}\nPatterns: {pats}\n", r.model.display());
     s += &format!("Backend: {}, compute dtype {}\n", r.backend.name(), r.dtype);
     s += &format!(
-        "Tokens: {} greedy (temp=0), {} runs, prompt {} tokens ({})\n\n",
-        r.max_tokens, r.runs, r.prompt_tokens, r.prompt_source
+        "Tokens: {} greedy (temp=0), {} runs, prompt {} tokens ({}){}\n\n",
+        r.max_tokens,
+        r.runs,
+        r.prompt_tokens,
+        r.prompt_source,
+        if r.batch_size > 1 { format!(", batches of {} copies (total tok/s)", r.batch_size) } else { String::new() }
     );
     let f = &r.fidelity;
     s += &format!("FIDELITY: {}  [{}]\n", f.detail(), f.verdict);

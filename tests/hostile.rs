@@ -311,6 +311,22 @@ fn bad_run_inputs_on_a_real_checkpoint() {
         generate_rejects(d.path(), &["--dtype", dt], &["not supported on the CPU backend", "--dtype f32"]);
     }
     generate_rejects(d.path(), &["--prompt", ""], &["prompt is empty"]);
+    // Batched generation: the prompts file and the batch size.
+    let pf = d.path().join("prompts.txt");
+    std::fs::write(&pf, "hello\n\nworld\n").unwrap();
+    let pfs = pf.to_str().unwrap();
+    generate_rejects(d.path(), &["--prompts-file", pfs], &["--prompts-file", "line 2 is empty"]);
+    generate_rejects(d.path(), &["--prompts-file", "/nonexistent/prompts.txt"], &["/nonexistent/prompts.txt"]);
+    std::fs::write(&pf, "").unwrap();
+    generate_rejects(d.path(), &["--prompts-file", pfs], &["has no prompts"]);
+    std::fs::write(&pf, "hello\n").unwrap();
+    for bad in ["0", "1025", "-3", "many"] {
+        let flag = format!("--batch-size={bad}");
+        generate_rejects(d.path(), &["--prompts-file", pfs, &flag], &["--batch-size", bad]);
+        rejected("validate --batch-size", &mut zmlx(&["validate", m, &flag]), &["--batch-size", bad]);
+    }
+    generate_rejects(d.path(), &["--batch-size", "2"], &["--prompts-file"]);
+    generate_rejects(d.path(), &["--prompts-file", pfs, "--prompt", "hi"], &["--prompt", "--prompts-file"]);
     rejected("validate an empty prompt", &mut zmlx(&["validate", m, "--prompt", ""]), &["no tokens"]);
     let pf = d.path().join("empty-prompt.txt");
     std::fs::write(&pf, "").unwrap();

@@ -52,6 +52,15 @@ fn finite(s: &str) -> Result<f64, String> {
     Ok(x)
 }
 
+/// `--batch-size`: 1..=1024 sequences decoding at once.
+pub fn parse_batch_size(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if !(1..=crate::batch::MAX_BATCH).contains(&n) {
+        return Err(format!("{n} is not allowed: use 1..={}", crate::batch::MAX_BATCH));
+    }
+    Ok(n)
+}
+
 pub fn parse_temp(s: &str) -> Result<f32, String> {
     let t = finite(s)?;
     if t < 0.0 {

@@ -58,6 +58,7 @@ pub fn run(a: &DemoArgs) -> Result<i32> {
             cooldown: 0.0,
             ignore_eos: true,
             warmup: 1,
+            batch_size: 1,
             dtype: DtypeChoice::Auto,
             json: false,
             logits: false,

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::args::{at_least_one, parse_temp, parse_top_p, parse_warmup, PatternArgs};
+use super::args::{at_least_one, parse_batch_size, parse_temp, parse_top_p, parse_warmup, PatternArgs};
+use crate::batch::{generate_batch, BatchOptions, SequenceRequest};
 use crate::generate::{generate, GenerateOptions, SamplerConfig};
 use crate::mlx_env;
 use crate::model::{dtype_name, DtypeChoice, Model};
@@ -16,8 +17,16 @@ pub struct GenerateArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value = super::DEFAULT_GENERATE_PROMPT)]
+    #[arg(long, default_value = super::DEFAULT_GENERATE_PROMPT, conflicts_with = "prompts_file")]
     pub prompt: String,
+    /// Generate for every prompt of this file (one per line, each a sequence of its own),
+    /// decoding them together in batches (`--batch-size`).
+    #[arg(long)]
+    pub prompts_file: Option<PathBuf>,
+    /// Sequences decoding at once with `--prompts-file` (more wait and join as others finish);
+    /// default: all of the file's prompts (at most 1024).
+    #[arg(long, requires = "prompts_file", value_parser = parse_batch_size)]
+    pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub max_tokens: usize,
     /// Sampling temperature: a finite number >= 0; 0 = greedy.
@@ -51,6 +60,8 @@ impl GenerateArgs {
         GenerateArgs {
             model,
             prompt: super::DEFAULT_GENERATE_PROMPT.into(),
+            prompts_file: None,
+            batch_size: None,
             max_tokens,
             temp: 0.0,
             top_p: 1.0,
@@ -78,6 +89,11 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
     }
     crate::fallbacks::reset();
     let tok = TextTokenizer::load(&a.model, &model.config)?;
+    // Read the prompts before the (possibly long) warm-up, so a bad file fails fast.
+    let prompts = match &a.prompts_file {
+        Some(path) => Some(read_prompts(path)?),
+        None => None,
+    };
     let prompt = tok.encode(&a.prompt)?;
     let mut opts = GenerateOptions::greedy(a.max_tokens, tok.eos_token_ids.clone());
     opts.sampler = SamplerConfig { temperature: a.temp, top_p: a.top_p, seed: a.seed };
@@ -101,6 +117,17 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
             generate(&model, &hello, &warm, |_| Ok(()))?;
         }
         crate::fallbacks::reset();
+    }
+    if let Some(prompts) = prompts {
+        let ctx = BatchRun {
+            args: a,
+            model: &model,
+            tok: &tok,
+            selection: &selection.names,
+            report: &report,
+            load_seconds: info.seconds,
+        };
+        return ctx.run(&prompts, &opts);
     }
     let mut stream = tok.stream();
     let mut out = std::io::stdout();
@@ -137,4 +164,99 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The prompts of a `--prompts-file`: one per line (a final newline is not a prompt); an empty
+/// line is an error, as an empty `--prompt` is.
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read --prompts-file {}: {e}", path.display()))?;
+    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    if lines.is_empty() {
+        anyhow::bail!("--prompts-file {} has no prompts: write one prompt per line", path.display());
+    }
+    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
+        anyhow::bail!(
+            "--prompts-file {} line {} is empty: every line is a prompt (remove blank lines)",
+            path.display(),
+            i + 1
+        );
+    }
+    Ok(lines)
+}
+
+struct BatchRun<'a> {
+    args: &'a GenerateArgs,
+    model: &'a Model,
+    tok: &'a TextTokenizer,
+    selection: &'a [String],
+    report: &'a patterns::PatchReport,
+    load_seconds: f64,
+}
+
+impl BatchRun<'_> {
+    /// Every prompt of the file through the batch engine: JSON lines (one per sequence, then one
+    /// with the batch's statistics) or each sequence's text in order.
+    fn run(&self, prompts: &[String], opts: &GenerateOptions) -> Result<i32> {
+        let a = self.args;
+        let requests = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ids = self.tok.encode(p).map_err(|e| e.context(format!("--prompts-file line {}", i + 1)))?;
+                Ok(SequenceRequest {
+                    prompt: ids,
+                    max_tokens: opts.max_tokens,
+                    sampler: opts.sampler,
+                    ignore_eos: opts.ignore_eos,
+                    eos_token_ids: opts.eos_token_ids.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batch = a.batch_size.unwrap_or(prompts.len().min(crate::batch::MAX_BATCH));
+        let (outputs, stats) = generate_batch(self.model, &requests, BatchOptions::new(batch), |_, _| Ok(()))?;
+        for (i, (o, r)) in outputs.iter().zip(&requests).enumerate() {
+            let text = self.tok.decode(&o.token_ids)?;
+            if a.json {
+                let v = serde_json::json!({
+                    "index": i, "prompt": prompts[i], "prompt_ids": r.prompt, "token_ids": o.token_ids,
+                    "text": text, "stats": o.stats,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "========== sequence {i} ({} tokens, {})",
+                    o.stats.generation_tokens,
+                    o.stats.finish_reason.as_str()
+                );
+                println!("{text}");
+            }
+        }
+        if a.json {
+            let v = serde_json::json!({
+                "model": a.model, "family": self.model.family().model_type(),
+                "backend": crate::mlx_env::backend().name(), "dtype": dtype_name(self.model.dtype),
+                "batch_stats": stats, "load_seconds": self.load_seconds,
+                "peak_rss_bytes": crate::hardware::peak_rss_bytes(), "patterns": self.selection,
+                "patch_report": self.report, "pattern_calls": crate::fallbacks::snapshot(),
+            });
+            println!("{v}");
+        } else {
+            println!("==========");
+            println!(
+                "Batch: {} sequences, batch size {}, prompt {} tokens at {:.3} tokens-per-sec",
+                stats.sequences, stats.batch_size, stats.prompt_tokens, stats.prompt_tps
+            );
+            println!(
+                "Generation: {} tokens, {:.3} tokens-per-sec (all sequences)",
+                stats.generated_tokens, stats.generation_tps
+            );
+            println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
+            println!("Peak RSS: {:.3} GB", crate::hardware::peak_rss_bytes() as f64 / 1e9);
+            for line in crate::fallbacks::summary() {
+                println!("Pattern calls: {line}");
+            }
+        }
+        Ok(0)
+    }
 }

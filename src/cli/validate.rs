@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::args::{at_least_one, parse_cooldown, parse_warmup, PatternArgs};
+use super::args::{at_least_one, parse_batch_size, parse_cooldown, parse_warmup, PatternArgs};
 use crate::model::DtypeChoice;
 use crate::run::RunOptions;
 use crate::validate::{render, validate, ValidateOptions, DEFAULT_PROMPT};
@@ -31,6 +31,10 @@ pub struct ValidateArgs {
     /// Untimed warm-up generations per configuration before the runs (0 to 100).
     #[arg(long, default_value_t = 2, value_parser = parse_warmup)]
     pub warmup: usize,
+    /// Decode this many copies of the prompt together per run (batched decode, src/batch.rs):
+    /// throughput is the batch's total; every copy must match the others and the baseline.
+    #[arg(long, default_value_t = 1, value_parser = parse_batch_size)]
+    pub batch_size: usize,
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DtypeChoice,
     #[arg(long)]
@@ -68,6 +72,7 @@ impl ValidateArgs {
             arbiter_f32: self.arbiter.is_some(),
             ignore_eos: self.ignore_eos,
             warmup: self.warmup,
+            batch_size: self.batch_size,
         })
     }
 }
