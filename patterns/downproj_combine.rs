@@ -8,6 +8,8 @@
 //! or 3/5/6-bit experts, a compute dtype or backend the kernel is not exact for: the experts stay
 //! as they were, decided at patch time (the report says why). Calls without a fused hidden state
 //! from the experts slot or with a non-plain combine use the stock slots, counted in `fallbacks`.
+//! On a GPU (opt-in `ZMLX_GPU_EXPERIMENTAL`, class validated there) the kernel takes calls of at
+//! most `GPU_MAX_TOKENS` tokens (decode) and half-precision routing weights.
 use std::any::Any;
 use std::rc::Rc;
 
@@ -17,9 +19,11 @@ use mlx_rs::{Array, Dtype};
 use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, Swaps};
 use crate::config::Family;
 use crate::fallbacks;
+use crate::kernels;
 use crate::kernels::qmv_combine::qmv_combine_class;
-use crate::kernels::qmv_swiglu::unsupported;
+use crate::kernels::qmv_swiglu::{gpu_tokens_unsupported, unsupported};
 use crate::kernels::KernelClass;
+use crate::mlx_env::Backend;
 use crate::model::Model;
 use crate::moe::SwitchGlu;
 use crate::nn::{QWeight, Weight};
@@ -58,8 +62,16 @@ impl FusedDownCombine {
         if let Some(why) = unsupported(x.dtype(), &[&self.down]) {
             return Ok(Err(why));
         }
-        if routing.weights.dtype() != mlx_rs::Dtype::Float32 {
-            return Ok(Err(format!("{:?} routing weights", routing.weights.dtype())));
+        // The CPU kernel takes float32 routing weights; the GPU bodies also take half-precision
+        // ones (widened to float exactly in the kernel).
+        let wdt = routing.weights.dtype();
+        let gpu = kernels::backend() != Backend::Cpu;
+        if !(wdt == Dtype::Float32 || (gpu && matches!(wdt, Dtype::Float16 | Dtype::Bfloat16))) {
+            return Ok(Err(format!("{wdt:?} routing weights")));
+        }
+        let k = routing.indices.dim(-1);
+        if let Some(why) = gpu_tokens_unsupported(routing.indices.size() as i32 / k) {
+            return Ok(Err(why));
         }
         let Some(h) = self.inner.hidden(x, &routing.indices)? else {
             return Ok(Err("the experts slot gives no fused hidden state (stock SwitchGLU at prefill)".into()));

@@ -4,7 +4,8 @@
 //! same kernel (`qmv_swiglu`: decode, and prefill grouped by expert). Whether that kernel applies
 //! is decided at patch time from the weights, compute dtype and backend (float experts or bf16
 //! activations on the CPU: the activation kernel alone; a GPU backend without
-//! `ZMLX_GPU_EXPERIMENTAL`: the experts stay stock, the patch report says why).
+//! `ZMLX_GPU_EXPERIMENTAL`: the experts stay stock, the patch report says why; on a GPU the
+//! kernel runs for calls of at most `GPU_MAX_TOKENS` tokens, prefill stays stock, counted).
 //! Bit-identical on CPU (tests/kernels.rs), token-identical (tests/fidelity.rs).
 use std::any::Any;
 use std::rc::Rc;
@@ -16,7 +17,7 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, S
 use crate::config::Family;
 use crate::fallbacks;
 use crate::kernels;
-use crate::kernels::qmv_swiglu::{qmv_swiglu_class, unsupported};
+use crate::kernels::qmv_swiglu::{gpu_tokens_unsupported, qmv_swiglu_class, unsupported};
 use crate::kernels::swiglu::swiglu;
 use crate::kernels::KernelClass;
 use crate::mlx_env::Backend;
@@ -74,6 +75,9 @@ impl FusedSwitchGlu {
         }
         let (k, d) = (indices.dim(-1), x.dim(-1));
         let t = indices.size() as i32 / k;
+        if let Some(why) = gpu_tokens_unsupported(t) {
+            return Ok(Err(why));
+        }
         Ok(Ok(qmv_swiglu_class(&x.reshape(&[t, d])?, &indices.reshape(&[t, k])?, g, u, self.class)?))
     }
 }

@@ -165,7 +165,7 @@ def instances():
     qs.append([("T", F32), ("K", 4096), ("N", 14336), ("KSEL", 2), ("GS", 64), ("BITS", 4), ("E", 8)])
     q_in = {"x": "T", "idx": "uint32", "wg": "uint32", "sg": "T", "bg": "T", "wu": "uint32", "su": "T", "bu": "T"}
     k["qmv_swiglu.cu"] = (q_in, {"out": "T"}, qs)
-    c_in = {"h": "T", "idx": "uint32", "w": F32, "wd": "uint32", "sd": "T", "bd": "T"}
+    c_in = {"h": "T", "idx": "uint32", "w": "O", "wd": "uint32", "sd": "T", "bd": "T"}  # w in O's dtype
     k["qmv_combine.cu"] = (c_in, {"out": "O"}, qc)
     # rope_decode: T, DIMS, TRAD, HAS_MSCALE.
     rd = [[("T", t), ("DIMS", 64), ("TRAD", False), ("HAS_MSCALE", True)] for t in FLOATS]

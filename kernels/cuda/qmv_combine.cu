@@ -1,29 +1,39 @@
-// qmv_combine (CUDA body): out[t, r] = sum_j T(dot(h[t, j], Wd[e] row r)) * w[t, j], e = idx[t, j],
-// slot order j = 0..KSEL-1, the product and the sum in float, cast to O once; the [KSEL, N]
-// expert outputs are never stored. One thread per output element.
-// inputs: h [T, KSEL, K] (T), idx [T, KSEL] (uint32), w [T, KSEL] (float), wd [E, N, K*BITS/32]
+// qmv_combine (CUDA body): out[t, r] = sum_j T(dot(h[t, j], Wd[e_j] row r)) * w[t, j],
+// e_j = idx[t, j]. One block per output (t, r), no atomics: warp v of the block's NW takes slots
+// j = v, v + NW, ...; per slot the lanes stride the row's packed words (zmlx_qdot_lane,
+// header.cuh: per word scale * sum(h * q) + bias * sum(h), float FMA accumulation), then a fixed
+// xor-butterfly warp sum; the slot dots meet in shared memory and thread 0 adds them in slot
+// order j = 0..KSEL-1, each rounded to T (as gather_qmm's output) times its weight, in float;
+// cast to O once. The [KSEL, N] expert outputs are never stored. Each output is the same sequence
+// of operations in every run, for every T and every block size (deterministic,
+// batch-invariant); not bit-identical to gather_qmm + the weighted sum (class validated).
+// Launch: one block of 32 * NW threads per output (NW = KSEL rounded up to a power of two, <= 8).
+// inputs: h [T, KSEL, K] (T), idx [T, KSEL] (uint32), w [T, KSEL] (O), wd [E, N, K*BITS/32]
 // (uint32), sd/bd [E, N, K/GS] (T); output out [T, N] (O); template: T, O, K, N, KSEL, GS, BITS, E.
-long long total = (long long)idx_shape[0] * N;
-long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-if (i >= total) return;
-int r = (int)(i % N);
-long long t = i / N;
-const int per_word = 32 / BITS;
-const unsigned int mask = (1u << BITS) - 1u;
-float acc = 0.0f;
-for (int j = 0; j < KSEL; ++j) {
-  unsigned int e = idx[t * KSEL + j];
-  if (e >= (unsigned int)E) { acc = NAN; break; }
-  const long long row = (long long)e * N + r;
-  const unsigned int* wr = wd + row * (K / per_word);
-  const T* ht = h + (t * KSEL + j) * K;
-  float y = 0.0f;
-  for (int kk = 0; kk < K; kk += per_word) {
-    int grp = kk / GS;
-    float s = (float)sd[row * (K / GS) + grp], b = (float)bd[row * (K / GS) + grp];
-    unsigned int a = wr[kk / per_word];
-    for (int p = 0; p < per_word; ++p) y += (float)ht[kk + p] * (s * (float)((a >> (BITS * p)) & mask) + b);
+const int lane = threadIdx.x & 31;
+const int nw = blockDim.x >> 5;
+const long long o = blockIdx.x;
+if (o >= (long long)idx_shape[0] * N) return;  // whole blocks only
+const int r = (int)(o % N);
+const long long t = o / N;
+constexpr int KW = K * BITS / 32;
+constexpr int G = K / GS;
+__shared__ float ys[KSEL];
+for (int j = threadIdx.x >> 5; j < KSEL; j += nw) {
+  const unsigned int e = idx[t * KSEL + j];
+  float y = NAN;
+  if (e < (unsigned int)E) {
+    const long long row = (long long)e * N + r;
+    const T* hr = h + (t * KSEL + j) * K;
+    const bool vec = (reinterpret_cast<size_t>(hr) & 15) == 0;
+    y = zmlx_warp_sum(zmlx_qdot_lane<K, GS, BITS>(wd + row * KW, sd + row * G, bd + row * G, hr, vec, lane));
   }
-  acc = __fadd_rn(acc, __fmul_rn((float)T(y), w[t * KSEL + j]));
+  if (lane == 0) ys[j] = y;
 }
-out[i] = O(acc);
+__syncthreads();
+if (threadIdx.x == 0) {
+  float acc = 0.0f;
+#pragma unroll
+  for (int j = 0; j < KSEL; ++j) acc = __fadd_rn(acc, __fmul_rn((float)T(ys[j]), (float)w[t * KSEL + j]));
+  out[o] = O(acc);
+}

@@ -1,33 +1,37 @@
 // qmv_swiglu (CUDA body): h[t, j, r] = swiglu(dot(x_t, Wg[e] row r), dot(x_t, Wu[e] row r)),
-// e = idx[t, j]; MLX affine dequantisation scale * q + bias, float accumulation in k order, the
-// dots rounded to T, then MLX's Sigmoid/Multiply functors. One thread per output element.
+// e = idx[t, j]. One warp per output (t, j, r): the lanes stride the row's packed words (32-bit
+// loads, 128 contiguous bytes per warp step), each word's activations loaded once for both
+// rows; per word scale * sum(x * q) + bias * sum(x) (MLX's affine dequantisation, reassociated
+// per word), float accumulation with FMA (zmlx_qdot2_lane, header.cuh), then a fixed xor-butterfly
+// warp sum. Each output is the same sequence of operations in every run and for every token
+// count T (deterministic, batch-invariant); not bit-identical to gather_qmm (class validated).
+// The dots are rounded to T, then MLX's Sigmoid/Multiply functors (mlx-lm's swiglu).
+// Launch: grid = 32 threads per output, blocks of 256 (8 outputs); consecutive warps take
+// consecutive rows of one expert.
 // inputs: x [T, K] (T), idx [T, KSEL] (uint32), wg/wu [E, N, K*BITS/32] (uint32),
 // sg/bg/su/bu [E, N, K/GS] (T); output h [T, KSEL, N] (T); template: T, K, N, KSEL, GS, BITS, E.
-long long total = (long long)idx_shape[0] * KSEL * N;
-long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-if (i >= total) return;
-int r = (int)(i % N);
-long long tj = i / N;
-long long t = tj / KSEL;
-unsigned int e = idx[tj];
-if (e >= (unsigned int)E) { out[i] = T(NAN); return; }
-const int per_word = 32 / BITS;
-const unsigned int mask = (1u << BITS) - 1u;
-const long long row = (long long)e * N + r;
-const unsigned int* wgr = wg + row * (K / per_word);
-const unsigned int* wur = wu + row * (K / per_word);
-const T* xt = x + t * K;
-float g = 0.0f, u = 0.0f;
-for (int kk = 0; kk < K; kk += per_word) {
-  int grp = kk / GS;
-  float sgv = (float)sg[row * (K / GS) + grp], bgv = (float)bg[row * (K / GS) + grp];
-  float suv = (float)su[row * (K / GS) + grp], buv = (float)bu[row * (K / GS) + grp];
-  unsigned int a = wgr[kk / per_word], b = wur[kk / per_word];
-  for (int p = 0; p < per_word; ++p) {
-    float xv = (float)xt[kk + p];
-    g += xv * (sgv * (float)((a >> (BITS * p)) & mask) + bgv);
-    u += xv * (suv * (float)((b >> (BITS * p)) & mask) + buv);
-  }
+const int lane = threadIdx.x & 31;
+const long long o = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+if (o >= (long long)idx_shape[0] * KSEL * N) return;  // whole warps only (grid = 32 per output)
+const int r = (int)(o % N);
+const long long tj = o / N;
+const long long t = tj / KSEL;
+const unsigned int e = idx[tj];
+if (e >= (unsigned int)E) {
+  if (lane == 0) out[o] = T(NAN);
+  return;
 }
-T gt = T(g);
-out[i] = Multiply{}(Multiply{}(gt, Sigmoid{}(gt)), T(u));
+constexpr int KW = K * BITS / 32;
+constexpr int G = K / GS;
+const long long row = (long long)e * N + r;
+const T* xr = x + t * K;
+const bool vec = (reinterpret_cast<size_t>(xr) & 15) == 0;
+float g, u;
+zmlx_qdot2_lane<K, GS, BITS>(wg + row * KW, sg + row * G, bg + row * G, wu + row * KW, su + row * G, bu + row * G,
+                             xr, vec, lane, g, u);
+g = zmlx_warp_sum(g);
+u = zmlx_warp_sum(u);
+if (lane == 0) {
+  const T gt = T(g);
+  out[o] = Multiply{}(Multiply{}(gt, Sigmoid{}(gt)), T(u));
+}

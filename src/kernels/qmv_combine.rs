@@ -3,7 +3,9 @@
 //! prefill groups the (token, slot) pairs by expert). The `downproj_combine` pattern's kernel.
 //! Reference: gather_qmm → `moe::weighted_sum`. CPU: `zmlx_cpu_qmv_combine`
 //! (kernels/cpu/zmlx_qmv.cpp + qmv_rows.inc), bit-identical for float32 activations;
-//! CUDA/Metal: kernels/{cuda,metal}/qmv_combine.*, within a tolerance (opt-in).
+//! CUDA/Metal: kernels/{cuda,metal}/qmv_combine.*, one block per output row, a warp (simdgroup)
+//! per slot, the k slot dots summed in slot order: deterministic and independent of the token
+//! count, within a tolerance (class validated; opt-in, decode only: `qmv_swiglu::GPU_MAX_TOKENS`).
 use std::ffi::c_int;
 
 use anyhow::{bail, Result};
@@ -12,7 +14,7 @@ use mlx_rs::{ops, Array, Dtype};
 use super::check::{compare, qweight, rand, CaseResult};
 use super::gpu::{pick, GpuKernel, TemplateArg};
 use super::qmv_swiglu::{check_shapes, unsupported};
-use super::{backend, threads_for, KernelClass, CUDA_HEADER};
+use super::{backend, KernelClass, CUDA_HEADER};
 use crate::mlx_env::{raw_array, Backend};
 use crate::nn::QWeight;
 
@@ -117,8 +119,13 @@ pub fn qmv_combine_class(h: &Array, idx: &Array, w: &Array, down: &QWeight, clas
         b => {
             let (t, k) = (idx.dim(0), idx.dim(1));
             let out_dtype = if h.dtype() == w.dtype() { h.dtype() } else { Dtype::Float32 };
-            let wf = w.as_dtype(Dtype::Float32)?;
-            let total = (t * n) as usize;
+            // The weights travel in the output dtype (no conversion op when they already are:
+            // bf16 activations with bf16 routing weights, or float32 weights); the body widens
+            // them to float exactly.
+            let wo = if w.dtype() == out_dtype { w.clone() } else { w.as_dtype(out_dtype)? };
+            // One block per output row, a warp per slot (up to 8 warps).
+            let warps_per_row = (k as u32).next_power_of_two().min(8) as i32;
+            let grid = super::qmv_swiglu::gpu_grid("qmv_combine", &[t, n, 32, warps_per_row])?;
             let template = [
                 ("T", TemplateArg::Dtype(h.dtype())),
                 ("O", TemplateArg::Dtype(out_dtype)),
@@ -129,13 +136,13 @@ pub fn qmv_combine_class(h: &Array, idx: &Array, w: &Array, down: &QWeight, clas
                 ("BITS", TemplateArg::Int(q.bits)),
                 ("E", TemplateArg::Int(e)),
             ];
-            let ins = [h, idx, &wf, &down.weight, &down.scales, &down.biases];
+            let ins = [h, idx, &wo, &down.weight, &down.scales, &down.biases];
             let out = pick(b, &COMBINE_CUDA, &COMBINE_METAL).apply(
                 b,
                 &ins,
                 &template,
-                (total as i32, 1, 1),
-                (threads_for(total), 1, 1),
+                (grid, 1, 1),
+                (32 * warps_per_row, 1, 1),
                 &[(&[t, n], out_dtype)],
             )?;
             Ok(out.into_iter().next().unwrap())

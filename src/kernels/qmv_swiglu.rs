@@ -3,7 +3,11 @@
 //! `swiglu_mlp` pattern's expert path. Reference: gather_qmm → `moe::swiglu` (SwitchGLU's ops).
 //! CPU: `zmlx_cpu_qmv_swiglu` (kernels/cpu/zmlx_qmv.cpp + qmv_rows.inc), bit-identical for
 //! float32 activations (zmlx_qmv.cpp says why); CUDA/Metal: kernels/{cuda,metal}/qmv_swiglu.*,
-//! float accumulation, within a tolerance (not bit-identical; opt-in `ZMLX_GPU_EXPERIMENTAL`).
+//! one warp (simdgroup) per output row, float accumulation and a fixed-order warp sum:
+//! deterministic and independent of the token count, within a tolerance of gather_qmm (class
+//! validated, not bit-identical; opt-in `ZMLX_GPU_EXPERIMENTAL`). For decode: each output row
+//! reads its whole weight row, so a launch of T tokens reads the selected rows T times; calls
+//! above [`GPU_MAX_TOKENS`] tokens stay stock ([`gpu_tokens_unsupported`]).
 use std::ffi::c_int;
 
 use anyhow::{bail, Result};
@@ -83,6 +87,27 @@ pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
     }
 }
 
+/// The most tokens per call the GPU bodies of `qmv_swiglu`/`qmv_combine` take from the
+/// patterns: decode and short prompts. Prefill stays on MLX's grouped matmuls.
+pub const GPU_MAX_TOKENS: i32 = 8;
+
+/// Why a GPU expert kernel is not used for a call of `t` tokens (None: it is); the CPU kernels
+/// take any count (they group the (token, slot) pairs by expert).
+pub fn gpu_tokens_unsupported(t: i32) -> Option<String> {
+    (backend() != Backend::Cpu && t > GPU_MAX_TOKENS).then(|| {
+        format!("{t} tokens in one call (the {} expert kernels are for decode, <= {GPU_MAX_TOKENS})", backend().name())
+    })
+}
+
+/// A GPU launch's thread count (the product of `dims`), if it fits MLX's int grid.
+pub(super) fn gpu_grid(op: &str, dims: &[i32]) -> Result<i32> {
+    let n = dims.iter().map(|&d| d as i64).product::<i64>();
+    match i32::try_from(n) {
+        Ok(g) if g > 0 => Ok(g),
+        _ => bail!("{op}: a launch of {n} threads (shape {dims:?}) does not fit the GPU grid"),
+    }
+}
+
 /// `x` `[T, ..., K]` and uint32 `idx` `[T, k]` (shared with `qmv_combine`).
 pub(super) fn check_shapes(op: &str, x: &Array, idx: &Array) -> Result<()> {
     if x.ndim() < 2 || idx.ndim() != 2 || idx.dim(0) != x.dim(0) || idx.dtype() != Dtype::Uint32 {
@@ -153,7 +178,7 @@ pub fn qmv_swiglu_class(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight, cl
         })?),
         b => {
             let (t, k) = (idx.dim(0), idx.dim(1));
-            let total = (t * k * n) as usize;
+            let grid = gpu_grid("qmv_swiglu", &[t, k, n, 32])?;
             let template = [
                 ("T", TemplateArg::Dtype(x.dtype())),
                 ("K", TemplateArg::Int(x.dim(-1))),
@@ -168,8 +193,8 @@ pub fn qmv_swiglu_class(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight, cl
                 b,
                 &ins,
                 &template,
-                (total as i32, 1, 1),
-                (threads_for(total), 1, 1),
+                (grid, 1, 1),
+                (threads_for(grid as usize), 1, 1),
                 &[(&[t, k, n], x.dtype())],
             )?;
             Ok(out.into_iter().next().unwrap())

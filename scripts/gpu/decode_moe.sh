@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue #15: zmlx's CUDA decode MoE kernels (qmv_swiglu + qmv_combine), ON the GPU machine after
+# scripts/gpu/stage.sh. Phases (results in $OUT as they come, so a timeout still returns them):
+#   decode_moe.sh kernels   the kernels alone (decode_moe_kernels.py) -> $OUT/kernels.jsonl,
+#                           and `zmlx selftest` with ZMLX_GPU_EXPERIMENTAL=1 -> $OUT/selftest.jsonl
+#   decode_moe.sh model     full-size qwen3_moe (issue15.sh synth first): PROCS processes of each
+#                           configuration below, GEN greedy tokens (EOS ignored), --warmup 1, the
+#                           issue15.sh prompt; token ids, tok/s, pattern calls -> $OUT/model.jsonl;
+#                           then a summary (run-to-run identity per configuration, first divergence
+#                           of each configuration's run 0 against unpatched zmlx's run 0)
+# Configurations: zmlx none; zmlx "$PAT" with ZMLX_GPU_EXPERIMENTAL=1; both again with
+# ZMLX_CUDA_QMM_F32=1 (prefill off MLX's racy qmm_sm80 kernel); mlx-lm.
+# Also by name in CONFIGS: sd (swiglu_mlp downproj_combine alone), router (moe_mlp alone).
+# env: PROCS (3), GEN (256), PAT (swiglu_mlp downproj_combine moe_mlp), CONFIGS (the five above)
+set -u
+. /tmp/zmlx-gpu/env.sh || exit 1
+export ZMLX_ORACLE_PYTHON=${ZMLX_ORACLE_PYTHON:-python3}
+log() { echo "[decode_moe $(date +%H:%M:%S)] $*"; }
+PAT=${PAT:-swiglu_mlp downproj_combine moe_mlp}
+case $1 in
+kernels)
+  python3 scripts/gpu/decode_moe_kernels.py ${KARGS:-} > "$OUT/kernels.jsonl" 2>> "$OUT/errors.log"
+  log "kernels rc=$?"
+  cat "$OUT/kernels.jsonl"
+  [ -n "${SELFTEST:-}" ] || { log "selftest skipped (SELFTEST=1 runs it)"; exit 0; }
+  ZMLX_GPU_EXPERIMENTAL=1 zmlx selftest > "$OUT/selftest.jsonl" 2>> "$OUT/errors.log"
+  log "selftest rc=$?"
+  grep -E 'qmv_(swiglu|combine)' "$OUT/selftest.jsonl" | cut -c1-300
+  ;;
+model)
+  d=/tmp/zmlx-gpu/full/qwen3_moe; o=$OUT/model.jsonl
+  eval "$(sed -n '/^PROMPT=/,/per row."$/p' scripts/gpu/issue15.sh)"  # issue15.sh's prompt
+  ids=$(zmlx generate --model "$d" --prompt "$PROMPT" --max-tokens 1 --json --patterns none 2>/dev/null |
+    python3 -c 'import json,sys; print(",".join(map(str, json.load(sys.stdin)["prompt_ids"])))')
+  zrun() { # config-name env... -- patterns...
+    local name=$1; shift
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    env "${envs[@]}" zmlx generate --model "$d" --prompt "$PROMPT" --max-tokens "${GEN:-256}" --ignore-eos --json \
+      --warmup 1 --patterns "$@" 2>> "$OUT/errors.log" |
+      python3 -c 'import json,sys; r=json.load(sys.stdin); s=r["stats"]; print(json.dumps({"config":sys.argv[1],"tool":"zmlx","ids":r["token_ids"],"prompt_tokens":s["prompt_tokens"],"prefill_tps":s["prompt_tps"],"decode_tps":s["generation_tps"],"load_s":r["load_seconds"],"pattern_calls":r.get("pattern_calls")}))' \
+        "$name" >> "$o"
+  }
+  for i in $(seq "${PROCS:-3}"); do
+    for c in ${CONFIGS:-none patched none_f32 patched_f32 mlx_lm}; do
+      case $c in
+      none) zrun none X=1 -- none ;;
+      patched) zrun patched ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
+      sd) zrun sd ZMLX_GPU_EXPERIMENTAL=1 -- swiglu_mlp downproj_combine ;;  # the expert kernels alone
+      router) zrun router X=1 -- moe_mlp ;;
+      none_f32) zrun none_f32 ZMLX_CUDA_QMM_F32=1 -- none ;;
+      patched_f32) zrun patched_f32 ZMLX_CUDA_QMM_F32=1 ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
+      mlx_lm)
+        python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens "${GEN:-256}" --warmup 1 \
+          --dtype native 2>> "$OUT/errors.log" |
+          python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"config":"mlx_lm","tool":"mlx-lm","ids":r["token_ids"],"prompt_tokens":r["prompt_tokens"],"prefill_tps":r["prompt_tps"],"decode_tps":r["generation_tps"],"load_s":r["load_seconds"]}))' >> "$o"
+        ;;
+      esac
+      log "round $i $c: $(tail -1 "$o" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["config"], round(r["decode_tps"],1), "tok/s decode", round(r["prefill_tps"],1), "prefill", r.get("pattern_calls"))' 2>&1 | cut -c1-400)"
+    done
+  done
+  python3 - "$o" <<'PY' | tee "$OUT/model-summary.jsonl"
+import json, statistics, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+first = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+base = next((r["ids"] for r in rs if r["config"] == "none"), None)
+for c in dict.fromkeys(r["config"] for r in rs):
+    runs = [r for r in rs if r["config"] == c]
+    divs = [first(runs[0]["ids"], r["ids"]) for r in runs[1:]]
+    print(json.dumps({"config": c, "processes": len(runs), "tokens": len(runs[0]["ids"]),
+                      "run_to_run_identical": all(d is None for d in divs), "first_divergence_vs_run0": divs,
+                      "vs_none_run0_first_divergence": first(base, runs[0]["ids"]) if base else None,
+                      "decode_tps": [round(r["decode_tps"], 1) for r in runs],
+                      "decode_tps_median": round(statistics.median(r["decode_tps"] for r in runs), 1),
+                      "prefill_tps_median": round(statistics.median(r["prefill_tps"] for r in runs), 1)}))
+PY
+  ;;
+esac
