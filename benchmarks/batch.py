@@ -13,7 +13,8 @@ Total decode tok/s is each tool's own count: all sequences' generated tokens / d
 usage: python benchmarks/batch.py   (run from the repository root; env below)
   FAMILIES (qwen3_moe)  BATCHES (1 2 4 8 16 32)  GEN_TOKENS (32)  THREADS (nproc)
   PEER_BATCHES (1 8: where unpatched zmlx and mlx-lm run; they are ~20x slower)
-  LEDGER_BATCHES (1 8)  LEDGER (benchmarks/matrix-cpu.jsonl)
+  LEDGER_BATCHES (1 8)  LEDGER (benchmarks/matrix-cpu.jsonl)  SKIP_BUILD=1 (use the built binary)
+  ZMLX_BIN (a built zmlx to run as is, e.g. a copy while the tree is rebuilt; implies SKIP_BUILD)
 """
 import json
 import os
@@ -24,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
 PY = sys.executable
-Z = "target/release/zmlx"
+Z = os.environ.get("ZMLX_BIN") or "target/release/zmlx"
 ENV = lambda k, d: os.environ.get(k) or d  # noqa: E731
 FAMILIES = ENV("FAMILIES", "qwen3_moe").split()
 BATCHES = [int(b) for b in ENV("BATCHES", "1 2 4 8 16 32").split()]
@@ -89,8 +90,10 @@ def mlx_lm_batch(d, ids, b):
 def main():
     os.makedirs(CAP, exist_ok=True)
     os.makedirs(WORK, exist_ok=True)
-    subprocess.run(["cargo", "build", "--release", "--quiet"], check=True)
+    if not (os.environ.get("SKIP_BUILD") or os.environ.get("ZMLX_BIN")):
+        subprocess.run(["cargo", "build", "--release", "--quiet"], check=True)
     triad = json.loads(sh([PY, "benchmarks/roofline.py", "triad", str(THREADS)]))
+    triad["loadavg_at_start"] = os.getloadavg()
     json.dump(triad, open(f"{CAP}/triad.json", "w"))
     raw = open(f"{CAP}/raw.jsonl", "w")
     rows = []

@@ -455,7 +455,8 @@ pub fn generate_batch(
     for (i, r) in requests.iter().enumerate() {
         ids.push(engine.add(r.clone()).map_err(|e| e.context(format!("sequence {i}")))?);
     }
-    let index = |id: SeqId| ids.iter().position(|&x| x == id).unwrap_or(0);
+    let slot: std::collections::HashMap<SeqId, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let index = |id: SeqId| slot.get(&id).copied().unwrap_or(0);
     let mut tokens: Vec<Vec<u32>> = vec![vec![]; requests.len()];
     let mut stats: Vec<Option<SequenceStats>> = vec![None; requests.len()];
     while !engine.is_idle() {
