@@ -7,6 +7,7 @@
 mod common;
 
 use common::mlx_lock;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, random, Array, Dtype};
 use zmlx::config::QuantParams;
 use zmlx::kernels::qmv_combine::qmv_combine_class;
@@ -145,6 +146,45 @@ fn fast_kernels_specials() {
     assert!(ops::array_eq(&a, &b, true).unwrap().item_cast::<bool>(), "strided input");
 }
 
+/// Batch invariance of the fast rows (batched decode relies on it): a token's outputs are
+/// bitwise the same whether it runs alone or in a call of T tokens (its block of 4, 2 or 1
+/// tokens), for the dense kernel and the expert kernels (an expert's group of 1–3 tokens).
+#[test]
+fn fast_kernels_are_per_token_invariant() {
+    let _g = mlx_lock();
+    let eq = |a: &Array, b: &Array| ops::array_eq(a, b, true).unwrap().item_cast::<bool>();
+    for (bits, gs) in [(4, 64), (4, 32), (8, 64), (2, 128)] {
+        let w = with_scales(dense(&qweight(1, 67, 256, gs, bits, 3)), Dtype::Bfloat16);
+        for t in [2, 3, 5, 6, 7, 8, 11] {
+            let x = rand(&[t, 256], t as u64, 1.0);
+            let all = qmv_linear_class(&x, &w, FAST).unwrap();
+            for i in 0..t {
+                let one = qmv_linear_class(&x.index(i..i + 1), &w, FAST).unwrap();
+                assert!(eq(&all.index(i..i + 1), &one), "qmv_linear {bits}b g{gs}: token {i} of {t} differs alone");
+            }
+        }
+        let e = 4;
+        let q = |n, kk, s| with_scales(qweight(e, n, kk, gs, bits, s), Dtype::Bfloat16);
+        let (g, u, d) = (q(128, 256, 5), q(128, 256, 6), q(256, 128, 7));
+        for t in [2, 3, 6, 8] {
+            // Few experts, so groups of 1..t tokens form.
+            let rows: Vec<Vec<u32>> = (0..t as u32).map(|ti| vec![ti % 2, 2 + ti % 3 % 2]).collect();
+            let x = rand(&[t, 256], 40 + t as u64, 1.0);
+            let idx = indices(&rows);
+            let h = qmv_swiglu_class(&x, &idx, &g, &u, FAST).unwrap();
+            let wts = ops::softmax_axis(rand(&[t, 2], 50 + t as u64, 1.0), -1, true).unwrap();
+            let y = qmv_combine_class(&h, &idx, &wts, &d, FAST).unwrap();
+            for i in 0..t {
+                let r = |a: &Array| a.index(i..i + 1);
+                let hi = qmv_swiglu_class(&r(&x), &r(&idx), &g, &u, FAST).unwrap();
+                assert!(eq(&r(&h), &hi), "qmv_swiglu {bits}b g{gs}: token {i} of {t} differs alone");
+                let yi = qmv_combine_class(&r(&h), &r(&idx), &r(&wts), &d, FAST).unwrap();
+                assert!(eq(&r(&y), &yi), "qmv_combine {bits}b g{gs}: token {i} of {t} differs alone");
+            }
+        }
+    }
+}
+
 /// The same tolerance tests on the baseline and AVX2 row kernels (children with
 /// `ZMLX_CPU_ISA`; the parent runs the widest this CPU has), one thread and two.
 #[test]
@@ -154,7 +194,11 @@ fn fast_kernels_on_each_isa() {
     }
     let exe = std::env::current_exe().unwrap();
     for (isa, threads) in [("base", "1"), ("avx2", "2")] {
-        for test in ["fast_expert_kernels_within_tolerance", "fast_linear_within_tolerance"] {
+        for test in [
+            "fast_expert_kernels_within_tolerance",
+            "fast_linear_within_tolerance",
+            "fast_kernels_are_per_token_invariant",
+        ] {
             let out = std::process::Command::new(&exe)
                 .args([test, "--exact", "--test-threads=1"])
                 .env("ZMLX_CPU_ISA", isa)
