@@ -9,8 +9,8 @@
 #   6. the CUDA kernel bodies compiled with NVRTC for sm_90a exactly as MLX's cuda_kernel wraps them (no GPU
 #      needed; scripts/check_cuda_kernels.sh; Metal has no compiler outside macOS);
 # Heavier checks live in scripts/test_extra.sh (the aarch64 cross build + kernel tests under qemu,
-# the fast-preset validation suite, the `extra_` tests: batch invariance on five more bench
-# checkpoints): they would push this past the 45-minute budget cold.
+# the fast-preset validation suite, the #[ignore]d tests: batch invariance on five more bench
+# checkpoints, deepseek_v3's bench oracle): they would push this past the 45-minute budget cold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "[test] setting up MLX inputs and the mlx-lm oracle"
@@ -27,8 +27,8 @@ echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
-echo "[test] cargo test (all targets; the extra_ tests run in scripts/test_extra.sh)"
-cargo test --all-targets 2>&1 -- --skip extra_
+echo "[test] cargo test (all targets; the #[ignore]d heavy tests run in scripts/test_extra.sh)"
+cargo test --all-targets 2>&1
 echo "[test] zmlx selftest (kernels vs their MLX-op references on this backend)"
 ./target/debug/zmlx selftest > target/selftest.jsonl
 echo "[test] CUDA kernel bodies through NVRTC (sm_90a, no GPU): the check must catch a broken body, then pass"

@@ -60,7 +60,10 @@ fn glm4_moe_lite_bench() {
     check(Family::Glm4MoeLite);
 }
 
+/// Ignored by the README's test command (its 45-minute budget; glm4_moe_lite covers the MLA
+/// bench shapes there, the tiny oracle covers deepseek_v3): scripts/test_extra.sh runs it.
 #[test]
+#[ignore = "heavy: scripts/test_extra.sh runs it"]
 fn deepseek_v3_bench() {
     check(Family::DeepseekV3);
 }
