@@ -10,7 +10,7 @@
 //! experts, combine, log-softmax, argmax). On the CPU backend every one of those computes a row's
 //! sums in an order that does not depend on the number of rows (MLX's quantized matmuls and the
 //! wheel's reference BLAS sum each output in K order; the zmlx row kernels compute each
-//! (token, row) as one fixed sequence of operations in their 1- and 4-token blocks), which
+//! (token, row) as one fixed sequence of operations in their 1-, 2- and 4-token blocks), which
 //! tests/batch.rs checks per family. On CUDA it does not hold: MLX picks different matmul
 //! kernels by row count (and its qmm kernel races, HANDOFF).
 use std::collections::VecDeque;
@@ -23,7 +23,7 @@ use mlx_rs::{ops, Array};
 use serde::Serialize;
 
 use crate::cache::KvCache;
-use crate::generate::{check_prompt_ids, last_logprobs, Sampler, SamplerConfig};
+use crate::generate::{check_prompt_ids, last_logprobs, GenerateOptions, Sampler, SamplerConfig};
 use crate::model::Model;
 
 /// Largest batch an engine accepts: past this, per-sequence attention calls dominate a step.
@@ -42,6 +42,17 @@ pub struct SequenceRequest {
 }
 
 impl SequenceRequest {
+    /// `prompt` with `generate`'s settings (token budget, sampler, EOS handling).
+    pub fn from_options(prompt: Vec<u32>, opts: &GenerateOptions) -> SequenceRequest {
+        SequenceRequest {
+            prompt,
+            max_tokens: opts.max_tokens,
+            sampler: opts.sampler,
+            ignore_eos: opts.ignore_eos,
+            eos_token_ids: opts.eos_token_ids.clone(),
+        }
+    }
+
     pub fn greedy(prompt: Vec<u32>, max_tokens: usize, eos_token_ids: Vec<u32>) -> SequenceRequest {
         SequenceRequest { prompt, max_tokens, sampler: SamplerConfig::default(), ignore_eos: false, eos_token_ids }
     }
@@ -128,8 +139,8 @@ struct Prefill {
 struct Running {
     entry: Entry,
     sampler: Sampler,
-    /// The next input token: row `1` of array `0` (a step's sampled tokens, or the last prompt
-    /// token), possibly not evaluated yet.
+    /// The next input token as (array, row): a row of a step's sampled tokens, or the last
+    /// prompt token; possibly not evaluated yet.
     input: (Array, i32),
     /// `input` is a sampled token not yet read (emitted or checked for EOS).
     unread: bool,
@@ -207,12 +218,8 @@ impl<'m> BatchEngine<'m> {
             let p = self.prefilling.take()?;
             return Some(stats_of(&p.entry, 0, None, FinishReason::Cancelled));
         }
-        let i = self.running.iter().position(|r| r.entry.id == id)?;
-        let r = self.running.remove(i);
-        for layer in &mut self.caches {
-            layer.remove(i);
-        }
-        self.aligned = None;
+        let drop: Vec<bool> = self.running.iter().map(|r| r.entry.id == id).collect();
+        let r = self.remove_running(&drop).pop()?;
         Some(stats_of(&r.entry, r.emitted, r.first_token, FinishReason::Cancelled))
     }
 
@@ -247,21 +254,9 @@ impl<'m> BatchEngine<'m> {
         let start = Instant::now();
         // A sequence whose unread token is its last one is only read this step: it leaves the
         // batch (and its cache is freed) before the model runs.
-        let feed: Vec<bool> =
-            self.running.iter().map(|r| r.emitted + usize::from(r.unread) < r.entry.req.max_tokens).collect();
-        let mut draining = vec![];
-        if feed.iter().any(|f| !f) {
-            let mut keep = feed.iter();
-            for layer in &mut self.caches {
-                let mut k = feed.iter();
-                layer.retain(|_| *k.next().unwrap_or(&true));
-            }
-            let (fed, drained): (Vec<Running>, Vec<Running>) =
-                std::mem::take(&mut self.running).into_iter().partition(|_| *keep.next().unwrap_or(&true));
-            self.running = fed;
-            draining = drained;
-            self.aligned = None;
-        }
+        let last: Vec<bool> =
+            self.running.iter().map(|r| r.emitted + usize::from(r.unread) >= r.entry.req.max_tokens).collect();
+        let mut draining = self.remove_running(&last);
         // Queue the next decode step before reading this one's tokens, so the model's work
         // overlaps the host's.
         let sampled = if self.running.is_empty() { None } else { Some(self.decode()?) };
@@ -293,20 +288,30 @@ impl<'m> BatchEngine<'m> {
             }
             self.aligned = batch;
         }
-        if ended.iter().any(|&e| e) {
-            self.aligned = None;
-            let mut k = ended.iter();
-            self.running.retain(|_| !*k.next().unwrap_or(&false));
-            for layer in &mut self.caches {
-                let mut k = ended.iter();
-                layer.retain(|_| !*k.next().unwrap_or(&false));
-            }
-        }
+        self.remove_running(&ended);
         if self.totals.steps % 256 == 0 {
             mlx_rs::memory::clear_cache()?;
         }
         self.totals.decode_seconds += start.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    /// Takes the running sequences marked in `drop` out of the batch (their caches freed) and
+    /// returns them in order.
+    fn remove_running(&mut self, drop: &[bool]) -> Vec<Running> {
+        if !drop.iter().any(|&d| d) {
+            return vec![];
+        }
+        for layer in &mut self.caches {
+            let mut d = drop.iter();
+            layer.retain(|_| !d.next().copied().unwrap_or(false));
+        }
+        let mut d = drop.iter();
+        let (gone, kept): (Vec<Running>, Vec<Running>) =
+            std::mem::take(&mut self.running).into_iter().partition(|_| d.next().copied().unwrap_or(false));
+        self.running = kept;
+        self.aligned = None;
+        gone
     }
 
     /// Runs the model on every running sequence's input token and samples the next ones

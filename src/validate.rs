@@ -56,9 +56,7 @@ impl ValidateOptions {
         if self.max_tokens == 0 {
             bail!("--max-tokens must be at least 1: validation compares generated tokens");
         }
-        if !(1..=crate::batch::MAX_BATCH).contains(&self.batch_size) {
-            bail!("--batch-size {} is not allowed: use 1..={}", self.batch_size, crate::batch::MAX_BATCH);
-        }
+        BatchOptions::new(self.batch_size).check()?;
         if !(self.cooldown_s.is_finite() && (0.0..=MAX_COOLDOWN_S).contains(&self.cooldown_s)) {
             bail!("--cooldown {} is not allowed: use seconds from 0 to {MAX_COOLDOWN_S}", self.cooldown_s);
         }
@@ -297,13 +295,7 @@ pub fn median(v: &[f64]) -> f64 {
 fn one_run(model: &Model, prompt: &[u32], opts: &GenerateOptions, batch: usize) -> Result<RunResult> {
     mlx_env::reset_peak_memory();
     if batch > 1 {
-        let req = SequenceRequest {
-            prompt: prompt.to_vec(),
-            max_tokens: opts.max_tokens,
-            sampler: opts.sampler,
-            ignore_eos: opts.ignore_eos,
-            eos_token_ids: opts.eos_token_ids.clone(),
-        };
+        let req = SequenceRequest::from_options(prompt.to_vec(), opts);
         let mut bopts = BatchOptions::new(batch);
         bopts.prefill_step = opts.prefill_step;
         let (outs, stats) = generate_batch(model, &vec![req; batch], bopts, |_, _| Ok(()))?;

@@ -204,13 +204,7 @@ impl BatchRun<'_> {
             .enumerate()
             .map(|(i, p)| {
                 let ids = self.tok.encode(p).map_err(|e| e.context(format!("--prompts-file line {}", i + 1)))?;
-                Ok(SequenceRequest {
-                    prompt: ids,
-                    max_tokens: opts.max_tokens,
-                    sampler: opts.sampler,
-                    ignore_eos: opts.ignore_eos,
-                    eos_token_ids: opts.eos_token_ids.clone(),
-                })
+                Ok(SequenceRequest::from_options(ids, opts))
             })
             .collect::<Result<Vec<_>>>()?;
         let batch = a.batch_size.unwrap_or(prompts.len().min(crate::batch::MAX_BATCH));
