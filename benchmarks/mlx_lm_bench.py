@@ -1,5 +1,5 @@
 """One mlx-lm timing run for `benchmarks/bench.sh`: load, warm up (as `zmlx run --warmup N`:
-N greedy generations of 5 tokens on the tokenized "Hello"), prefill PROMPT_IDS, greedy-decode
+N greedy generations of 5 tokens on the tokenized WARMUP_TEXT), prefill PROMPT_IDS, greedy-decode
 exactly N tokens (EOS ignored, as `zmlx run --ignore-eos`) with mlx-lm's own stream_generate;
 prints one JSON object (load seconds, prompt and generation tok/s, peak memory — MLX's allocator
 and the process's peak RSS, after load and at the end — token ids, the warm-up and the thread
@@ -22,6 +22,9 @@ import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
 from mlx_lm.generate import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import greedy_sampler  # noqa: E402
+
+# = src/generate.rs WARMUP_TEXT (its unit test checks that they match).
+WARMUP_TEXT = "Hello, world. Hello, world. Hello, world. Hello, world. Hello, world. Hello, world."
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
               "ZMLX_CPU_THREADS", "THREADS")
@@ -81,9 +84,9 @@ def main():
     load_s = time.perf_counter() - t0
     load_rss = peak_rss_bytes()
     ids = [int(x) for x in a.prompt_ids.split(",")]
-    # Warm-up as zmlx's: the tokenizer's own encoding of "Hello" (special tokens as its
-    # post-processor adds them), 5 greedy tokens, EOS still stopping, not timed.
-    hello = tok.encode("Hello")
+    # Warm-up as zmlx's: the tokenizer's own encoding of zmlx's WARMUP_TEXT (src/generate.rs;
+    # special tokens as its post-processor adds them), 5 greedy tokens, EOS still stopping, not timed.
+    hello = tok.encode(WARMUP_TEXT)
     t1 = time.perf_counter()
     for _ in range(a.warmup):
         for _ in stream_generate(model, tok, hello, max_tokens=5, sampler=greedy_sampler):

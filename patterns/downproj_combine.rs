@@ -8,8 +8,9 @@
 //! or 3/5/6-bit experts, a compute dtype or backend the kernel is not exact for: the experts stay
 //! as they were, decided at patch time (the report says why). Calls without a fused hidden state
 //! from the experts slot or with a non-plain combine use the stock slots, counted in `fallbacks`.
-//! On a GPU (opt-in `ZMLX_GPU_EXPERIMENTAL`, class validated there) the kernel takes calls of at
-//! most `GPU_MAX_TOKENS` tokens (decode) and half-precision routing weights.
+//! On a GPU (opt-in `ZMLX_GPU_EXPERIMENTAL`, class validated there) the kernel takes
+//! half-precision routing weights, and on Metal calls of at most `GPU_MAX_TOKENS` tokens (CUDA
+//! runs prefill grouped by expert).
 use std::any::Any;
 use std::rc::Rc;
 

@@ -4,8 +4,9 @@
 //! same kernel (`qmv_swiglu`: decode, and prefill grouped by expert). Whether that kernel applies
 //! is decided at patch time from the weights, compute dtype and backend (float experts or bf16
 //! activations on the CPU: the activation kernel alone; a GPU backend without
-//! `ZMLX_GPU_EXPERIMENTAL`: the experts stay stock, the patch report says why; on a GPU the
-//! kernel runs for calls of at most `GPU_MAX_TOKENS` tokens, prefill stays stock, counted).
+//! `ZMLX_GPU_EXPERIMENTAL`: the experts stay stock, the patch report says why; on CUDA a prefill
+//! runs the grouped form, gate/up and down; on Metal calls above `GPU_MAX_TOKENS` tokens stay
+//! stock, counted).
 //! Bit-identical on CPU (tests/kernels.rs), token-identical (tests/fidelity.rs).
 use std::any::Any;
 use std::rc::Rc;
@@ -17,7 +18,9 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, S
 use crate::config::Family;
 use crate::fallbacks;
 use crate::kernels;
-use crate::kernels::qmv_swiglu::{gpu_tokens_unsupported, qmv_swiglu_class, unsupported};
+use crate::kernels::qmv_swiglu::{
+    gpu_tokens_unsupported, qmv_grouped_cuda, qmv_swiglu_class, unsupported, GPU_MAX_TOKENS,
+};
 use crate::kernels::swiglu::swiglu;
 use crate::kernels::KernelClass;
 use crate::mlx_env::Backend;
@@ -94,7 +97,18 @@ impl ExpertsSlot for FusedSwitchGlu {
         fallbacks::fused(self.counter);
         let (t, k) = (h.dim(0), h.dim(1));
         let idx = indices.reshape(&[t, k])?;
-        let y = self.inner.down_proj.forward(&h.expand_dims(-2)?, &idx, false)?;
+        let y = match &self.inner.down_proj.weight {
+            // A CUDA prefill's down projection grouped by expert too: MLX's gather_qmm on
+            // unsorted pairs is slow and its tiled kernel races (HANDOFF, Known bugs).
+            Weight::Quant(d)
+                if kernels::backend() == Backend::Cuda
+                    && t > GPU_MAX_TOKENS
+                    && unsupported(h.dtype(), &[d]).is_none() =>
+            {
+                qmv_grouped_cuda(&h, &idx, d, None)?
+            }
+            _ => self.inner.down_proj.forward(&h.expand_dims(-2)?, &idx, false)?,
+        };
         let mut shape = indices.shape().to_vec();
         shape.push(x.dim(-1));
         Ok(y.reshape(&shape)?)

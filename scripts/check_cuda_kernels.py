@@ -167,6 +167,22 @@ def instances():
     k["qmv_swiglu.cu"] = (q_in, {"out": "T"}, qs)
     c_in = {"h": "T", "idx": "uint32", "w": "O", "wd": "uint32", "sd": "T", "bd": "T"}  # w in O's dtype
     k["qmv_combine.cu"] = (c_in, {"out": "O"}, qc)
+    # qmv_grouped (prefill form): T, K, N, KSEL, GS, BITS, E, TB, GLU (gate/up; down; dense E = 1).
+    qg = []
+    for t in FLOATS:
+        for bits, gs in [(2, 32), (4, 64), (8, 128)]:
+            qg.append([("T", t), ("K", 2048), ("N", 768), ("KSEL", 8), ("GS", gs), ("BITS", bits), ("E", 128),
+                       ("TB", 8), ("GLU", True)])
+            qg.append([("T", t), ("K", 768), ("N", 2048), ("KSEL", 8), ("GS", gs), ("BITS", bits), ("E", 128),
+                       ("TB", 8), ("GLU", False)])
+    qg.append([("T", BF16), ("K", 2048), ("N", 4096), ("KSEL", 1), ("GS", 64), ("BITS", 4), ("E", 1),
+               ("TB", 8), ("GLU", False)])
+    g_in = {"x": "T", "idx": "uint32", "order": "uint32", "wa": "uint32", "sa": "T", "ba": "T",
+            "wb": "uint32", "sb": "T", "bb": "T"}
+    k["qmv_grouped.cu"] = (g_in, {"out": "T"}, qg)
+    ss = [[("T", t), ("O", t), ("N", 2048), ("KSEL", 8)] for t in FLOATS]
+    ss.append([("T", BF16), ("O", F32), ("N", 2048), ("KSEL", 4)])
+    k["qmv_slot_sum.cu"] = ({"y": "T", "w": "O"}, {"out": "O"}, ss)
     # rope_decode: T, DIMS, TRAD, HAS_MSCALE.
     rd = [[("T", t), ("DIMS", 64), ("TRAD", False), ("HAS_MSCALE", True)] for t in FLOATS]
     rd += [[("T", F32), ("DIMS", 64), ("TRAD", True), ("HAS_MSCALE", False)],

@@ -11,6 +11,12 @@ use mlx_rs::{ops, random, Array};
 use crate::cache::KvCache;
 use crate::model::Model;
 
+/// The warm-up prompt of `generate --warmup`, `run`/`validate` and the benchmarks' mlx-lm side
+/// (benchmarks/mlx_lm_bench.py): longer than the GPU decode kernels' limit (`qmv_swiglu::
+/// GPU_MAX_TOKENS`), so the prefill kernels are JIT-compiled and loaded in the warm-up, not in the
+/// measured prefill.
+pub const WARMUP_TEXT: &str = "Hello, world. Hello, world. Hello, world. Hello, world. Hello, world. Hello, world.";
+
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy)]
 pub struct SamplerConfig {
@@ -255,4 +261,14 @@ pub fn greedy_ids(model: &Model, prompt: &[u32], max_tokens: usize, ignore_eos: 
     let mut opts = GenerateOptions::greedy(max_tokens, model.config.eos_token_ids.clone());
     opts.ignore_eos = ignore_eos;
     Ok(generate(model, prompt, &opts, |_| Ok(()))?.0)
+}
+
+#[cfg(test)]
+mod warmup_text_tests {
+    /// The mlx-lm side of the benchmarks warms up on the same text (like with like).
+    #[test]
+    fn mlx_lm_bench_warms_up_on_the_same_text() {
+        let script = include_str!("../benchmarks/mlx_lm_bench.py");
+        assert!(script.contains(&format!("WARMUP_TEXT = \"{}\"", super::WARMUP_TEXT)));
+    }
 }

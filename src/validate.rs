@@ -38,7 +38,7 @@ pub struct ValidateOptions {
     pub arbiter_f32: bool,
     /// Generate exactly `max_tokens` per run, through EOS (benchmarks compare equal counts).
     pub ignore_eos: bool,
-    /// Untimed warm-up generations (5 tokens of "Hello") per configuration before the runs.
+    /// Untimed warm-up generations (5 tokens on `generate::WARMUP_TEXT`) per configuration before the runs.
     pub warmup: usize,
     /// Copies of the prompt decoded together per run (1 = `generate`, else the batch engine).
     pub batch_size: usize,
@@ -390,7 +390,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
     let mut gen = GenerateOptions::greedy(opts.max_tokens, tok.eos_token_ids.clone());
     gen.ignore_eos = opts.ignore_eos;
     let warm = GenerateOptions::greedy(5, tok.eos_token_ids.clone());
-    let hello = tok.encode("Hello")?;
+    let hello = tok.encode(crate::generate::WARMUP_TEXT)?;
     let cooldown = || {
         if opts.cooldown_s > 0.0 {
             std::thread::sleep(Duration::from_secs_f64(opts.cooldown_s));

@@ -105,3 +105,58 @@ __device__ __forceinline__ float zmlx_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+// The routers' top-k order, MLX's CUDA sort (a stable ascending sort, NaN last) read from
+// either end. Strict total orders over (value, index): `a` before `b`.
+// - descending, ties -> lower index (`argpartition(-v)[:k]`): non-NaN before NaN, then larger;
+struct ZmlxTopDesc {
+  __device__ __forceinline__ bool operator()(float a, int ia, float b, int ib) const {
+    const bool an = isnan(a), bn = isnan(b);
+    if (an != bn) return bn;
+    if (!an && a != b) return a > b;
+    return ia < ib;
+  }
+};
+// - ascending read from the end, ties -> higher index (`argpartition(v)[-k:]`): NaN first, then
+//   larger.
+struct ZmlxTopAscLast {
+  __device__ __forceinline__ bool operator()(float a, int ia, float b, int ib) const {
+    const bool an = isnan(a), bn = isnan(b);
+    if (an != bn) return an;
+    if (!an && a != b) return a > b;
+    return ia > ib;
+  }
+};
+
+// The top K of v[0..E) (any memory the warp can read) in `before` order, by one warp: K rounds
+// of a per-lane scan (lane l holds e = l, l + 32, ...) and an xor-butterfly arg-best. `before`
+// is a strict total order, so every lane ends each round on the same winner, and the result is
+// the sequential selection's (each round: the first element in `before` order among those not
+// yet taken). Lane 0 writes round j's winner to sel[j] (sel[K - 1 - j] if `reversed`); the warp
+// is synchronised before it returns. E <= 1024 (one 32-bit taken-mask per lane).
+template <int E, int K, typename Before>
+__device__ __forceinline__ void zmlx_warp_top_k(const float* v, int lane, Before before, unsigned int* sel,
+                                                bool reversed) {
+  static_assert(E <= 1024, "zmlx_warp_top_k: E > 1024");
+  unsigned int taken = 0u;
+#pragma unroll 1
+  for (int j = 0; j < K; ++j) {
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = 0; lane + 32 * i < E; ++i) {
+      const int e = lane + 32 * i;
+      if (taken & (1u << i)) continue;
+      const float x = v[e];
+      if (bi < 0 || before(x, e, bv, bi)) { bv = x; bi = e; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && (bi < 0 || before(ov, oi, bv, bi))) { bv = ov; bi = oi; }
+    }
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    if (lane == 0) sel[reversed ? K - 1 - j : j] = (unsigned int)bi;
+  }
+  __syncwarp();
+}

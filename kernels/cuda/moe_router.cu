@@ -23,33 +23,23 @@ __shared__ float red_max[32];
 __shared__ float red_sum[32];
 __shared__ T part[32];
 
-// Sort key order of MLX's CUDA sort: ascending, NaN last.
-auto key_less = [](float a, float b) { return (!isnan(a) && isnan(b)) || a < b; };
-// Thread 0: the top K of v[0..E) into sel, in the slot order of MLX's CUDA argpartition.
+// The top K of v[0..E) into sel, in the slot order of MLX's CUDA argpartition, by warp 0:
 // last_k (Qwen3's argpartition(v)[-k:]): ascending, the later index kept at a tie (it sorts
 // after the earlier one); else (argpartition(-v)[:k]): descending, ties -> lower index.
 auto select_top_k = [&](const float* v, bool last_k) {
-  bool used[E];
-  for (int e = 0; e < E; ++e) used[e] = false;
-  for (int j = 0; j < K; ++j) {
-    int best = -1;
-    for (int e = 0; e < E; ++e) {
-      if (used[e]) continue;
-      if (best < 0 || (last_k ? !key_less(v[e], v[best]) : key_less(-v[e], -v[best]))) best = e;
-    }
-    used[best] = true;
-    sel[last_k ? K - 1 - j : j] = best;
-  }
+  if (warp.meta_group_rank() != 0) return;
+  if (last_k) zmlx_warp_top_k<E, K>(v, warp.thread_rank(), ZmlxTopAscLast{}, sel, true);
+  else zmlx_warp_top_k<E, K>(v, warp.thread_rank(), ZmlxTopDesc{}, sel, false);
 };
 
 for (int e = tid; e < E; e += BD) p[e] = (float)g[e];
 block.sync();
 if (KIND == 0) {
   // Top-k of the logits, then the softmax runs over the k selected ones.
-  if (tid == 0) {
-    select_top_k(p, false);
-    for (int j = 0; j < K; ++j) p[j] = (float)g[sel[j]];
-  }
+  select_top_k(p, false);
+  block.sync();
+  // The selection is done: p[0..k) can take the selected logits.
+  for (int j = tid; j < K; j += BD) p[j] = (float)g[sel[j]];
   block.sync();
 }
 
@@ -106,7 +96,7 @@ if (KIND == 0) {
   for (int j = tid; j < K; j += BD) { oi[j] = sel[j]; ow[j] = T(p[j]); }
   return;
 }
-if (tid == 0) select_top_k(p, KIND == 1);
+select_top_k(p, KIND == 1);
 block.sync();
 if (KIND == 2 || !NORM) {
   for (int j = tid; j < K; j += BD) { oi[j] = sel[j]; ow[j] = T(p[sel[j]]); }

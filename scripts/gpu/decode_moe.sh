@@ -10,7 +10,9 @@
 #                           of each configuration's run 0 against unpatched zmlx's run 0)
 # Configurations: zmlx none; zmlx "$PAT" with ZMLX_GPU_EXPERIMENTAL=1; both again with
 # ZMLX_CUDA_QMM_F32=1 (prefill off MLX's racy qmm_sm80 kernel); mlx-lm.
-# Also by name in CONFIGS: sd (swiglu_mlp downproj_combine alone), router (moe_mlp alone).
+# Also by name in CONFIGS: sd (swiglu_mlp downproj_combine alone), router (moe_mlp alone), all
+# ($PAT + qmv_linear: every quantized matmul on zmlx's kernels, prefill grouped by expert).
+#   decode_moe.sh prefill   the prefill forms alone (prefill_moe_kernels.py) -> $OUT/prefill.jsonl
 # env: PROCS (3), GEN (256), PAT (swiglu_mlp downproj_combine moe_mlp), CONFIGS (the five above)
 set -u
 . /tmp/zmlx-gpu/env.sh || exit 1
@@ -26,6 +28,11 @@ kernels)
   ZMLX_GPU_EXPERIMENTAL=1 zmlx selftest > "$OUT/selftest.jsonl" 2>> "$OUT/errors.log"
   log "selftest rc=$?"
   grep -E 'qmv_(swiglu|combine)' "$OUT/selftest.jsonl" | cut -c1-300
+  ;;
+prefill)
+  python3 scripts/gpu/prefill_moe_kernels.py ${KARGS:-} > "$OUT/prefill.jsonl" 2>> "$OUT/errors.log"
+  log "prefill kernels rc=$?"
+  cut -c1-400 "$OUT/prefill.jsonl"
   ;;
 model)
   d=/tmp/zmlx-gpu/full/qwen3_moe; o=$OUT/model.jsonl
@@ -49,6 +56,7 @@ model)
       patched) zrun patched ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
       sd) zrun sd ZMLX_GPU_EXPERIMENTAL=1 -- swiglu_mlp downproj_combine ;;  # the expert kernels alone
       router) zrun router X=1 -- moe_mlp ;;
+      all) zrun all ZMLX_GPU_EXPERIMENTAL=1 -- $PAT qmv_linear ;;
       none_f32) zrun none_f32 ZMLX_CUDA_QMM_F32=1 -- none ;;
       patched_f32) zrun patched_f32 ZMLX_CUDA_QMM_F32=1 ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
       mlx_lm)

@@ -46,7 +46,7 @@ pub struct GenerateArgs {
     /// Print one JSON object (ids, text, statistics) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// Greedy warm-up generations (5 tokens on "Hello") before the timed one, as `zmlx run` and
+    /// Greedy warm-up generations (5 tokens on `generate::WARMUP_TEXT`) before the timed one, as `zmlx run` and
     /// mlx-lm's benchmarks do: the statistics then leave out first-call costs.
     #[arg(long, default_value_t = 0, value_parser = parse_warmup)]
     pub warmup: usize,
@@ -111,7 +111,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         );
     }
     if a.warmup > 0 {
-        let hello = tok.encode("Hello")?;
+        let hello = tok.encode(crate::generate::WARMUP_TEXT)?;
         let warm = GenerateOptions::greedy(5, tok.eos_token_ids.clone());
         for _ in 0..a.warmup {
             generate(&model, &hello, &warm, |_| Ok(()))?;

@@ -87,6 +87,10 @@ fn threads_for(n: usize) -> i32 {
     n.clamp(1, 256) as i32
 }
 
+/// The most experts the CUDA routers select from (`zmlx_warp_top_k`: one 32-bit taken-mask per
+/// lane).
+const CUDA_TOP_K_MAX_E: i32 = 1024;
+
 /// MLX's CUDA block size for `threads` wanted threads (`dispatch_block_dim`): the next of
 /// 32, 64, ..., 1024.
 fn cuda_block_dim(threads: i32) -> i32 {

@@ -5,13 +5,15 @@
 //! (kernels/cpu/zmlx_qmv.cpp + qmv_rows.inc), bit-identical for float32 activations;
 //! CUDA/Metal: kernels/{cuda,metal}/qmv_combine.*, one block per output row, a warp (simdgroup)
 //! per slot, the k slot dots summed in slot order: deterministic and independent of the token
-//! count, within a tolerance (class validated; opt-in, decode only: `qmv_swiglu::GPU_MAX_TOKENS`).
+//! count, within a tolerance (class validated; opt-in). Calls above `qmv_swiglu::GPU_MAX_TOKENS`
+//! tokens: on CUDA the grouped expert dots (`qmv_grouped.cu`) then the same slot sum
+//! (`qmv_slot_sum.cu`), so a token's output does not depend on the form; on Metal stock.
 use std::ffi::c_int;
 
 use anyhow::{bail, Result};
 use mlx_rs::{ops, Array, Dtype};
 
-use super::check::{compare, qweight, rand, CaseResult};
+use super::check::{compare, per_row, qweight, rand, spread_indices, CaseResult};
 use super::gpu::{pick, GpuKernel, TemplateArg};
 use super::qmv_swiglu::{check_shapes, unsupported};
 use super::{backend, KernelClass, CUDA_HEADER};
@@ -79,6 +81,14 @@ static COMBINE_METAL: GpuKernel = GpuKernel {
     header: "",
 };
 
+static SLOT_SUM_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_qmv_slot_sum",
+    inputs: &["y", "w"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/cuda/qmv_slot_sum.cu"),
+    header: CUDA_HEADER,
+};
+
 /// Fused gathered down mat-vec + weighted combine: `h` `[T, k, I]`, `idx`/`w` `[T, k]` →
 /// `[T, D]` in `promote(h, w)` (float32 on CPU).
 pub fn qmv_combine(h: &Array, idx: &Array, w: &Array, down: &QWeight) -> Result<Array> {
@@ -123,6 +133,25 @@ pub fn qmv_combine_class(h: &Array, idx: &Array, w: &Array, down: &QWeight, clas
             // bf16 activations with bf16 routing weights, or float32 weights); the body widens
             // them to float exactly.
             let wo = if w.dtype() == out_dtype { w.clone() } else { w.as_dtype(out_dtype)? };
+            if b == Backend::Cuda && t > super::qmv_swiglu::GPU_MAX_TOKENS {
+                let y = super::qmv_swiglu::qmv_grouped_cuda(h, idx, down, None)?;
+                let grid = super::qmv_swiglu::gpu_grid("qmv_combine", &[t, n])?;
+                let template = [
+                    ("T", TemplateArg::Dtype(h.dtype())),
+                    ("O", TemplateArg::Dtype(out_dtype)),
+                    ("N", TemplateArg::Int(n)),
+                    ("KSEL", TemplateArg::Int(k)),
+                ];
+                let out = SLOT_SUM_CUDA.apply(
+                    b,
+                    &[&y, &wo],
+                    &template,
+                    (grid, 1, 1),
+                    (super::threads_for(grid as usize), 1, 1),
+                    &[(&[t, n], out_dtype)],
+                )?;
+                return Ok(out.into_iter().next().unwrap());
+            }
             // One block per output row, a warp per slot (up to 8 warps).
             let warps_per_row = (k as u32).next_power_of_two().min(8) as i32;
             let grid = super::qmv_swiglu::gpu_grid("qmv_combine", &[t, n, 32, warps_per_row])?;
@@ -160,6 +189,23 @@ pub fn selftest(dt: Dtype, bits: i32, out: &mut Vec<CaseResult>) -> Result<()> {
         "qmv_combine",
         format!("E=16 D=2048 I=768 k=4 {bits}-bit {dt:?}"),
         qmv_combine_reference(&h, &idx, &w, &d).map(|a| vec![a]),
+        qmv_combine(&h, &idx, &w, &d).map(|a| vec![a]),
+    ));
+    // A 40-token prefill (CUDA: grouped dots + slot sum), against the reference and, token by
+    // token, against each token alone (the decode form).
+    let idx = spread_indices(40, 4, 16);
+    let w = ops::softmax_axis(rand(&[40, 4], 69, 1.0, Dtype::Float32)?, -1, true)?;
+    let h = rand(&[40, 4, 768], 70, 1.0, dt)?;
+    out.push(compare(
+        "qmv_combine",
+        format!("T=40 E=16 D=2048 I=768 k=4 {bits}-bit {dt:?}"),
+        qmv_combine_reference(&h, &idx, &w, &d).map(|a| vec![a]),
+        qmv_combine(&h, &idx, &w, &d).map(|a| vec![a]),
+    ));
+    out.push(compare(
+        "qmv_combine",
+        format!("token invariance T=40 vs T=1 {bits}-bit {dt:?}"),
+        per_row(&[&h, &idx, &w], |a| qmv_combine(&a[0], &a[1], &a[2], &d)).map(|a| vec![a]),
         qmv_combine(&h, &idx, &w, &d).map(|a| vec![a]),
     ));
     Ok(())

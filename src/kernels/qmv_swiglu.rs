@@ -5,15 +5,17 @@
 //! float32 activations (zmlx_qmv.cpp says why); CUDA/Metal: kernels/{cuda,metal}/qmv_swiglu.*,
 //! one warp (simdgroup) per output row, float accumulation and a fixed-order warp sum:
 //! deterministic and independent of the token count, within a tolerance of gather_qmm (class
-//! validated, not bit-identical; opt-in `ZMLX_GPU_EXPERIMENTAL`). For decode: each output row
-//! reads its whole weight row, so a launch of T tokens reads the selected rows T times; calls
-//! above [`GPU_MAX_TOKENS`] tokens stay stock ([`gpu_tokens_unsupported`]).
+//! validated, not bit-identical; opt-in `ZMLX_GPU_EXPERIMENTAL`). Those decode bodies read a
+//! weight row once per (token, slot); calls above [`GPU_MAX_TOKENS`] tokens run, on CUDA, the
+//! grouped form (kernels/cuda/qmv_grouped.cu: the pairs sorted by expert, a row read once per
+//! chunk of pairs, each pair's arithmetic the decode body's, so tokens do not depend on the
+//! form); on Metal (no grouped body yet) they stay stock ([`gpu_tokens_unsupported`]).
 use std::ffi::c_int;
 
 use anyhow::{bail, Result};
 use mlx_rs::{ops, Array, Dtype};
 
-use super::check::{compare, qweight, rand, CaseResult};
+use super::check::{compare, per_row, qweight, rand, spread_indices, CaseResult};
 use super::gpu::{pick, GpuKernel, TemplateArg};
 use super::{backend, threads_for, KernelClass, CUDA_HEADER};
 use crate::mlx_env::{raw_array, Backend};
@@ -87,16 +89,64 @@ pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
     }
 }
 
-/// The most tokens per call the GPU bodies of `qmv_swiglu`/`qmv_combine` take from the
-/// patterns: decode and short prompts. Prefill stays on MLX's grouped matmuls.
+/// The most tokens per call the GPU decode bodies of `qmv_swiglu`/`qmv_combine` take; larger
+/// calls run the grouped form on CUDA and stay stock on Metal.
 pub const GPU_MAX_TOKENS: i32 = 8;
 
+/// (token, slot) pairs per warp in the grouped CUDA form (`qmv_grouped.cu`'s TB).
+const GROUPED_PAIRS: i32 = 8;
+
 /// Why a GPU expert kernel is not used for a call of `t` tokens (None: it is); the CPU kernels
-/// take any count (they group the (token, slot) pairs by expert).
+/// and CUDA's grouped form take any count.
 pub fn gpu_tokens_unsupported(t: i32) -> Option<String> {
-    (backend() != Backend::Cpu && t > GPU_MAX_TOKENS).then(|| {
-        format!("{t} tokens in one call (the {} expert kernels are for decode, <= {GPU_MAX_TOKENS})", backend().name())
-    })
+    (backend() == Backend::Metal && t > GPU_MAX_TOKENS)
+        .then(|| format!("{t} tokens in one call (the Metal expert kernels are for decode, <= {GPU_MAX_TOKENS})"))
+}
+
+static GROUPED_CUDA: GpuKernel = GpuKernel {
+    name: "zmlx_qmv_grouped",
+    inputs: &["x", "idx", "order", "wa", "sa", "ba", "wb", "sb", "bb"],
+    outputs: &["out"],
+    source: include_str!("../../kernels/cuda/qmv_grouped.cu"),
+    header: CUDA_HEADER,
+};
+
+/// The grouped CUDA form: `[T, k, N]` expert dots for `idx` `[T, k]`, the pairs sorted by
+/// expert. With `b` (gate `a`, up `b`): `x` `[T, K]` → swiglu(gate, up); without: `x`
+/// `[T, k, K]` (one row per pair) → the T-rounded dots with `a`.
+/// With one expert (`a` `[1, N, K']`, a dense projection; `x` `[T, 1, K]`) `idx` is any `[1, 1]`
+/// uint32 array: it is neither sorted nor read.
+pub fn qmv_grouped_cuda(x: &Array, idx: &Array, a: &QWeight, b: Option<&QWeight>) -> Result<Array> {
+    let (t, k) = (x.dim(0), idx.dim(1));
+    let (q, n, e) = (a.q, a.weight.dim(1), a.weight.dim(0));
+    // A stable sort on CUDA; the order only decides which pairs share a weight read, never a
+    // result.
+    let order =
+        if e == 1 { idx.clone() } else { ops::argsort_axis(&idx.flatten(None, None)?, 0)?.as_dtype(Dtype::Uint32)? };
+    let chunks = (t * k + GROUPED_PAIRS - 1) / GROUPED_PAIRS;
+    let grid = gpu_grid("qmv_grouped", &[chunks, n, 32])?;
+    let template = [
+        ("T", TemplateArg::Dtype(x.dtype())),
+        ("K", TemplateArg::Int(x.dim(-1))),
+        ("N", TemplateArg::Int(n)),
+        ("KSEL", TemplateArg::Int(k)),
+        ("GS", TemplateArg::Int(q.group_size)),
+        ("BITS", TemplateArg::Int(q.bits)),
+        ("E", TemplateArg::Int(e)),
+        ("TB", TemplateArg::Int(GROUPED_PAIRS)),
+        ("GLU", TemplateArg::Bool(b.is_some())),
+    ];
+    let bw = b.unwrap_or(a);
+    let ins = [x, idx, &order, &a.weight, &a.scales, &a.biases, &bw.weight, &bw.scales, &bw.biases];
+    let out = GROUPED_CUDA.apply(
+        Backend::Cuda,
+        &ins,
+        &template,
+        (grid, 1, 1),
+        (threads_for(grid as usize), 1, 1),
+        &[(&[t, k, n], x.dtype())],
+    )?;
+    Ok(out.into_iter().next().unwrap())
 }
 
 /// A GPU launch's thread count (the product of `dims`), if it fits MLX's int grid.
@@ -176,6 +226,7 @@ pub fn qmv_swiglu_class(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight, cl
                 s,
             )
         })?),
+        Backend::Cuda if idx.dim(0) > GPU_MAX_TOKENS => qmv_grouped_cuda(x, idx, gate, Some(up)),
         b => {
             let (t, k) = (idx.dim(0), idx.dim(1));
             let grid = gpu_grid("qmv_swiglu", &[t, k, n, 32])?;
@@ -211,6 +262,22 @@ pub fn selftest(dt: Dtype, bits: i32, out: &mut Vec<CaseResult>) -> Result<()> {
         "qmv_swiglu",
         format!("E=16 D=2048 I=768 k=4 {bits}-bit {dt:?}"),
         qmv_swiglu_reference(&x, &idx, &g, &u).map(|a| vec![a]),
+        qmv_swiglu(&x, &idx, &g, &u).map(|a| vec![a]),
+    ));
+    // A 40-token prefill (CUDA: the grouped form), against the reference and, token by token,
+    // against each token alone (the decode form).
+    let idx = spread_indices(40, 4, 16);
+    let x = rand(&[40, 2048], 68, 1.0, dt)?;
+    out.push(compare(
+        "qmv_swiglu",
+        format!("T=40 E=16 D=2048 I=768 k=4 {bits}-bit {dt:?}"),
+        qmv_swiglu_reference(&x, &idx, &g, &u).map(|a| vec![a]),
+        qmv_swiglu(&x, &idx, &g, &u).map(|a| vec![a]),
+    ));
+    out.push(compare(
+        "qmv_swiglu",
+        format!("token invariance T=40 vs T=1 {bits}-bit {dt:?}"),
+        per_row(&[&x, &idx], |a| qmv_swiglu(&a[0], &a[1], &g, &u)).map(|a| vec![a]),
         qmv_swiglu(&x, &idx, &g, &u).map(|a| vec![a]),
     ));
     Ok(())

@@ -90,6 +90,9 @@ pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result
             Ok((idx?, w))
         }
         b => {
+            if b == Backend::Cuda && e > super::CUDA_TOP_K_MAX_E {
+                bail!("sigmoid_router: {e} experts > {} (the CUDA body's warp top-k)", super::CUDA_TOP_K_MAX_E);
+            }
             let mut shape = gates.shape().to_vec();
             *shape.last_mut().unwrap() = p.k;
             let rows = gates.size() / e as usize;
@@ -107,7 +110,7 @@ pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result
             // signature; the body reads them from the two trailing elements of `bias`.
             let extra = Array::from_slice(&[p.renorm_eps.unwrap_or(0.0), p.routed_scaling_factor], &[2]);
             let bias_ext = ops::concatenate(&[bias, extra], 0)?;
-            // CUDA: one warp per row (lane 0 selects, all lanes sum like MLX's row reduction).
+            // CUDA: one warp per row (the warp selects and sums like MLX's row reduction).
             let (grid, group) = if b == Backend::Cuda {
                 if p.k > 128 {
                     bail!("sigmoid_router: k = {} > 128 is not supported by the CUDA body", p.k);
