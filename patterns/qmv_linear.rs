@@ -4,8 +4,10 @@
 //! zmlx's multi-threaded SIMD mat-vec (`kernels::qmv_linear`) instead of MLX's scalar CPU
 //! `quantized_matmul`. Each output row keeps `_qmm_t`'s exact sequential sum, so it is
 //! bit-identical (tests/expert_kernels.rs) and token-identical (tests/fidelity.rs). Float
-//! weights, bf16 activations and GPU backends keep the stock projection, decided at patch time
-//! (the report says why).
+//! weights, bf16 activations on the CPU, Metal, and CUDA without `ZMLX_GPU_EXPERIMENTAL` keep the
+//! stock projection, decided at patch time (the report says why). On CUDA with it, prefill rows
+//! run zmlx's deterministic grouped body (class validated there; MLX's tiled kernel races) and
+//! decode rows stay on MLX's qmv (counted as fallbacks).
 //! It gives each projection of the *active* attention/MLP/head implementation a new
 //! `DenseProjection` (through the slots' generic `with_linears`), so it composes with the other
 //! attention/MLP patterns without knowing their types.

@@ -106,8 +106,8 @@ pub fn qmv_linear_class(x: &Array, w: &QWeight, class: KernelClass) -> Result<Ar
     })?)
 }
 
-/// Selftest case for one dtype and bit width (CPU only): one expert of the `qmv_combine` case's
-/// down projection as a dense `[2048, 768]` weight.
+/// Selftest cases for one dtype and bit width (CPU and CUDA): one expert of the `qmv_combine`
+/// case's down projection as a dense `[2048, 768]` weight, one row and 40 rows.
 pub fn selftest(dt: Dtype, bits: i32, out: &mut Vec<CaseResult>) -> Result<()> {
     if backend() == Backend::Metal {
         return Ok(());
