@@ -18,9 +18,8 @@ use super::{Pattern, PatternInfo, PatternOutcome, SafetyClass, SlotKind, Swap, S
 use crate::config::Family;
 use crate::fallbacks;
 use crate::kernels;
-use crate::kernels::qmv_swiglu::{
-    gpu_tokens_unsupported, qmv_grouped_cuda, qmv_swiglu_class, unsupported, GPU_MAX_TOKENS,
-};
+use crate::kernels::qmv_grouped::qmv_grouped_cuda;
+use crate::kernels::qmv_swiglu::{gpu_tokens_unsupported, qmv_swiglu_class, unsupported, GPU_MAX_TOKENS};
 use crate::kernels::swiglu::swiglu;
 use crate::kernels::KernelClass;
 use crate::mlx_env::Backend;

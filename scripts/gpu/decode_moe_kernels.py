@@ -177,6 +177,18 @@ def timed(fn, rounds):
     return best
 
 
+def make_chain(layers, routes, x0, calls, sw, cb):
+    """CALLS dependent layer calls (each output feeds the next x), layers taken in turn."""
+    def run():
+        x = x0
+        for i in range(calls):
+            g, u, d = layers[i % len(layers)]
+            idx, w = routes[i]
+            x = cb(sw(x, idx, g, u), idx, w, d)
+        return x
+    return run
+
+
 def speed(layers, calls, rounds):
     nl = len(layers)
     for t in (1, 4, 8):
@@ -185,14 +197,7 @@ def speed(layers, calls, rounds):
         mx.eval(x0, *[a for r in routes for a in r])
 
         def chain(sw, cb):
-            def run():
-                x = x0
-                for i in range(calls):
-                    g, u, d = layers[i % nl]
-                    idx, w = routes[i]
-                    x = cb(sw(x, idx, g, u), idx, w, d)
-                return x
-            return run
+            return make_chain(layers, routes, x0, calls, sw, cb)
 
         def alone(f, which):
             def run():

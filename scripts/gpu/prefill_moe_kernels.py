@@ -154,14 +154,7 @@ def speed(layers, tokens, calls, rounds):
         mx.eval(x0, *[a for r in routes for a in r])
 
         def chain(sw, cb):
-            def run():
-                x = x0
-                for i in range(calls):
-                    g, u, d = layers[i % nl]
-                    idx, w = routes[i]
-                    x = cb(sw(x, idx, g, u), idx, w, d)
-                return x
-            return run
+            return dm.make_chain(layers, routes, x0, calls, sw, cb)
 
         res = {}
         for name, fn in [("ours_chain", chain(ours_swiglu, ours_combine)),

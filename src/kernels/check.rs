@@ -93,8 +93,8 @@ pub fn qweight(e: i32, n: i32, k: i32, bits: i32, seed: u64, dt: Dtype) -> Resul
     Ok(QWeight { weight, scales, biases, q: QuantParams { bits, group_size: 64 } })
 }
 
-/// `[t, k]` uint32 expert indices in `0..e`, distinct within a row (k <= e / 4 apart), spread
-/// so that the experts get different token counts.
+/// `[t, k]` uint32 expert indices in `0..e`, distinct within a row (k <= e), spread so that the
+/// experts get different token counts.
 pub fn spread_indices(t: i32, k: i32, e: i32) -> Array {
     let v: Vec<u32> = (0..t).flat_map(|r| (0..k).map(move |j| ((r * 7 + j * (e / k)) % e) as u32)).collect();
     Array::from_slice(&v, &[t, k])

@@ -36,6 +36,7 @@ pub mod gqa_attention;
 pub mod moe_combine;
 pub mod moe_router;
 pub mod qmv_combine;
+pub mod qmv_grouped;
 pub mod qmv_linear;
 pub mod qmv_swiglu;
 pub mod quantized_embedding;
@@ -90,6 +91,14 @@ fn threads_for(n: usize) -> i32 {
 /// The most experts the CUDA routers select from (`zmlx_warp_top_k`: one 32-bit taken-mask per
 /// lane).
 const CUDA_TOP_K_MAX_E: i32 = 1024;
+
+/// A CUDA router's top-k over `e` experts, or why its body cannot take them.
+fn check_cuda_top_k(op: &str, e: i32) -> anyhow::Result<()> {
+    if e > CUDA_TOP_K_MAX_E {
+        anyhow::bail!("{op}: {e} experts > {CUDA_TOP_K_MAX_E} (the CUDA body's warp top-k)");
+    }
+    Ok(())
+}
 
 /// MLX's CUDA block size for `threads` wanted threads (`dispatch_block_dim`): the next of
 /// 32, 64, ..., 1024.

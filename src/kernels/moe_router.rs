@@ -89,9 +89,7 @@ pub fn moe_router(logits: &Array, kind: RouterKind, k: i32) -> Result<(Array, Ar
             // kernel for the softmax length (the body says why).
             let (grid, group) = if b == Backend::Cuda {
                 let reads = 16 / logits.item_size() as i32;
-                if e > super::CUDA_TOP_K_MAX_E {
-                    bail!("moe_router: {e} experts > {} (the CUDA body's warp top-k)", super::CUDA_TOP_K_MAX_E);
-                }
+                super::check_cuda_top_k("moe_router", e)?;
                 if norm && k > 32 * reads {
                     bail!("moe_router: k = {k} > {} is not supported by the CUDA body", 32 * reads);
                 }

@@ -134,7 +134,7 @@ pub fn qmv_combine_class(h: &Array, idx: &Array, w: &Array, down: &QWeight, clas
             // them to float exactly.
             let wo = if w.dtype() == out_dtype { w.clone() } else { w.as_dtype(out_dtype)? };
             if b == Backend::Cuda && t > super::qmv_swiglu::GPU_MAX_TOKENS {
-                let y = super::qmv_swiglu::qmv_grouped_cuda(h, idx, down, None)?;
+                let y = super::qmv_grouped::qmv_grouped_cuda(h, idx, down, None)?;
                 let grid = super::qmv_swiglu::gpu_grid("qmv_combine", &[t, n])?;
                 let template = [
                     ("T", TemplateArg::Dtype(h.dtype())),

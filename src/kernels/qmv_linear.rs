@@ -3,7 +3,7 @@
 //! kernel. Reference: `nn::quantized_matmul` (QuantizedLinear). CPU: `zmlx_cpu_qmv_linear`
 //! (kernels/cpu/zmlx_qmv.cpp + qmv_rows.inc), each output row keeps `_qmm_t`'s exact sequential
 //! sum, so it is bit-identical. CUDA (opt-in `ZMLX_GPU_EXPERIMENTAL`, class validated): the
-//! grouped expert body with one expert (`qmv_swiglu::qmv_grouped_cuda`): a warp per output row
+//! grouped expert body with one expert (`qmv_grouped::qmv_grouped_cuda`): a warp per output row
 //! and 8 tokens, fixed-order float sums — deterministic and batch-invariant, where MLX's tiled
 //! `quantized_matmul` (>= 8 rows in half precision) races (HANDOFF, Known bugs); for prefill
 //! rows only (decode rows keep MLX's faster, deterministic qmv). No tensor cores: ~17x slower
@@ -94,7 +94,7 @@ pub fn qmv_linear_class(x: &Array, w: &QWeight, class: KernelClass) -> Result<Ar
         let one = |a: &Array| a.reshape(&[1, n, a.dim(1)]);
         let ew = QWeight { weight: one(&w.weight)?, scales: one(&w.scales)?, biases: one(&w.biases)?, q: w.q };
         let idx = Array::from_slice(&[0u32], &[1, 1]);
-        let y = super::qmv_swiglu::qmv_grouped_cuda(&x.reshape(&[t, 1, k])?, &idx, &ew, None)?;
+        let y = super::qmv_grouped::qmv_grouped_cuda(&x.reshape(&[t, 1, k])?, &idx, &ew, None)?;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = n;
         return Ok(y.reshape(&shape)?);

@@ -93,60 +93,11 @@ pub fn unsupported(x_dtype: Dtype, weights: &[&QWeight]) -> Option<String> {
 /// calls run the grouped form on CUDA and stay stock on Metal.
 pub const GPU_MAX_TOKENS: i32 = 8;
 
-/// (token, slot) pairs per warp in the grouped CUDA form (`qmv_grouped.cu`'s TB).
-const GROUPED_PAIRS: i32 = 8;
-
 /// Why a GPU expert kernel is not used for a call of `t` tokens (None: it is); the CPU kernels
 /// and CUDA's grouped form take any count.
 pub fn gpu_tokens_unsupported(t: i32) -> Option<String> {
     (backend() == Backend::Metal && t > GPU_MAX_TOKENS)
         .then(|| format!("{t} tokens in one call (the Metal expert kernels are for decode, <= {GPU_MAX_TOKENS})"))
-}
-
-static GROUPED_CUDA: GpuKernel = GpuKernel {
-    name: "zmlx_qmv_grouped",
-    inputs: &["x", "idx", "order", "wa", "sa", "ba", "wb", "sb", "bb"],
-    outputs: &["out"],
-    source: include_str!("../../kernels/cuda/qmv_grouped.cu"),
-    header: CUDA_HEADER,
-};
-
-/// The grouped CUDA form: `[T, k, N]` expert dots for `idx` `[T, k]`, the pairs sorted by
-/// expert. With `b` (gate `a`, up `b`): `x` `[T, K]` → swiglu(gate, up); without: `x`
-/// `[T, k, K]` (one row per pair) → the T-rounded dots with `a`.
-/// With one expert (`a` `[1, N, K']`, a dense projection; `x` `[T, 1, K]`) `idx` is any `[1, 1]`
-/// uint32 array: it is neither sorted nor read.
-pub fn qmv_grouped_cuda(x: &Array, idx: &Array, a: &QWeight, b: Option<&QWeight>) -> Result<Array> {
-    let (t, k) = (x.dim(0), idx.dim(1));
-    let (q, n, e) = (a.q, a.weight.dim(1), a.weight.dim(0));
-    // A stable sort on CUDA; the order only decides which pairs share a weight read, never a
-    // result.
-    let order =
-        if e == 1 { idx.clone() } else { ops::argsort_axis(&idx.flatten(None, None)?, 0)?.as_dtype(Dtype::Uint32)? };
-    let chunks = (t * k + GROUPED_PAIRS - 1) / GROUPED_PAIRS;
-    let grid = gpu_grid("qmv_grouped", &[chunks, n, 32])?;
-    let template = [
-        ("T", TemplateArg::Dtype(x.dtype())),
-        ("K", TemplateArg::Int(x.dim(-1))),
-        ("N", TemplateArg::Int(n)),
-        ("KSEL", TemplateArg::Int(k)),
-        ("GS", TemplateArg::Int(q.group_size)),
-        ("BITS", TemplateArg::Int(q.bits)),
-        ("E", TemplateArg::Int(e)),
-        ("TB", TemplateArg::Int(GROUPED_PAIRS)),
-        ("GLU", TemplateArg::Bool(b.is_some())),
-    ];
-    let bw = b.unwrap_or(a);
-    let ins = [x, idx, &order, &a.weight, &a.scales, &a.biases, &bw.weight, &bw.scales, &bw.biases];
-    let out = GROUPED_CUDA.apply(
-        Backend::Cuda,
-        &ins,
-        &template,
-        (grid, 1, 1),
-        (threads_for(grid as usize), 1, 1),
-        &[(&[t, k, n], x.dtype())],
-    )?;
-    Ok(out.into_iter().next().unwrap())
 }
 
 /// A GPU launch's thread count (the product of `dims`), if it fits MLX's int grid.
@@ -226,7 +177,7 @@ pub fn qmv_swiglu_class(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight, cl
                 s,
             )
         })?),
-        Backend::Cuda if idx.dim(0) > GPU_MAX_TOKENS => qmv_grouped_cuda(x, idx, gate, Some(up)),
+        Backend::Cuda if idx.dim(0) > GPU_MAX_TOKENS => super::qmv_grouped::qmv_grouped_cuda(x, idx, gate, Some(up)),
         b => {
             let (t, k) = (idx.dim(0), idx.dim(1));
             let grid = gpu_grid("qmv_swiglu", &[t, k, n, 32])?;

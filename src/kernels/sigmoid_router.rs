@@ -90,8 +90,8 @@ pub fn sigmoid_router(gates: &Array, bias: &Array, p: &SigmoidRouting) -> Result
             Ok((idx?, w))
         }
         b => {
-            if b == Backend::Cuda && e > super::CUDA_TOP_K_MAX_E {
-                bail!("sigmoid_router: {e} experts > {} (the CUDA body's warp top-k)", super::CUDA_TOP_K_MAX_E);
+            if b == Backend::Cuda {
+                super::check_cuda_top_k("sigmoid_router", e)?;
             }
             let mut shape = gates.shape().to_vec();
             *shape.last_mut().unwrap() = p.k;
