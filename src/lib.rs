@@ -4,6 +4,7 @@ pub mod attention_mla;
 pub mod batch;
 pub mod cache;
 pub mod capsule;
+pub mod chat_template;
 pub mod cli;
 pub mod config;
 pub mod debug_dump;

@@ -53,6 +53,15 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encodes text rendered by a chat template the way transformers'
+    /// `apply_chat_template(..., tokenize=True)` does (`add_special_tokens=False`): special tokens
+    /// written in the text (`<|im_start|>`, `<s>`, `[INST]`, ...) become their ids, and no BOS/EOS
+    /// or other post-processor tokens are added (the template writes those it wants).
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing the chat prompt: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| anyhow!("decoding tokens: {e}"))
     }
