@@ -10,10 +10,13 @@
 #      needed; scripts/check_cuda_kernels.sh; Metal has no compiler outside macOS);
 # Heavier checks live in scripts/test_extra.sh (the aarch64 cross build + kernel tests under qemu,
 # the fast-preset validation suite, the #[ignore]d tests: batch invariance on five more bench
-# checkpoints, deepseek_v3's bench oracle): they would push this past the 45-minute budget cold.
+# checkpoints, deepseek_v3's bench oracle, four families' bf16 bench oracle): they would push this
+# past the 45-minute budget cold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "[test] setting up MLX inputs and the mlx-lm oracle"
+# Each stage's start says the seconds since the start, so a slow CI run shows where the time went.
+step() { echo "[test +${SECONDS}s] $*"; }
+step "setting up MLX inputs and the mlx-lm oracle"
 bash scripts/setup.sh --oracle
 
 for v in $(env | sed -n 's/^\(ZMLX_[A-Za-z0-9_]*\)=.*/\1/p'); do
@@ -23,15 +26,15 @@ for v in $(env | sed -n 's/^\(ZMLX_[A-Za-z0-9_]*\)=.*/\1/p'); do
   fi
 done
 
-echo "[test] cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "[test] cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
-echo "[test] cargo test (all targets; the #[ignore]d heavy tests run in scripts/test_extra.sh)"
+step "cargo test (all targets; the #[ignore]d heavy tests run in scripts/test_extra.sh)"
 cargo test --all-targets 2>&1
-echo "[test] zmlx selftest (kernels vs their MLX-op references on this backend)"
+step "zmlx selftest (kernels vs their MLX-op references on this backend)"
 ./target/debug/zmlx selftest > target/selftest.jsonl
-echo "[test] CUDA kernel bodies through NVRTC (sm_90a, no GPU): the check must catch a broken body, then pass"
+step "CUDA kernel bodies through NVRTC (sm_90a, no GPU): the check must catch a broken body, then pass"
 bash scripts/check_cuda_kernels.sh --self-check
 bash scripts/check_cuda_kernels.sh
-echo "[test] done"
+step "done"

@@ -142,7 +142,24 @@ pub fn init() -> Result<Backend> {
         let gb: f64 = v.trim().parse()?;
         mlx_rs::memory::set_memory_limit((gb * 1e9) as usize)?;
     }
-    Ok(Backend::detect())
+    let backend = Backend::detect();
+    if let Some(value) = cudnn_sdpa_default(backend, std::env::var_os(CUDNN_SDPA_VAR).as_deref()) {
+        // Before any SDPA call: MLX reads the variable once, into a static, at its first one.
+        std::env::set_var(CUDNN_SDPA_VAR, value);
+    }
+    Ok(backend)
+}
+
+/// MLX's switch for cuDNN's fused attention on CUDA (default on in MLX 0.32.2).
+pub const CUDNN_SDPA_VAR: &str = "MLX_CUDA_USE_CUDNN_SDPA";
+
+/// What zmlx sets `MLX_CUDA_USE_CUDNN_SDPA` to when the user did not: "0" on CUDA. cuDNN 9.19's
+/// sm90 flash-attention forward kernel has a shared-memory race (compute-sanitizer racecheck, H200
+/// 2026-11-30), and with it greedy decode differs between processes; MLX's own attention kernels
+/// are deterministic and were faster on the full-size Qwen3 shape (prefill 1020 vs 809 tok/s).
+/// A value the user set is kept (setting it to 1 opts back in).
+pub fn cudnn_sdpa_default(backend: Backend, current: Option<&std::ffi::OsStr>) -> Option<&'static str> {
+    (backend == Backend::Cuda && current.is_none()).then_some("0")
 }
 
 /// Memory statistics in MLX's definitions (bytes).
@@ -162,6 +179,15 @@ mod tests {
     fn runtime_libmlx_is_the_pinned_version() {
         assert_eq!(runtime_mlx_version(), BUILD_MLX_VERSION);
         check_version().unwrap();
+    }
+
+    #[test]
+    fn cudnn_sdpa_is_turned_off_on_cuda_unless_the_user_chose() {
+        use std::ffi::OsStr;
+        assert_eq!(cudnn_sdpa_default(Backend::Cuda, None), Some("0"));
+        assert_eq!(cudnn_sdpa_default(Backend::Cuda, Some(OsStr::new("1"))), None, "the user's choice stays");
+        assert_eq!(cudnn_sdpa_default(Backend::Cpu, None), None);
+        assert_eq!(cudnn_sdpa_default(Backend::Metal, None), None);
     }
 
     #[test]

@@ -13,55 +13,82 @@ const TOKENS: usize = 64;
 const LONG: &str = "In a distributed system, a client sends requests over the network to many servers; \
 each server keeps a log of operations, and the cluster elects a leader that orders every write.";
 
-fn check(family: Family, quantize: Option<i32>, dtype: DtypeChoice, names: &[&str]) {
-    let _g = mlx_lock();
-    let dir = tempfile::tempdir().unwrap();
-    synth_into(dir.path(), &synth_opts(family, quantize, 21));
-    let (mut model, tok) = load(dir.path(), dtype);
-    let prompts: Vec<Vec<u32>> = [PROMPTS[0], LONG].iter().map(|p| tok.encode(p).unwrap()).collect();
-    let base: Vec<Vec<u32>> = prompts.iter().map(|p| greedy_ids(&model, p, TOKENS, true).unwrap()).collect();
-    let sel = Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
-    let report = patterns::patch(&mut model, &sel).unwrap();
-    if report.modules_patched() == 0 {
-        // Only acceptable for a quantized-kernel pattern on a float checkpoint or a compute dtype
-        // its kernel is not exact for (decided at patch time), said so (a sigmoid router, which
-        // has no Linear gate, says that).
-        let reasons: Vec<&String> = report.patterns.values().flat_map(|o| o.skipped.iter().map(|(_, r)| r)).collect();
-        let float_ckpt =
-            |r: &str| r.contains("float experts") || r.contains("float weights") || r.contains("no Linear projection");
-        let half_compute = |r: &str| r.contains("activations (the CPU kernel is bit-exact for float32 only)");
-        assert!(
-            !reasons.is_empty()
-                && reasons.iter().all(|r| {
-                    (quantize.is_none() && float_ckpt(r))
-                        || (dtype != DtypeChoice::F32 && (half_compute(r) || float_ckpt(r)))
-                }),
-            "{family}: {names:?} patched nothing:\n{}",
-            report.summary()
-        );
-        return;
+/// One synthesized checkpoint, loaded once, with its unpatched greedy tokens: every pattern set
+/// checked on it is compared with the same baseline (unpatch restores the model between sets).
+struct Fixture {
+    _dir: tempfile::TempDir,
+    family: Family,
+    quantize: Option<i32>,
+    dtype: DtypeChoice,
+    model: zmlx::model::Model,
+    prompts: Vec<Vec<u32>>,
+    base: Vec<Vec<u32>>,
+}
+
+impl Fixture {
+    fn new(family: Family, quantize: Option<i32>, dtype: DtypeChoice) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        synth_into(dir.path(), &synth_opts(family, quantize, 21));
+        let (model, tok) = load(dir.path(), dtype);
+        let prompts: Vec<Vec<u32>> = [PROMPTS[0], LONG].iter().map(|p| tok.encode(p).unwrap()).collect();
+        let base = prompts.iter().map(|p| greedy_ids(&model, p, TOKENS, true).unwrap()).collect();
+        Fixture { _dir: dir, family, quantize, dtype, model, prompts, base }
     }
-    zmlx::fallbacks::reset();
-    for (p, want) in prompts.iter().zip(&base) {
-        let got = greedy_ids(&model, p, TOKENS, true).unwrap();
-        assert_eq!(
-            &got,
-            want,
-            "{family} q={quantize:?} {dtype:?} {names:?}: first divergence at {:?}",
-            first_divergence(&got, want)
-        );
-    }
-    // The decode-only kernels really ran (not only their stock fallback).
-    let calls = zmlx::fallbacks::snapshot();
-    let kernels = ["downproj_combine", "glm47_rope", "qmv_linear", "gqa_attention", "rms_norm", "quantized_embedding"];
-    for n in names.iter().filter(|n| kernels.contains(n)) {
-        let f32_only = ["gqa_attention", "rms_norm"].contains(n) && dtype == DtypeChoice::F32;
-        if quantize.is_some() && dtype == DtypeChoice::F32 || *n == "glm47_rope" || f32_only {
-            assert!(calls.get(*n).is_some_and(|c| c.fused > 0), "{family} {n}: kernel never ran: {calls:?}");
+
+    /// Patches `names`, checks the tokens against the baseline and that the kernels ran, unpatches
+    /// and checks that unpatching restores the baseline.
+    fn check(&mut self, names: &[&str]) {
+        let (family, quantize, dtype) = (self.family, self.quantize, self.dtype);
+        let sel = Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
+        let report = patterns::patch(&mut self.model, &sel).unwrap();
+        if report.modules_patched() == 0 {
+            // Only acceptable for a quantized-kernel pattern on a float checkpoint or a compute dtype
+            // its kernel is not exact for (decided at patch time), said so (a sigmoid router, which
+            // has no Linear gate, says that).
+            let reasons: Vec<&String> =
+                report.patterns.values().flat_map(|o| o.skipped.iter().map(|(_, r)| r)).collect();
+            let float_ckpt = |r: &str| {
+                r.contains("float experts") || r.contains("float weights") || r.contains("no Linear projection")
+            };
+            let half_compute = |r: &str| r.contains("activations (the CPU kernel is bit-exact for float32 only)");
+            assert!(
+                !reasons.is_empty()
+                    && reasons.iter().all(|r| {
+                        (quantize.is_none() && float_ckpt(r))
+                            || (dtype != DtypeChoice::F32 && (half_compute(r) || float_ckpt(r)))
+                    }),
+                "{family}: {names:?} patched nothing:\n{}",
+                report.summary()
+            );
+            patterns::unpatch(&mut self.model);
+            return;
         }
+        zmlx::fallbacks::reset();
+        for (p, want) in self.prompts.iter().zip(&self.base) {
+            let got = greedy_ids(&self.model, p, TOKENS, true).unwrap();
+            assert_eq!(
+                &got,
+                want,
+                "{family} q={quantize:?} {dtype:?} {names:?}: first divergence at {:?}",
+                first_divergence(&got, want)
+            );
+        }
+        // The decode-only kernels really ran (not only their stock fallback).
+        let calls = zmlx::fallbacks::snapshot();
+        let kernels = ["downproj_combine", "glm47_rope", "qmv_linear", "gqa_attention", "rms_norm", "quantized_embedding"];
+        for n in names.iter().filter(|n| kernels.contains(n)) {
+            let f32_only = ["gqa_attention", "rms_norm"].contains(n) && dtype == DtypeChoice::F32;
+            if quantize.is_some() && dtype == DtypeChoice::F32 || *n == "glm47_rope" || f32_only {
+                assert!(calls.get(*n).is_some_and(|c| c.fused > 0), "{family} {n}: kernel never ran: {calls:?}");
+            }
+        }
+        patterns::unpatch(&mut self.model);
+        assert_eq!(
+            greedy_ids(&self.model, &self.prompts[0], TOKENS, true).unwrap(),
+            self.base[0],
+            "{family} {names:?}: unpatch restores"
+        );
     }
-    patterns::unpatch(&mut model);
-    assert_eq!(greedy_ids(&model, &prompts[0], TOKENS, true).unwrap(), base[0], "unpatch restores");
 }
 
 fn safe_patterns_for(family: Family) -> Vec<&'static str> {
@@ -74,16 +101,20 @@ fn safe_patterns_for(family: Family) -> Vec<&'static str> {
 }
 
 fn all_configs(family: Family) {
+    let _g = mlx_lock();
     let safe = safe_patterns_for(family);
     assert!(!safe.is_empty());
-    for name in &safe {
-        for (q, dt) in [(None, DtypeChoice::F32), (Some(4), DtypeChoice::F32), (Some(4), DtypeChoice::Bf16)] {
-            check(family, q, dt, &[name]);
+    for (q, dt) in [(None, DtypeChoice::F32), (Some(4), DtypeChoice::F32), (Some(4), DtypeChoice::Bf16)] {
+        let mut fixture = Fixture::new(family, q, dt);
+        for name in &safe {
+            fixture.check(&[name]);
+        }
+        if (q, dt) == (Some(4), DtypeChoice::F32) {
+            // Together, as a preset would apply them.
+            fixture.check(&safe);
         }
     }
-    // Together, as a preset would apply them.
-    check(family, Some(4), DtypeChoice::F32, &safe);
-    check(family, Some(8), DtypeChoice::F32, &safe);
+    Fixture::new(family, Some(8), DtypeChoice::F32).check(&safe);
 }
 
 #[test]

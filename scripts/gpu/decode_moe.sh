@@ -12,6 +12,10 @@
 # ZMLX_CUDA_QMM_F32=1 (prefill off MLX's racy qmm_sm80 kernel); mlx-lm.
 # Also by name in CONFIGS: sd (swiglu_mlp downproj_combine alone), router (moe_mlp alone), all
 # ($PAT + qmv_linear: every quantized matmul on zmlx's kernels, prefill grouped by expert).
+#   decode_moe.sh sanitize  compute-sanitizer (racecheck, initcheck, memcheck) over `zmlx generate` with
+#                           every zmlx CUDA body (all) on a small 4-bit qwen3_moe, prompt > 8 tokens
+#                           (grouped prefill) + decode -> $OUT/sanitize-TOOL.log (a race or an
+#                           uninitialised read in our kernels would be run-to-run drift)
 #   decode_moe.sh prefill   the prefill forms alone (prefill_moe_kernels.py) -> $OUT/prefill.jsonl
 # env: PROCS (3), GEN (256), PAT (swiglu_mlp downproj_combine moe_mlp), CONFIGS (the five above)
 set -u
@@ -29,13 +33,25 @@ kernels)
   log "selftest rc=$?"
   grep -E 'qmv_(swiglu|combine)' "$OUT/selftest.jsonl" | cut -c1-300
   ;;
+sanitize)
+  CS=${CS:-/usr/local/cuda-13.0/bin/compute-sanitizer}
+  m=/tmp/zmlx-gpu/san-qwen3
+  [ -f $m/config.json ] || zmlx synth --family qwen3_moe --quantize 4 --out $m >> "$OUT/errors.log" 2>&1
+  for tool in ${SAN_TOOLS:-racecheck initcheck memcheck}; do
+    ZMLX_GPU_EXPERIMENTAL=1 timeout ${SAN_TIMEOUT:-150} $CS --tool $tool --print-limit 20 \
+      zmlx generate --model $m --prompt "one two three four five six seven eight nine ten eleven twelve" \
+      --max-tokens 4 --ignore-eos --patterns $PAT qmv_linear > "$OUT/sanitize-$tool.log" 2>&1
+    log "sanitize $tool rc=$? $(grep -cE 'Error|Hazard|Uninitialized' "$OUT/sanitize-$tool.log") error lines"
+    grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Uninitialized|Invalid' "$OUT/sanitize-$tool.log" | sort | uniq -c | head -8
+  done
+  ;;
 prefill)
   python3 scripts/gpu/prefill_moe_kernels.py ${KARGS:-} > "$OUT/prefill.jsonl" 2>> "$OUT/errors.log"
   log "prefill kernels rc=$?"
   cut -c1-400 "$OUT/prefill.jsonl"
   ;;
 model)
-  d=/tmp/zmlx-gpu/full/qwen3_moe; o=$OUT/model.jsonl
+  d=/tmp/zmlx-gpu/full/${FAM:-qwen3_moe}; o=$OUT/model.jsonl
   eval "$(sed -n '/^PROMPT=/,/per row."$/p' scripts/gpu/issue15.sh)"  # issue15.sh's prompt
   ids=$(zmlx generate --model "$d" --prompt "$PROMPT" --max-tokens 1 --json --patterns none 2>/dev/null |
     python3 -c 'import json,sys; print(",".join(map(str, json.load(sys.stdin)["prompt_ids"])))')
@@ -57,31 +73,40 @@ model)
       sd) zrun sd ZMLX_GPU_EXPERIMENTAL=1 -- swiglu_mlp downproj_combine ;;  # the expert kernels alone
       router) zrun router X=1 -- moe_mlp ;;
       all) zrun all ZMLX_GPU_EXPERIMENTAL=1 -- $PAT qmv_linear ;;
+      # which MLX setting the remaining run-to-run drift of `all` depends on
+      all_nosdpa) zrun all_nosdpa ZMLX_GPU_EXPERIMENTAL=1 MLX_CUDA_USE_CUDNN_SDPA=0 -- $PAT qmv_linear ;;
+      all_nographs) zrun all_nographs ZMLX_GPU_EXPERIMENTAL=1 MLX_USE_CUDA_GRAPHS=0 -- $PAT qmv_linear ;;
+      all_nopipe) zrun all_nopipe ZMLX_GPU_EXPERIMENTAL=1 ZMLX_DECODE_PIPELINE=0 -- $PAT qmv_linear ;;
+      none_nosdpa) zrun none_nosdpa MLX_CUDA_USE_CUDNN_SDPA=0 -- none ;;
+      none_f32_nosdpa) zrun none_f32_nosdpa ZMLX_CUDA_QMM_F32=1 MLX_CUDA_USE_CUDNN_SDPA=0 -- none ;;
       none_f32) zrun none_f32 ZMLX_CUDA_QMM_F32=1 -- none ;;
       patched_f32) zrun patched_f32 ZMLX_CUDA_QMM_F32=1 ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
-      mlx_lm)
-        python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens "${GEN:-256}" --warmup 1 \
+      mlx_lm | mlx_lm_nosdpa)
+        [ $c = mlx_lm ] && sd=1 || sd=0
+        MLX_CUDA_USE_CUDNN_SDPA=$sd python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens "${GEN:-256}" --warmup 1 \
           --dtype native 2>> "$OUT/errors.log" |
-          python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"config":"mlx_lm","tool":"mlx-lm","ids":r["token_ids"],"prompt_tokens":r["prompt_tokens"],"prefill_tps":r["prompt_tps"],"decode_tps":r["generation_tps"],"load_s":r["load_seconds"]}))' >> "$o"
+          python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"config":sys.argv[1],"tool":"mlx-lm","ids":r["token_ids"],"prompt_tokens":r["prompt_tokens"],"prefill_tps":r["prompt_tps"],"decode_tps":r["generation_tps"],"load_s":r["load_seconds"]}))' $c >> "$o"
         ;;
       esac
       log "round $i $c: $(tail -1 "$o" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["config"], round(r["decode_tps"],1), "tok/s decode", round(r["prefill_tps"],1), "prefill", r.get("pattern_calls"))' 2>&1 | cut -c1-400)"
     done
   done
-  python3 - "$o" <<'PY' | tee "$OUT/model-summary.jsonl"
+  python3 - "$o" "${BASE:-none}" <<'PY' | tee "$OUT/model-summary.jsonl"
 import json, statistics, sys
 rs = [json.loads(l) for l in open(sys.argv[1])]
 first = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-base = next((r["ids"] for r in rs if r["config"] == "none"), None)
+base = next((r["ids"] for r in rs if r["config"] == sys.argv[2]), None)
 for c in dict.fromkeys(r["config"] for r in rs):
     runs = [r for r in rs if r["config"] == c]
     divs = [first(runs[0]["ids"], r["ids"]) for r in runs[1:]]
     print(json.dumps({"config": c, "processes": len(runs), "tokens": len(runs[0]["ids"]),
                       "run_to_run_identical": all(d is None for d in divs), "first_divergence_vs_run0": divs,
-                      "vs_none_run0_first_divergence": first(base, runs[0]["ids"]) if base else None,
+                      "vs_base_run0_first_divergence": first(base, runs[0]["ids"]) if base else None,
                       "decode_tps": [round(r["decode_tps"], 1) for r in runs],
                       "decode_tps_median": round(statistics.median(r["decode_tps"] for r in runs), 1),
                       "prefill_tps_median": round(statistics.median(r["prefill_tps"] for r in runs), 1)}))
+run0 = {c: next(r["ids"] for r in rs if r["config"] == c) for c in dict.fromkeys(r["config"] for r in rs)}
+print(json.dumps({"run0_first_divergence": {f"{a} vs {b}": first(run0[a], run0[b]) for a in run0 for b in run0 if a < b}}))
 PY
   ;;
 esac
