@@ -81,6 +81,12 @@ if [ $want_oracle = 1 ]; then
   else
     say "mlx-lm oracle venv present ($VENV)"
   fi
+  # The official OpenAI client library: tests/server.rs talks to `zmlx serve` through it.
+  OPENAI_VERSION=3.57.0
+  if ! "$VENV/bin/python" -c "import openai; assert openai.__version__ == '$OPENAI_VERSION'" 2>/dev/null; then
+    say "installing openai==$OPENAI_VERSION into the oracle venv"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
+  fi
 fi
 # 5. The aarch64 cross-build inputs (opt-in).
 if [ $want_aarch64 = 1 ]; then

@@ -29,6 +29,9 @@ use crate::model::Model;
 /// Largest batch an engine accepts: past this, per-sequence attention calls dominate a step.
 pub const MAX_BATCH: usize = 1024;
 
+/// Most alternatives a sequence may ask log-probabilities for (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// One sequence to generate.
 #[derive(Debug, Clone)]
 pub struct SequenceRequest {
@@ -39,6 +42,9 @@ pub struct SequenceRequest {
     /// Keep going through EOS.
     pub ignore_eos: bool,
     pub eos_token_ids: Vec<u32>,
+    /// Report each emitted token's log-probability and this many most likely alternatives
+    /// (0..=MAX_TOP_LOGPROBS); None: no log-probabilities (nothing extra is read back).
+    pub logprobs: Option<usize>,
 }
 
 impl SequenceRequest {
@@ -50,11 +56,19 @@ impl SequenceRequest {
             sampler: opts.sampler,
             ignore_eos: opts.ignore_eos,
             eos_token_ids: opts.eos_token_ids.clone(),
+            logprobs: None,
         }
     }
 
     pub fn greedy(prompt: Vec<u32>, max_tokens: usize, eos_token_ids: Vec<u32>) -> SequenceRequest {
-        SequenceRequest { prompt, max_tokens, sampler: SamplerConfig::default(), ignore_eos: false, eos_token_ids }
+        SequenceRequest {
+            prompt,
+            max_tokens,
+            sampler: SamplerConfig::default(),
+            ignore_eos: false,
+            eos_token_ids,
+            logprobs: None,
+        }
     }
 }
 
@@ -122,6 +136,18 @@ pub struct SequenceStats {
 pub struct StepOutput {
     pub tokens: Vec<(SeqId, u32)>,
     pub finished: Vec<(SeqId, SequenceStats)>,
+    /// For the sequences that asked (`SequenceRequest::logprobs`), one entry per token of
+    /// `tokens`, in the same order.
+    pub logprobs: Vec<(SeqId, TokenLogprobs)>,
+}
+
+/// An emitted token's log-probability under the model (before temperature and top-p, as
+/// OpenAI and mlx-lm report it) and the most likely tokens with theirs, best first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 struct Entry {
@@ -144,6 +170,9 @@ struct Running {
     input: (Array, i32),
     /// `input` is a sampled token not yet read (emitted or checked for EOS).
     unread: bool,
+    /// The log-probabilities `[1, V]` `input` was sampled from, kept only for a sequence that
+    /// asked for them.
+    input_logprobs: Option<Array>,
     emitted: usize,
     first_token: Option<Instant>,
 }
@@ -198,6 +227,9 @@ impl<'m> BatchEngine<'m> {
         }
         if req.max_tokens == 0 {
             bail!("max_tokens must be at least 1");
+        }
+        if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            bail!("top logprobs {:?} is not allowed: use 0..={MAX_TOP_LOGPROBS}", req.logprobs);
         }
         req.sampler.check()?;
         check_prompt_ids(self.model, &req.prompt)?;
@@ -276,15 +308,19 @@ impl<'m> BatchEngine<'m> {
                 r.emitted += 1;
                 self.totals.generated_tokens += 1;
                 out.tokens.push((r.entry.id, token));
+                if let (Some(k), Some(lp)) = (r.entry.req.logprobs, r.input_logprobs.take()) {
+                    out.logprobs.push((r.entry.id, token_logprobs(&lp, token, k)?));
+                }
             }
             if r.emitted == r.entry.req.max_tokens {
                 out.finished.push((r.entry.id, stats_of(&r.entry, r.emitted, r.first_token, FinishReason::Length)));
             }
         }
-        if let Some((ys, batch)) = sampled {
-            for (r, y) in self.running.iter_mut().zip(ys) {
+        if let Some((ys, batch, rows)) = sampled {
+            for ((r, y), row) in self.running.iter_mut().zip(ys).zip(rows) {
                 r.input = y;
                 r.unread = true;
+                r.input_logprobs = r.entry.req.logprobs.map(|_| row);
             }
             self.aligned = batch;
         }
@@ -315,10 +351,10 @@ impl<'m> BatchEngine<'m> {
     }
 
     /// Runs the model on every running sequence's input token and samples the next ones
-    /// (queued, not evaluated): `(array, row)` per sequence, and the `[B]` array of them all
-    /// when there is one.
+    /// (queued, not evaluated): `(array, row)` per sequence, the `[B]` array of them all when
+    /// there is one, and each sequence's log-probabilities `[1, V]`.
     #[allow(clippy::type_complexity)]
-    fn decode(&mut self) -> Result<(Vec<(Array, i32)>, Option<Array>)> {
+    fn decode(&mut self) -> Result<(Vec<(Array, i32)>, Option<Array>, Vec<Array>)> {
         let b = self.running.len();
         self.totals.max_batch_seen = self.totals.max_batch_seen.max(b);
         let tokens = match self.aligned.take() {
@@ -339,14 +375,14 @@ impl<'m> BatchEngine<'m> {
             let all = if b == 1 { rows[0].clone() } else { ops::concatenate(&rows, 0)? };
             let ys = ops::indexing::argmax_axis(&all, -1, None)?;
             async_eval([&ys])?;
-            return Ok(((0..b as i32).map(|i| (ys.clone(), i)).collect(), Some(ys)));
+            return Ok(((0..b as i32).map(|i| (ys.clone(), i)).collect(), Some(ys), rows));
         }
         let mut ys = Vec::with_capacity(b);
         for (r, row) in self.running.iter_mut().zip(&rows) {
             ys.push((r.sampler.sample(row)?, 0));
         }
         async_eval(ys.iter().map(|(a, _)| a))?;
-        Ok((ys, None))
+        Ok((ys, None, rows))
     }
 
     /// Advances the sequence in prefill by one chunk (starting the next waiting one if the batch
@@ -382,6 +418,7 @@ impl<'m> BatchEngine<'m> {
                 entry: p.entry,
                 input: (Array::from_slice(&[last], &[1]), 0),
                 unread: false,
+                input_logprobs: None,
                 emitted: 0,
                 first_token: None,
             });
@@ -394,6 +431,23 @@ impl<'m> BatchEngine<'m> {
 fn batch_inputs(running: &[Running]) -> Result<Array> {
     let rows = running.iter().map(|r| r.input.0.try_index(r.input.1..r.input.1 + 1)).collect::<Result<Vec<_>, _>>()?;
     Ok(ops::concatenate(&rows, 0)?)
+}
+
+/// `token`'s log-probability in `logprobs` `[1, V]` and the `k` largest (ties: lower id first),
+/// read on the host: one row of V floats per token, only for sequences that asked.
+fn token_logprobs(logprobs: &Array, token: u32, k: usize) -> Result<TokenLogprobs> {
+    let row = logprobs.as_dtype(mlx_rs::Dtype::Float32)?;
+    eval([&row])?;
+    let v = row.as_slice::<f32>();
+    let logprob = *v.get(token as usize).ok_or_else(|| anyhow::anyhow!("token {token} is past the vocabulary"))?;
+    let mut order: Vec<u32> = (0..v.len() as u32).collect();
+    let better = |a: &u32, b: &u32| v[*b as usize].total_cmp(&v[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, better);
+    }
+    order.truncate(k);
+    order.sort_by(better);
+    Ok(TokenLogprobs { token, logprob, top: order.into_iter().map(|i| (i, v[i as usize])).collect() })
 }
 
 fn read_token(input: &(Array, i32)) -> Result<u32> {

@@ -24,6 +24,7 @@ pub mod patterns;
 pub mod profile;
 pub mod run;
 pub mod selftest;
+pub mod server;
 pub mod settings;
 pub mod slots;
 pub mod synth;

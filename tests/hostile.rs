@@ -85,6 +85,17 @@ fn every_subcommand_with_bad_flags_exits_2_without_panicking() {
         (&["demo", "--max-tokens", "0"], &["--max-tokens"]),
         (&["patterns", "--bogus"], &["--bogus"]),
         (&["nonsense"], &["nonsense"]),
+        (&["serve"], &["--model"]),
+        (&["serve", "--model", "/x", "--port", "70000"], &["--port"]),
+        (&["serve", "--model", "/x", "--port=-1"], &["--port"]),
+        (&["serve", "--model", "/x", "--max-concurrency", "0"], &["--max-concurrency", "1..=1024"]),
+        (&["serve", "--model", "/x", "--max-concurrency", "5000"], &["--max-concurrency"]),
+        (&["serve", "--model", "/x", "--max-queue", "lots"], &["--max-queue"]),
+        (&["serve", "--model", "/x", "--max-tokens-limit", "0"], &["--max-tokens-limit", "at least 1"]),
+        (&["serve", "--model", "/x", "--drain-timeout", "0"], &["--drain-timeout"]),
+        (&["serve", "--model", "/x", "--api-key", " "], &["--api-key", "empty"]),
+        (&["serve", "--model", "/x", "--model-id", ""], &["--model-id", "empty"]),
+        (&["serve", "--model", "/nonexistent/dir"], &["--model", "config.json"]),
     ];
     for (args, needles) in cases {
         rejected(&args.join(" "), &mut zmlx(args), needles);

@@ -6,6 +6,7 @@ mod generate;
 mod ledger;
 mod profile;
 mod selftest;
+mod serve;
 mod synth;
 mod validate;
 
@@ -53,6 +54,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching, /health, /metrics).
+    Serve(serve::ServeArgs),
     /// The main job on the built-in default: synthesize the default checkpoint (once), generate
     /// with the family preset, then validate the preset against the stock model and record it.
     Demo(demo::DemoArgs),
@@ -71,6 +74,7 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Validate(a) => validate::run_validate(a),
         Command::Run(a) => validate::run_run(a),
         Command::Patterns { json } => args::list_patterns(*json),
