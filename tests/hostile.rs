@@ -439,3 +439,40 @@ fn synth_from_a_bad_config_names_the_file_and_key() {
     );
     assert!(!out.join("model.safetensors").exists(), "nothing is written for refused input");
 }
+
+/// `generate --chat/--system`: a checkpoint without a chat template, a broken template, a
+/// template that raises, `--system` without `--chat` — exit 2 naming the checkpoint, file or
+/// flag; never a panic.
+#[test]
+fn chat_flags_on_bad_checkpoints() {
+    let d = tiny(Family::Qwen3Moe, None);
+    let m = d.path().to_str().unwrap();
+    generate_rejects(d.path(), &["--system", "be brief"], &["--system", "--chat"]);
+    let cfg = d.path().join("tokenizer_config.json");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    edit_json(&cfg, |c| c["chat_template"] = "{% for m in messages %}{{ m.content }".into());
+    generate_rejects(d.path(), &["--chat"], &["tokenizer_config.json field chat_template", "does not compile"]);
+    edit_json(&cfg, |c| c["chat_template"] = "{{ raise_exception('system messages are not supported') }}".into());
+    generate_rejects(d.path(), &["--chat", "--system", "S"], &["system messages are not supported"]);
+    edit_json(&cfg, |c| c["chat_template"] = serde_json::json!([{"name": "rag", "template": "x"}]));
+    generate_rejects(d.path(), &["--chat"], &["chat_template", "rag", "\"default\""]);
+    std::fs::write(&cfg, "{ nope").unwrap();
+    generate_rejects(d.path(), &["--chat"], &["tokenizer_config.json", "not valid JSON"]);
+    std::fs::write(&cfg, &original).unwrap();
+    edit_json(&cfg, |c| {
+        c.as_object_mut().unwrap().remove("chat_template");
+    });
+    generate_rejects(d.path(), &["--chat"], &[m, "has no chat template", "drop --chat"]);
+    // `synth --no-chat-template` writes such a checkpoint.
+    let out = d.path().join("plain");
+    let st = zmlx(&["synth", "--family", "qwen3_moe", "--margins", "off", "--no-chat-template", "--out"])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(no_panic("synth --no-chat-template", &st).0, Some(0));
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert!(tc.get("chat_template").is_none() && tc["eos_token"] == "<|endoftext|>", "{tc}");
+    generate_rejects(&out, &["--chat"], &["has no chat template"]);
+}

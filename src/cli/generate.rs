@@ -1,11 +1,12 @@
 //! `zmlx generate`: load, patch (preset by default), stream or print JSON.
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 
 use super::args::{at_least_one, parse_batch_size, parse_temp, parse_top_p, parse_warmup, PatternArgs};
 use crate::batch::{generate_batch, BatchOptions, SequenceRequest};
+use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::generate::{generate, GenerateOptions, SamplerConfig};
 use crate::mlx_env;
 use crate::model::{dtype_name, DtypeChoice, Model};
@@ -50,6 +51,14 @@ pub struct GenerateArgs {
     /// mlx-lm's benchmarks do: the statistics then leave out first-call costs.
     #[arg(long, default_value_t = 0, value_parser = parse_warmup)]
     pub warmup: usize,
+    /// Apply the checkpoint's chat template (chat_template.jinja or tokenizer_config.json's
+    /// chat_template) to the prompt, as mlx_lm.generate does: the prompt (each line with
+    /// --prompts-file) is the user message, then the assistant turn is opened.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message before the user message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     #[command(flatten)]
     pub patterns: PatternArgs,
 }
@@ -70,12 +79,41 @@ impl GenerateArgs {
             ignore_eos: true,
             json: false,
             warmup: 0,
+            chat: false,
+            system: None,
             patterns: PatternArgs::default(),
         }
     }
 }
 
+/// The checkpoint's chat template for `--chat`; a checkpoint without one is an error.
+fn load_chat_template(model: &Path) -> Result<ChatTemplate> {
+    ChatTemplate::load(model)?.ok_or_else(|| {
+        anyhow!(
+            "--chat: {} has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json); \
+             drop --chat to use the prompt as raw text, or add a chat template to the checkpoint",
+            model.display()
+        )
+    })
+}
+
+/// A prompt's ids: raw text, or with `--chat` the rendered template (optional system message,
+/// the prompt as the user message, generation prompt on), encoded as transformers does.
+fn encode_prompt(a: &GenerateArgs, tok: &TextTokenizer, chat: Option<&ChatTemplate>, prompt: &str) -> Result<Vec<u32>> {
+    let Some(template) = chat else {
+        return tok.encode(prompt);
+    };
+    let mut messages = Vec::new();
+    if let Some(system) = &a.system {
+        messages.push(ChatMessage::new("system", system.as_str()));
+    }
+    messages.push(ChatMessage::new("user", prompt));
+    tok.encode_chat(&template.render(&messages, true)?)
+}
+
 pub fn run(a: &GenerateArgs) -> Result<i32> {
+    // The chat template before the (possibly long) model load, so a checkpoint without one fails fast.
+    let chat = if a.chat { Some(load_chat_template(&a.model)?) } else { None };
     let backend = mlx_env::init()?;
     let (mut model, info) = Model::load(&a.model, a.dtype, backend)?;
     let selection = a.patterns.select(model.family())?;
@@ -94,7 +132,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         Some(path) => Some(read_prompts(path)?),
         None => None,
     };
-    let prompt = tok.encode(&a.prompt)?;
+    let prompt = encode_prompt(a, &tok, chat.as_ref(), &a.prompt)?;
     let mut opts = GenerateOptions::greedy(a.max_tokens, tok.eos_token_ids.clone());
     opts.sampler = SamplerConfig { temperature: a.temp, top_p: a.top_p, seed: a.seed };
     opts.ignore_eos = a.ignore_eos;
@@ -123,6 +161,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
             args: a,
             model: &model,
             tok: &tok,
+            chat: chat.as_ref(),
             selection: &selection.names,
             report: &report,
             load_seconds: info.seconds,
@@ -189,6 +228,7 @@ struct BatchRun<'a> {
     args: &'a GenerateArgs,
     model: &'a Model,
     tok: &'a TextTokenizer,
+    chat: Option<&'a ChatTemplate>,
     selection: &'a [String],
     report: &'a patterns::PatchReport,
     load_seconds: f64,
@@ -203,7 +243,8 @@ impl BatchRun<'_> {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let ids = self.tok.encode(p).map_err(|e| e.context(format!("--prompts-file line {}", i + 1)))?;
+                let ids = encode_prompt(a, self.tok, self.chat, p)
+                    .map_err(|e| e.context(format!("--prompts-file line {}", i + 1)))?;
                 Ok(SequenceRequest::from_options(ids, opts))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -49,6 +49,9 @@ pub struct SynthArgs {
     /// at most 4 GiB.
     #[arg(long, value_enum, default_value = "auto")]
     pub margins: MarginMode,
+    /// Leave the chat template out of tokenizer_config.json (a checkpoint without one).
+    #[arg(long)]
+    pub no_chat_template: bool,
 }
 
 pub fn run(a: &SynthArgs) -> Result<i32> {
@@ -80,6 +83,7 @@ pub fn run(a: &SynthArgs) -> Result<i32> {
         layout: a.layout,
         max_shard_bytes: a.max_shard_mb << 20,
         margins: a.margins,
+        chat_template: !a.no_chat_template,
     };
     let r = synthesize(&o, &a.out)?;
     eprintln!(

@@ -107,6 +107,8 @@ pub struct SynthOptions {
     /// Shard the weights above this many bytes per file.
     pub max_shard_bytes: u64,
     pub margins: MarginMode,
+    /// Write a ChatML chat template into tokenizer_config.json (`synth::tokenizer::CHAT_TEMPLATE`).
+    pub chat_template: bool,
 }
 
 impl SynthOptions {
@@ -123,6 +125,7 @@ impl SynthOptions {
             layout: Layout::Mlx,
             max_shard_bytes: 2 << 30,
             margins: MarginMode::Auto,
+            chat_template: true,
         }
     }
 }
@@ -328,7 +331,7 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
             .with_context(|| format!("cannot write {}", cfg_file.display()))
     };
     write_config(&config)?;
-    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize)
+    let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize, o.chat_template)
         .map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
     if tok.eos_token_id != 0 {
         bail!("internal: synthesized tokenizer has eos id {}, config says 0", tok.eos_token_id);

@@ -37,10 +37,22 @@ const SPECIAL_TOKENS: [&str; 3] = [EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN];
 /// Specials + the full byte-level alphabet: the smallest possible vocab.
 pub const MIN_VOCAB_SIZE: usize = SPECIAL_TOKENS.len() + 256;
 
-const CHAT_TEMPLATE: &str = "{% for message in messages %}\
-{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
-{% endfor %}\
-{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// A ChatML template in the style of Qwen2.5's (system / user / assistant turns between
+/// `<|im_start|>` and `<|im_end|>`, `add_generation_prompt` opens the assistant turn), with
+/// transformers' `raise_exception` for roles it does not know and a misplaced system message.
+pub const CHAT_TEMPLATE: &str = r#"{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('Unknown role "' + message['role'] + '": this template accepts system, user and assistant') }}
+    {%- endif %}
+    {%- if message['role'] == 'system' and not loop.first %}
+        {{- raise_exception('The system message must be the first message') }}
+    {%- endif %}
+    {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
 
 /// What was written; ids refer to the written `tokenizer.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +68,9 @@ pub struct TokenizerInfo {
 }
 
 /// Train the tokenizer and write `tokenizer.json` and `tokenizer_config.json`
-/// into `dir` (created if missing). `vocab_size` must be at least
-/// [`MIN_VOCAB_SIZE`] (259).
-pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, String> {
+/// (with [`CHAT_TEMPLATE`] as its `chat_template` if `chat_template`) into `dir`
+/// (created if missing). `vocab_size` must be at least [`MIN_VOCAB_SIZE`] (259).
+pub fn write_tokenizer(dir: &Path, vocab_size: usize, chat_template: bool) -> Result<TokenizerInfo, String> {
     if vocab_size < MIN_VOCAB_SIZE {
         return Err(format!("vocab_size {vocab_size} is below the minimum {MIN_VOCAB_SIZE} (3 specials + 256 bytes)"));
     }
@@ -87,7 +99,7 @@ pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, S
 
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     tok.save(dir.join("tokenizer.json"), true).map_err(|e| format!("write tokenizer.json: {e}"))?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": null,
         "eos_token": EOS_TOKEN,
@@ -97,8 +109,10 @@ pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<TokenizerInfo, S
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
         "model_max_length": 32768,
-        "chat_template": CHAT_TEMPLATE,
     });
+    if chat_template {
+        config["chat_template"] = CHAT_TEMPLATE.into();
+    }
     let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())? + "\n";
     std::fs::write(dir.join("tokenizer_config.json"), text).map_err(|e| format!("write tokenizer_config.json: {e}"))?;
     Ok(info)
@@ -189,13 +203,13 @@ mod tests {
         let base = std::env::temp_dir().join(format!("tokenizer_synth_{}", std::process::id()));
         let read = |d: &Path| std::fs::read(d.join("tokenizer.json")).unwrap();
         let (a, b) = (base.join("a"), base.join("b"));
-        let info = write_tokenizer(&a, 512).unwrap();
-        assert_eq!(write_tokenizer(&b, 512).unwrap(), info);
+        let info = write_tokenizer(&a, 512, true).unwrap();
+        assert_eq!(write_tokenizer(&b, 512, true).unwrap(), info);
         assert_eq!(read(&a), read(&b));
         assert_eq!((info.vocab_size, info.eos_token_id, info.im_end_token_id), (512, 0, 2));
         // Beyond the corpus' merges the vocab is padded with reserved tokens.
-        assert_eq!(write_tokenizer(&a, 3000).unwrap().vocab_size, 3000);
-        assert!(write_tokenizer(&a, MIN_VOCAB_SIZE - 1).is_err());
+        assert_eq!(write_tokenizer(&a, 3000, false).unwrap().vocab_size, 3000);
+        assert!(write_tokenizer(&a, MIN_VOCAB_SIZE - 1, true).is_err());
         std::fs::remove_dir_all(base).unwrap();
     }
 }
