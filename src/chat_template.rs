@@ -91,10 +91,7 @@ impl ChatTemplate {
     pub fn from_source(source: &str, special_tokens: BTreeMap<String, String>, origin: &str) -> Result<ChatTemplate> {
         let mut env = environment();
         env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(source)).map_err(|e| {
-            anyhow!(
-                "{origin}: the chat template does not compile: {}; fix the template (Jinja syntax)",
-                describe(&e)
-            )
+            anyhow!("{origin}: the chat template does not compile: {}; fix the template (Jinja syntax)", describe(&e))
         })?;
         Ok(ChatTemplate { env, source: source.to_owned(), origin: origin.to_owned(), special_tokens })
     }
@@ -126,7 +123,9 @@ impl ChatTemplate {
             self.special_tokens.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
         ctx.insert("messages".into(), Value::from_serialize(messages));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
-        template.render(ctx).map_err(|e| anyhow!("{}: rendering the chat template failed: {}", self.origin, describe(&e)))
+        template
+            .render(ctx)
+            .map_err(|e| anyhow!("{}: rendering the chat template failed: {}", self.origin, describe(&e)))
     }
 }
 
@@ -427,7 +426,6 @@ fn short(v: &serde_json::Value) -> String {
         None => s,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -200,12 +200,12 @@ fn rendering_and_ids_match_transformers() {
 
     // The special tokens the templates write are single ids, not their characters.
     let (t, tok) = &loaded[&synth];
-    let ids = tok.encode_chat(&t.render(&[hi.clone()], true).unwrap()).unwrap();
+    let ids = tok.encode_chat(&t.render(std::slice::from_ref(&hi), true).unwrap()).unwrap();
     let im_start = 1; // synth: <|endoftext|>, <|im_start|>, <|im_end|> are ids 0, 1, 2
     assert_eq!(ids.first(), Some(&im_start));
     assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 2, "{ids:?}");
     let (t, tok) = &loaded[&mixtral];
-    let ids = tok.encode_chat(&t.render(&[hi.clone()], true).unwrap()).unwrap();
+    let ids = tok.encode_chat(&t.render(std::slice::from_ref(&hi), true).unwrap()).unwrap();
     assert_eq!(ids[0] as u64, vocab, "<s> is written by the template, once: {ids:?}");
 }
 
