@@ -1,16 +1,18 @@
 //! `zmlx serve` end to end: the built binary on a tiny synthesized checkpoint, spoken to over
-//! loopback with a plain HTTP client. Every wait is bounded, so a hung server fails a test
+//! loopback with hyper's HTTP/1.1 client. Every wait is bounded, so a hung server fails a test
 //! instead of hanging it.
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
 use common::{synth_into, synth_opts, zmlx_cmd};
@@ -185,8 +187,9 @@ impl Drop for Server {
     }
 }
 
-/// A minimal HTTP/1.1 client (one connection per request, `Connection: close`; chunked bodies
-/// decoded): enough for these tests, and it lets a test drop a connection mid-stream.
+/// One HTTP/1.1 request per connection through hyper's client connection API, driven by a
+/// small tokio runtime that the reply owns: dropping the reply drops the connection (a test
+/// leaves a stream mid-way that way), and every wait is bounded by `WAIT`.
 struct Reply {
     status: u16,
     content_type: String,
@@ -196,91 +199,61 @@ struct Reply {
 fn request(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<Reply> {
     let addr = base.strip_prefix("http://").expect("http:// URL");
     let addr: std::net::SocketAddr = addr.parse().expect("host:port");
-    let stream = TcpStream::connect_timeout(&addr, WAIT)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, addr.to_string());
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
-        head.push_str("Content-Type: application/json\r\n");
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
     }
     for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+        req = req.header(*k, *v);
     }
-    head.push_str("\r\n");
-    // Written from another thread: a server may answer (413) before reading a large body.
-    let mut w = stream.try_clone()?;
-    let payload = [head.into_bytes(), body.as_bytes().to_vec()].concat();
-    std::thread::spawn(move || {
-        let _ = w.write_all(&payload);
-    });
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let (mut length, mut chunked, mut content_type) = (None, false, String::new());
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':').unwrap_or((l, ""));
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        match k.as_str() {
-            "content-length" => length = v.parse::<u64>().ok(),
-            "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
-            "content-type" => content_type = v,
-            _ => {}
-        }
-    }
-    let body: Box<dyn BufRead + Send> = if chunked {
-        Box::new(BufReader::new(Chunked { inner: r, left: 0, done: false }))
-    } else if let Some(n) = length {
-        Box::new(BufReader::new(r.take(n)))
-    } else {
-        Box::new(r)
-    };
-    Ok(Reply { status, content_type, body })
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).expect("a valid request");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let res = rt.block_on(bounded(async move {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(io_err)?;
+        // Runs while the runtime runs, i.e. during the reads below; gone with the runtime.
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(io_err)
+    }))?;
+    let status = res.status().as_u16();
+    let content_type = res
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    let body = Body { rt, body: res.into_body(), buf: Bytes::new() };
+    Ok(Reply { status, content_type, body: Box::new(BufReader::new(body)) })
 }
 
-struct Chunked<R> {
-    inner: R,
-    left: usize,
-    done: bool,
+fn io_err(e: hyper::Error) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
-impl<R: BufRead> Read for Chunked<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.done || buf.is_empty() {
-            return Ok(0);
-        }
-        if self.left == 0 {
-            let mut line = String::new();
-            self.inner.read_line(&mut line)?;
-            let size = line.trim().split(';').next().unwrap_or("");
-            self.left = usize::from_str_radix(size, 16).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad chunk size {line:?}"))
-            })?;
-            if self.left == 0 {
-                self.done = true;
-                return Ok(0);
+/// `f`, or a `TimedOut` error after `WAIT`.
+async fn bounded<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time")))
+}
+
+/// A response body read frame by frame, each frame awaited on the reply's runtime.
+struct Body {
+    rt: tokio::runtime::Runtime,
+    body: hyper::body::Incoming,
+    buf: Bytes,
+}
+
+impl Read for Body {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let Body { rt, body, buf } = self;
+        while buf.is_empty() {
+            match rt.block_on(bounded(async { body.frame().await.transpose().map_err(io_err) }))? {
+                None => return Ok(0),
+                Some(frame) => *buf = frame.into_data().unwrap_or_default(),
             }
         }
-        let n = buf.len().min(self.left);
-        let n = self.inner.read(&mut buf[..n])?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.left -= n;
-        if self.left == 0 {
-            let mut crlf = String::new();
-            self.inner.read_line(&mut crlf)?;
-        }
+        let n = out.len().min(buf.len());
+        out[..n].copy_from_slice(&buf.split_to(n));
         Ok(n)
     }
 }
