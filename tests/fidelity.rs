@@ -75,7 +75,8 @@ impl Fixture {
         }
         // The decode-only kernels really ran (not only their stock fallback).
         let calls = zmlx::fallbacks::snapshot();
-        let kernels = ["downproj_combine", "glm47_rope", "qmv_linear", "gqa_attention", "rms_norm", "quantized_embedding"];
+        let kernels =
+            ["downproj_combine", "glm47_rope", "qmv_linear", "gqa_attention", "rms_norm", "quantized_embedding"];
         for n in names.iter().filter(|n| kernels.contains(n)) {
             let f32_only = ["gqa_attention", "rms_norm"].contains(n) && dtype == DtypeChoice::F32;
             if quantize.is_some() && dtype == DtypeChoice::F32 || *n == "glm47_rope" || f32_only {
