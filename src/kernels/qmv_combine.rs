@@ -155,16 +155,9 @@ pub fn qmv_combine_class(h: &Array, idx: &Array, w: &Array, down: &QWeight, clas
             // One block per output row, a warp per slot (up to 8 warps).
             let warps_per_row = (k as u32).next_power_of_two().min(8) as i32;
             let grid = super::qmv_swiglu::gpu_grid("qmv_combine", &[t, n, 32, warps_per_row])?;
-            let template = [
-                ("T", TemplateArg::Dtype(h.dtype())),
-                ("O", TemplateArg::Dtype(out_dtype)),
-                ("K", TemplateArg::Int(h.dim(-1))),
-                ("N", TemplateArg::Int(n)),
-                ("KSEL", TemplateArg::Int(k)),
-                ("GS", TemplateArg::Int(q.group_size)),
-                ("BITS", TemplateArg::Int(q.bits)),
-                ("E", TemplateArg::Int(e)),
-            ];
+            // The combine body also takes its output dtype `O`, right after `T`.
+            let mut template = super::qmv_swiglu::quantized_template(h.dtype(), h.dim(-1), n, k, q, e);
+            template.insert(1, ("O", TemplateArg::Dtype(out_dtype)));
             let ins = [h, idx, &wo, &down.weight, &down.scales, &down.biases];
             let out = pick(b, &COMBINE_CUDA, &COMBINE_METAL).apply(
                 b,

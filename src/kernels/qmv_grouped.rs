@@ -39,17 +39,8 @@ pub fn qmv_grouped_cuda(x: &Array, idx: &Array, a: &QWeight, b: Option<&QWeight>
         if e == 1 { idx.clone() } else { ops::argsort_axis(&idx.flatten(None, None)?, 0)?.as_dtype(Dtype::Uint32)? };
     let chunks = (t * k + GROUPED_PAIRS - 1) / GROUPED_PAIRS;
     let grid = gpu_grid("qmv_grouped", &[chunks, n, 32])?;
-    let template = [
-        ("T", TemplateArg::Dtype(x.dtype())),
-        ("K", TemplateArg::Int(x.dim(-1))),
-        ("N", TemplateArg::Int(n)),
-        ("KSEL", TemplateArg::Int(k)),
-        ("GS", TemplateArg::Int(q.group_size)),
-        ("BITS", TemplateArg::Int(q.bits)),
-        ("E", TemplateArg::Int(e)),
-        ("TB", TemplateArg::Int(GROUPED_PAIRS)),
-        ("GLU", TemplateArg::Bool(b.is_some())),
-    ];
+    let mut template = super::qmv_swiglu::quantized_template(x.dtype(), x.dim(-1), n, k, q, e);
+    template.extend([("TB", TemplateArg::Int(GROUPED_PAIRS)), ("GLU", TemplateArg::Bool(b.is_some()))]);
     let bw = b.unwrap_or(a);
     let ins = [x, idx, &order, &a.weight, &a.scales, &a.biases, &bw.weight, &bw.scales, &bw.biases];
     let out = GROUPED_CUDA.apply(

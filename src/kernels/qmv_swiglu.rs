@@ -18,6 +18,7 @@ use mlx_rs::{ops, Array, Dtype};
 use super::check::{compare, per_row, qweight, rand, spread_indices, CaseResult};
 use super::gpu::{pick, GpuKernel, TemplateArg};
 use super::{backend, threads_for, KernelClass, CUDA_HEADER};
+use crate::config::QuantParams;
 use crate::mlx_env::{raw_array, Backend};
 use crate::nn::QWeight;
 
@@ -109,6 +110,28 @@ pub(super) fn gpu_grid(op: &str, dims: &[i32]) -> Result<i32> {
     }
 }
 
+/// The template arguments every quantized expert body takes, in their signature's order:
+/// activation dtype `T`, input width `K`, output rows `N`, selected experts `KSEL`, the
+/// quantization (`GS`, `BITS`) and the expert count `E`.
+pub(super) fn quantized_template(
+    t: Dtype,
+    k: i32,
+    n: i32,
+    ksel: i32,
+    q: QuantParams,
+    e: i32,
+) -> Vec<(&'static str, TemplateArg)> {
+    vec![
+        ("T", TemplateArg::Dtype(t)),
+        ("K", TemplateArg::Int(k)),
+        ("N", TemplateArg::Int(n)),
+        ("KSEL", TemplateArg::Int(ksel)),
+        ("GS", TemplateArg::Int(q.group_size)),
+        ("BITS", TemplateArg::Int(q.bits)),
+        ("E", TemplateArg::Int(e)),
+    ]
+}
+
 /// `x` `[T, ..., K]` and uint32 `idx` `[T, k]` (shared with `qmv_combine`).
 pub(super) fn check_shapes(op: &str, x: &Array, idx: &Array) -> Result<()> {
     if x.ndim() < 2 || idx.ndim() != 2 || idx.dim(0) != x.dim(0) || idx.dtype() != Dtype::Uint32 {
@@ -181,15 +204,7 @@ pub fn qmv_swiglu_class(x: &Array, idx: &Array, gate: &QWeight, up: &QWeight, cl
         b => {
             let (t, k) = (idx.dim(0), idx.dim(1));
             let grid = gpu_grid("qmv_swiglu", &[t, k, n, 32])?;
-            let template = [
-                ("T", TemplateArg::Dtype(x.dtype())),
-                ("K", TemplateArg::Int(x.dim(-1))),
-                ("N", TemplateArg::Int(n)),
-                ("KSEL", TemplateArg::Int(k)),
-                ("GS", TemplateArg::Int(q.group_size)),
-                ("BITS", TemplateArg::Int(q.bits)),
-                ("E", TemplateArg::Int(e)),
-            ];
+            let template = quantized_template(x.dtype(), x.dim(-1), n, k, q, e);
             let ins = [x, idx, &gate.weight, &gate.scales, &gate.biases, &up.weight, &up.scales, &up.biases];
             let out = pick(b, &SWIGLU_CUDA, &SWIGLU_METAL).apply(
                 b,
