@@ -455,9 +455,34 @@ impl MultiLinear {
                     x.matmul(w)?
                 }
             }
+            Weight::Quant(q) if dequantize_before_matmul(x) => {
+                let w =
+                    ops::dequantize(&q.weight, &q.scales, &q.biases, q.q.group_size, q.q.bits)?.as_dtype(x.dtype())?;
+                if transpose {
+                    x.matmul(w.swap_axes(-1, -2)?)?
+                } else {
+                    x.matmul(&w)?
+                }
+            }
             Weight::Quant(q) => qmm_race_free(x, |x| {
                 Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?)
             })?,
         })
     }
+}
+
+/// Whether a per-head quantized matmul runs as `dequantize` + matmul instead of MLX's
+/// `quantized_matmul`: on CUDA in half precision with 8 or more rows per head (the MLA prefill's
+/// `embed_q(kv_latent, transpose=false)` and `unembed_out(kv_latent)`), MLX 0.32.2 runs its
+/// `qmm_sm80_kernel`, whose shared-memory race (HANDOFF.md Known bugs) made greedy output of the
+/// MLA families differ between processes even with every other quantized matmul on zmlx's
+/// bodies (compute-sanitizer racecheck, H200 2026-12-01). The per-head weights are small (GLM-4.7-
+/// Flash: ~4 MB per layer dequantized), and MLX's bf16 matmul (cuBLAS) is deterministic; not
+/// the stock op chain's rounding (the products see the same bf16 weights, summed in another
+/// order). Decode (one row per head: MLX's deterministic qmv) and the CPU keep quantized_matmul.
+fn dequantize_before_matmul(x: &Array) -> bool {
+    crate::mlx_env::backend() == crate::mlx_env::Backend::Cuda
+        && matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16)
+        && x.ndim() >= 2
+        && x.dim(-2) >= 8
 }

@@ -35,8 +35,15 @@ kernels)
   ;;
 sanitize)
   CS=${CS:-/usr/local/cuda-13.0/bin/compute-sanitizer}
-  m=/tmp/zmlx-gpu/san-qwen3
-  [ -f $m/config.json ] || zmlx synth --family qwen3_moe --quantize 4 --out $m >> "$OUT/errors.log" 2>&1
+  # SAN_FAM=glm4_moe_lite: its full shape cut to 2 layers (MLX's CUDA qmm has no
+  # transpose=false kernel for the tiny MLA shapes)
+  m=/tmp/zmlx-gpu/san-${SAN_FAM:-qwen3_moe}
+  if [ ! -f $m/config.json ]; then
+    case ${SAN_FAM:-qwen3_moe} in
+    qwen3_moe) zmlx synth --family qwen3_moe --quantize 4 --out $m ;;
+    *) zmlx synth --family $SAN_FAM --preset full --layers 2 --quantize 4 --out $m ;;
+    esac >> "$OUT/errors.log" 2>&1
+  fi
   for tool in ${SAN_TOOLS:-racecheck initcheck memcheck}; do
     ZMLX_GPU_EXPERIMENTAL=1 timeout ${SAN_TIMEOUT:-150} $CS --tool $tool --print-limit 20 \
       zmlx generate --model $m --prompt "one two three four five six seven eight nine ten eleven twelve" \
@@ -73,6 +80,9 @@ model)
       sd) zrun sd ZMLX_GPU_EXPERIMENTAL=1 -- swiglu_mlp downproj_combine ;;  # the expert kernels alone
       router) zrun router X=1 -- moe_mlp ;;
       all) zrun all ZMLX_GPU_EXPERIMENTAL=1 -- $PAT qmv_linear ;;
+      # every quantized matmul zmlx leaves to MLX (MLA's embed_q/unembed_out) on MLX's naive
+      # f32 kernel instead of the racy qmm_sm80
+      all_f32) zrun all_f32 ZMLX_GPU_EXPERIMENTAL=1 ZMLX_CUDA_QMM_F32=1 -- $PAT qmv_linear ;;
       # which MLX setting the remaining run-to-run drift of `all` depends on
       all_nosdpa) zrun all_nosdpa ZMLX_GPU_EXPERIMENTAL=1 MLX_CUDA_USE_CUDNN_SDPA=0 -- $PAT qmv_linear ;;
       all_nographs) zrun all_nographs ZMLX_GPU_EXPERIMENTAL=1 MLX_USE_CUDA_GRAPHS=0 -- $PAT qmv_linear ;;
