@@ -27,6 +27,13 @@ PROMPTS = [
 ]
 
 
+def completion_request(base, body, api_key):
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(), headers)
+
+
 def one_request(base, model, prompt, max_tokens, api_key):
     body = {
         "model": model,
@@ -36,15 +43,16 @@ def one_request(base, model, prompt, max_tokens, api_key):
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
+        # Every token's text goes out as it is made, special tokens included, as mlx_lm.server
+        # writes them; zmlx skips them by default and would stream a special-token run late.
+        "skip_special_tokens": False,
     }
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(), headers)
+    req = completion_request(base, body, api_key)
     start = time.perf_counter()
     first = None
     tokens = None
     chunks = 0
+    text = []
     with urllib.request.urlopen(req, timeout=600) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -57,26 +65,65 @@ def one_request(base, model, prompt, max_tokens, api_key):
             if v.get("usage"):
                 tokens = v["usage"]["completion_tokens"]
             for c in v.get("choices", []):
+                # The first token is out when the first choice chunk is, text or not: a token
+                # may decode to nothing yet (a partial UTF-8 sequence, a skipped special token).
+                if first is None:
+                    first = time.perf_counter()
                 if c.get("text"):
+                    text.append(c["text"])
                     chunks += 1
-                    if first is None:
-                        first = time.perf_counter()
     end = time.perf_counter()
     if tokens is None:
         tokens = chunks
     ttft = (first or end) - start
-    decode = tokens / (end - first) if first and end > first and tokens > 1 else 0.0
-    return {"tokens": tokens, "ttft": ttft, "decode_tps": decode, "seconds": end - start}
+    # Tokens after the first, over the time after the first.
+    decode = (tokens - 1) / (end - first) if first and end > first and tokens > 1 else 0.0
+    return {
+        "prompt": prompt,
+        "text": "".join(text),
+        "tokens": tokens,
+        "ttft": ttft,
+        "decode_tps": decode,
+        "seconds": end - start,
+    }
 
 
-def level(base, model, concurrency, per_client, max_tokens, api_key):
+def token_ids(base, model, prompt, max_tokens, via_logprobs, api_key=None):
+    """The greedy completion's token ids, non-streamed: from `token_ids` (zmlx serve, vLLM's
+    `return_token_ids`) or, with `via_logprobs`, from mlx_lm.server's `logprobs.content[].id`
+    (its `logprobs` is a boolean; OpenAI's legacy completions field, as zmlx reads it, a count)."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    body["logprobs" if via_logprobs else "return_token_ids"] = True
+    req = completion_request(base, body, api_key)
+    with urllib.request.urlopen(req, timeout=600) as r:
+        c = json.load(r)["choices"][0]
+    if "token_ids" in c:
+        return c["token_ids"]
+    return [e["id"] for e in c["logprobs"]["content"]]
+
+
+def prompt_for(concurrency, client, k, unique):
+    """The k-th prompt of a client. With `unique`, a tag makes every request's prompt distinct
+    from its first tokens on, so no server answers from a prompt (prefix) cache."""
+    base = PROMPTS[(client + k) % len(PROMPTS)]
+    return f"[{concurrency}.{client}.{k}] {base}" if unique else base
+
+
+def level(base, model, concurrency, per_client, max_tokens, api_key, unique=False):
     results, errors = [], []
     lock = threading.Lock()
 
     def client(i):
         for k in range(per_client):
             try:
-                r = one_request(base, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens, api_key)
+                prompt = prompt_for(concurrency, i, k, unique)
+                r = one_request(base, model, prompt, max_tokens, api_key)
                 with lock:
                     results.append(r)
             except Exception as e:  # noqa: BLE001 (counted and reported)
@@ -105,6 +152,7 @@ def level(base, model, concurrency, per_client, max_tokens, api_key):
         "ttft_p50": pct(0.50),
         "ttft_p99": pct(0.99),
         "wall_seconds": wall,
+        "texts": {r["prompt"]: r["text"] for r in results},
     }
 
 
@@ -116,6 +164,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--unique-prompts", action="store_true", help="tag every prompt so no prefix cache can answer it")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     base = a.base_url.rstrip("/")
@@ -128,7 +177,7 @@ def main():
     rows = []
     print(f"{'conc':>4} {'reqs':>5} {'err':>4} {'total tok/s':>12} {'req decode tok/s':>17} {'TTFT p50 s':>11} {'TTFT p99 s':>11}")
     for c in [int(x) for x in a.concurrency.split(",")]:
-        r = level(base, model, c, a.requests_per_client, a.max_tokens, a.api_key)
+        r = level(base, model, c, a.requests_per_client, a.max_tokens, a.api_key, a.unique_prompts)
         rows.append(r)
         print(
             f"{c:>4} {r['requests']:>5} {r['errors']:>4} {r['total_tps']:>12.2f} {r['decode_tps_per_request']:>17.2f}"

@@ -70,18 +70,51 @@ impl TextTokenizer {
     /// completes (multi-byte characters wait for their last token), in O(1) per token instead of
     /// re-decoding the whole sequence (the `tokenizers` crate's own `DecodeStream`).
     pub fn stream(&self) -> TextStream<'_> {
-        TextStream { inner: Box::new(self.inner.decode_stream(true)) }
+        self.stream_with(true)
+    }
+
+    /// `stream`, choosing whether special tokens (`<|im_end|>`, reserved ids, ...) are skipped
+    /// (the default, as `decode`) or written as their text (as mlx-lm's detokenizers do).
+    pub fn stream_with(&self, skip_special_tokens: bool) -> TextStream<'_> {
+        TextStream {
+            inner: Box::new(self.inner.decode_stream(skip_special_tokens)),
+            tokenizer: &self.inner,
+            skip_special_tokens,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 }
 
 /// See `TextTokenizer::stream`.
 pub struct TextStream<'a> {
     inner: Box<dyn StreamStep + 'a>,
+    tokenizer: &'a tokenizers::Tokenizer,
+    skip_special_tokens: bool,
+    /// Every token stepped, and the bytes of text returned for them so far (for `finish`).
+    ids: Vec<u32>,
+    emitted: usize,
 }
 
 impl TextStream<'_> {
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner.step(id)
+        self.ids.push(id);
+        let piece = self.inner.step(id)?;
+        self.emitted += piece.as_ref().map_or(0, String::len);
+        Ok(piece)
+    }
+
+    /// The text still held back when the sequence ends: the tail of an incomplete multi-byte
+    /// character, decoded as the whole sequence decodes (U+FFFD for the missing bytes, as
+    /// `decode` and mlx-lm's detokenizers finalize). Empty when nothing is pending.
+    pub fn finish(&mut self) -> Result<String> {
+        let full =
+            self.tokenizer.decode(&self.ids, self.skip_special_tokens).map_err(|e| anyhow!("decoding tokens: {e}"))?;
+        // The pieces are a prefix of the whole decode; if a decoder ever broke that, the whole
+        // decode's tail past the emitted length is still the best answer (never panics: checked).
+        let tail = full.get(self.emitted..).unwrap_or_default().to_owned();
+        self.emitted = full.len().max(self.emitted);
+        Ok(tail)
     }
 }
 

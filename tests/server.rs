@@ -30,13 +30,19 @@ fn checkpoint() -> &'static Path {
     })
 }
 
-/// A copy of the checkpoint with a 256-token context and no chat template.
-fn strict_checkpoint() -> PathBuf {
+/// A fresh copy of the tiny checkpoint, for a test to edit.
+fn checkpoint_copy() -> PathBuf {
     let dir = tempfile::tempdir().unwrap().keep();
     for e in std::fs::read_dir(checkpoint()).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
     }
+    dir
+}
+
+/// A copy of the checkpoint with a 256-token context and no chat template.
+fn strict_checkpoint() -> PathBuf {
+    let dir = checkpoint_copy();
     let edit = |name: &str, f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
         let p = dir.join(name);
         let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -309,6 +315,7 @@ const PROMPTS: [&str; 8] = [
 fn completions_match_generate_alone_and_eight_at_once() {
     let s = server();
     let reference: Vec<Vec<u64>> = PROMPTS[..2].iter().map(|p| generate_ids(checkpoint(), p, 12)).collect();
+    let tok = tokenizers::Tokenizer::from_file(checkpoint().join("tokenizer.json")).unwrap();
     // Alone.
     let mut alone = vec![];
     for p in PROMPTS {
@@ -325,7 +332,9 @@ fn completions_match_generate_alone_and_eight_at_once() {
         );
         let reason = c["finish_reason"].as_str().unwrap();
         assert!(reason == "length" && toks.len() == 12 || reason == "stop" && toks.len() < 12, "{v}");
-        assert!(c["text"].is_string());
+        // The whole text, incl. the tail of a character the last token left incomplete.
+        let t32: Vec<u32> = toks.iter().map(|&t| t as u32).collect();
+        assert_eq!(c["text"], tok.decode(&t32, true).unwrap(), "prompt {p:?}");
         alone.push(toks);
     }
     assert_eq!(alone[..2], reference[..], "server tokens differ from zmlx generate --json");
@@ -729,8 +738,14 @@ fn load_test_32_clients_greedy_results_equal_sequential() {
         assert_eq!(done.into_inner(), 128, "requests lost");
         rss.push(s.rss_kib());
     }
+    // Every request is accounted as ended before its client hears the end; the engine's gauges
+    // are updated after its step, so they may lag the last answer by a step.
     assert_eq!(s.metric("zmlx_requests_in_flight"), 0.0);
-    assert_eq!(s.metric("zmlx_active_sequences"), 0.0);
+    let deadline = Instant::now() + WAIT;
+    while s.metric("zmlx_active_sequences") != 0.0 {
+        assert!(Instant::now() < deadline, "sequences still active after every request ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(s.metric("zmlx_max_batch_seen") >= 4.0, "the load never batched: the test proves nothing");
     // After the first round the allocator's caches are warm: the second must not grow much.
     assert!(rss[1] <= rss[0] + rss[0] / 10 + 16 * 1024, "RSS grew across rounds: {rss:?} KiB");
@@ -761,4 +776,129 @@ fn openai_python_client_chat_completion_streaming() {
     assert_eq!(ids(&v["chat_token_ids"]), ids(&v["chat_stream_token_ids"]));
     assert_eq!(v["chat_text"], v["chat_stream_text"]);
     assert!(v["chat_usage_completion_tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn logprobs_are_the_same_alone_and_batched() {
+    let s = server();
+    let body =
+        |p: &str| json!({"prompt": p, "max_tokens": 6, "logprobs": 3, "ignore_eos": true, "return_token_ids": true});
+    let alone: Vec<Value> = PROMPTS
+        .iter()
+        .map(|p| {
+            let (status, v) = s.post("/v1/completions", &body(p));
+            assert_eq!(status, 200, "{v}");
+            v["choices"][0].clone()
+        })
+        .collect();
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = PROMPTS
+            .iter()
+            .map(|p| {
+                sc.spawn(move || {
+                    let (status, v) = s.post("/v1/completions", &body(p));
+                    assert_eq!(status, 200, "{v}");
+                    v["choices"][0].clone()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a["token_ids"], b["token_ids"], "prompt {i}: tokens changed in the batch");
+        // Bitwise: the same per-row arithmetic, so the same f32 log-probabilities and alternatives.
+        assert_eq!(a["logprobs"], b["logprobs"], "prompt {i}: log-probabilities changed in the batch");
+        assert_eq!(a["logprobs"]["token_logprobs"].as_array().unwrap().len(), 6);
+    }
+}
+
+/// A copy of the checkpoint whose tokenizer declares `id` (a plain vocabulary token) special.
+fn checkpoint_with_special(id: u32) -> PathBuf {
+    let dir = checkpoint_copy();
+    let p = dir.join("tokenizer.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let content =
+        v["model"]["vocab"].as_object().unwrap().iter().find(|(_, i)| i.as_u64() == Some(id as u64)).unwrap().0.clone();
+    v["added_tokens"].as_array_mut().unwrap().push(json!({
+        "id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": true
+    }));
+    std::fs::write(&p, v.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn skip_special_tokens_false_writes_them_as_text() {
+    // Make the first token of a greedy completion special, so its text is skipped by default.
+    let prompt_ids = {
+        let (_, v) = server().post("/v1/completions", &completion(PROMPTS[0], 1));
+        v["prompt_token_ids"].clone()
+    };
+    let (_, v) = server().post(
+        "/v1/completions",
+        &json!({"prompt": prompt_ids, "max_tokens": 12, "ignore_eos": true, "return_token_ids": true}),
+    );
+    let first = ids(&v["choices"][0]["token_ids"])[0] as u32;
+    let dir = checkpoint_with_special(first);
+    let s = Server::start(&dir, &[]);
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let mut body = json!({"prompt": prompt_ids, "max_tokens": 12, "ignore_eos": true, "return_token_ids": true});
+    let (_, skipped) = s.post("/v1/completions", &body);
+    body["skip_special_tokens"] = json!(false);
+    let (status, kept) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{kept}");
+    let toks: Vec<u32> = ids(&kept["choices"][0]["token_ids"]).iter().map(|&t| t as u32).collect();
+    assert_eq!(toks[0], first);
+    assert_eq!(ids(&skipped["choices"][0]["token_ids"]), ids(&kept["choices"][0]["token_ids"]));
+    assert_eq!(kept["choices"][0]["text"], tok.decode(&toks, false).unwrap());
+    assert_eq!(skipped["choices"][0]["text"], tok.decode(&toks, true).unwrap());
+    assert_ne!(kept["choices"][0]["text"], skipped["choices"][0]["text"], "the special token's text must differ");
+    // Streamed, the same texts.
+    for (skip, whole) in [(true, &skipped), (false, &kept)] {
+        body["skip_special_tokens"] = json!(skip);
+        body["stream"] = json!(true);
+        let text: String = s
+            .stream("/v1/completions", &body)
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap(), "streamed, skip_special_tokens={skip}");
+    }
+    let (status, v) = s.post("/v1/completions", &json!({"prompt": "Hi", "skip_special_tokens": 1}));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "skip_special_tokens");
+    assert_eq!(s.terminate(), Some(0));
+}
+
+/// A client that leaves a non-streamed request before its answer frees the sequence too (the
+/// handler is dropped with the connection, which drops the engine's event channel).
+#[test]
+fn non_streamed_request_is_cancelled_when_its_client_leaves() {
+    use std::io::Write;
+    let s = Server::start(checkpoint(), &["--max-concurrency", "2"]);
+    let addr = s.url.strip_prefix("http://").unwrap().to_owned();
+    let body = json!({"prompt": "Hi", "max_tokens": 4000, "ignore_eos": true}).to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while s.metric("zmlx_active_sequences") < 1.0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(conn);
+    while s.metric("zmlx_active_sequences") != 0.0 || s.metric("zmlx_requests_in_flight") != 0.0 {
+        assert!(Instant::now() < deadline, "the abandoned non-streamed sequence was never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.metric("zmlx_cancelled_sequences_total"), 1.0);
+    assert!(s.metric("zmlx_generated_tokens_total") < 4000.0, "the abandoned sequence ran to its end");
+    // The server still answers.
+    let (status, v) = s.post("/v1/completions", &completion("Hi", 2));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(s.terminate(), Some(0));
 }

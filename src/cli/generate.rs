@@ -179,6 +179,9 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         }
         Ok(())
     })?;
+    if !a.json {
+        write!(out, "{}", stream.finish()?)?;
+    }
     if a.json {
         let v = serde_json::json!({
             "model": a.model, "family": model.family().model_type(), "backend": backend.name(),

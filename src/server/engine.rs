@@ -20,6 +20,8 @@ use crate::tokenizer::{TextStream, TextTokenizer};
 pub struct Job {
     pub request: SequenceRequest,
     pub stop: Vec<String>,
+    /// Leave special tokens out of the text (false: write them, as mlx-lm does).
+    pub skip_special_tokens: bool,
     pub events: UnboundedSender<Event>,
 }
 
@@ -66,7 +68,8 @@ struct Live<'t> {
 }
 
 impl Live<'_> {
-    /// Takes one token: returns true when a stop string ended the sequence (its `Done` is sent).
+    /// Takes one token: returns true when a stop string ended the sequence (its text is sent; the
+    /// caller sends `Done` once the sequence is accounted for).
     fn push(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Result<bool> {
         self.completion_tokens += 1;
         self.tokens.push(token);
@@ -76,7 +79,6 @@ impl Live<'_> {
         }
         if let Some(at) = self.find_stop() {
             self.send_delta(at);
-            self.done("stop");
             return Ok(true);
         }
         // Hold back a tail that could still grow into a stop string, so the client never sees
@@ -125,8 +127,17 @@ impl Live<'_> {
         });
     }
 
-    /// The sequence ended on its own (EOS or length): everything held back goes out.
+    /// The sequence ended on its own (EOS or length): everything held back goes out, incl. the
+    /// detokenizer's pending bytes (a stop string in them still cuts the text).
     fn finish(&mut self, reason: FinishReason) {
+        if let Ok(tail) = self.detok.finish() {
+            self.text.push_str(&tail);
+        }
+        if let Some(at) = self.find_stop() {
+            self.send_delta(at);
+            self.done("stop");
+            return;
+        }
         if self.sent < self.text.len() || !self.tokens.is_empty() {
             self.send_delta(self.text.len());
         }
@@ -185,8 +196,8 @@ pub fn run(model: &Model, tok: &TextTokenizer, opts: BatchOptions, commands: Rec
                 let msg = format!("{e:#}");
                 eprintln!("[zmlx] serve: engine step failed: {msg}");
                 for (_, l) in live.drain() {
-                    let _ = l.events.send(Event::Failed(msg.clone()));
                     metrics.sequence_ended(None);
+                    let _ = l.events.send(Event::Failed(msg.clone()));
                 }
                 match BatchEngine::new(model, opts) {
                     Ok(e) => engine = e,
@@ -217,7 +228,7 @@ fn submit<'t>(
                 id,
                 Live {
                     events: job.events,
-                    detok: tok.stream(),
+                    detok: tok.stream_with(job.skip_special_tokens),
                     stop: job.stop,
                     text: String::new(),
                     sent: 0,
@@ -229,8 +240,8 @@ fn submit<'t>(
             );
         }
         Err(e) => {
-            let _ = job.events.send(Event::Rejected(format!("{e:#}")));
             metrics.sequence_ended(None);
+            let _ = job.events.send(Event::Rejected(format!("{e:#}")));
         }
     }
 }
@@ -246,33 +257,39 @@ fn route(
         logprobs.entry(id).or_default().push_back(lp);
     }
     metrics.tokens_generated.fetch_add(out.tokens.len() as u64, Ordering::Relaxed);
+    // (sequence, None: a stop string ended it; Some(error): the detokenizer failed).
     let mut stopped = vec![];
     for (id, token) in out.tokens {
         let Some(l) = live.get_mut(&id) else { continue };
         let lp = logprobs.get_mut(&id).and_then(|q| q.pop_front());
         match l.push(token, lp) {
             Ok(false) => {}
-            Ok(true) => stopped.push(id),
-            Err(e) => {
-                let _ = l.events.send(Event::Failed(format!("{e:#}")));
-                stopped.push(id);
-            }
+            Ok(true) => stopped.push((id, None)),
+            Err(e) => stopped.push((id, Some(format!("{e:#}")))),
         }
     }
     let mut finished: HashMap<SeqId, SequenceStats> = out.finished.into_iter().collect();
-    for id in stopped {
+    // Each request is accounted as ended before its client hears `Done`, so a client that sends
+    // its next request on the answer never finds its old one still counted against capacity.
+    for (id, error) in stopped {
         // A stop string (or a detokenizer error) ended it: the engine runs it until cancelled
         // (unless it also ended on its own this step).
-        if live.remove(&id).is_some() {
+        if let Some(mut l) = live.remove(&id) {
             let stats = engine.cancel(id).or_else(|| finished.remove(&id));
             metrics.sequence_ended(stats.as_ref());
+            match error {
+                None => l.done("stop"),
+                Some(msg) => {
+                    let _ = l.events.send(Event::Failed(msg));
+                }
+            }
         }
         finished.remove(&id);
     }
     for (id, stats) in finished {
         if let Some(mut l) = live.remove(&id) {
-            l.finish(stats.finish_reason);
             metrics.sequence_ended(Some(&stats));
+            l.finish(stats.finish_reason);
         }
     }
 }

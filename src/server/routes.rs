@@ -299,6 +299,7 @@ async fn run_generation(st: Arc<AppState>, req: GenerationRequest, prompt: Vec<u
             logprobs: p.logprobs,
         },
         stop: p.stop.clone(),
+        skip_special_tokens: p.skip_special_tokens,
         events: tx,
     };
     if st.commands.send(Command::Submit(job)).is_err() {

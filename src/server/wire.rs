@@ -93,6 +93,8 @@ pub struct GenerationParams {
     pub return_token_ids: bool,
     /// Extension (vLLM's name): keep generating through EOS.
     pub ignore_eos: bool,
+    /// Extension (vLLM's name, default true): leave special tokens out of the text.
+    pub skip_special_tokens: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -386,6 +388,7 @@ fn parse_params(
         logprobs,
         return_token_ids: opt_bool(obj, "return_token_ids")?.unwrap_or(false),
         ignore_eos: opt_bool(obj, "ignore_eos")?.unwrap_or(false),
+        skip_special_tokens: opt_bool(obj, "skip_special_tokens")?.unwrap_or(true),
     })
 }
 
