@@ -232,29 +232,84 @@ impl Linear {
     }
 }
 
-/// `quantized_matmul(x, W, transpose=true)` as QuantizedLinear runs it.
+/// `quantized_matmul(x, W, transpose=true)` as QuantizedLinear runs it (on CUDA: see
+/// [`cuda_qmm_route`]).
 pub fn quantized_matmul(x: &Array, q: &QWeight) -> Result<Array> {
-    qmm_race_free(x, |x| Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.q.group_size, q.q.bits)?))
+    quantized_matmul_t(x, q, true)
 }
 
-/// Runs a quantized matmul `f` on `x`. With `ZMLX_CUDA_QMM_F32=1` on the CUDA backend, a
-/// half-precision input of 8 or more rows goes in as float32 and the result comes back in the
-/// input's dtype: MLX 0.32.2's `qmm_sm80_kernel`, which those calls run, has a shared-memory race
-/// (a late `cp.async` can overwrite part of its output tile; HANDOFF.md, issue #15), and with a
-/// float32 input MLX takes its naive kernel instead. Not bit-identical to the sm80 kernel's
-/// result (weights dequantized in f32, not bf16) and slower (H200, full-size Qwen3 shape: prompt
-/// 115–139 vs ~430 tok/s); it removes the race's wrong values but not all run-to-run drift (3
-/// processes × 512 tokens still diverged at token 37–44), so it is a diagnostic, off by default.
-pub fn qmm_race_free(x: &Array, f: impl Fn(&Array) -> Result<Array>) -> Result<Array> {
-    // The backend first: on the CPU (every decode step) nothing else is looked at.
-    if crate::mlx_env::backend() == crate::mlx_env::Backend::Cuda
-        && matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16)
-        && x.size() / (x.dim(-1).max(1) as usize) >= 8
-        && crate::settings::switch_var("ZMLX_CUDA_QMM_F32", false)
-    {
-        return Ok(f(&x.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?);
+/// `quantized_matmul(x, W, transpose)` through [`cuda_qmm_route`].
+fn quantized_matmul_t(x: &Array, q: &QWeight, transpose: bool) -> Result<Array> {
+    quantized_matmul_routed(x, q, transpose, cuda_qmm_route(x, out_rows(x, &q.weight)))
+}
+
+/// `quantized_matmul(x, W, transpose)` on a given route.
+fn quantized_matmul_routed(x: &Array, q: &QWeight, transpose: bool, route: CudaQmm) -> Result<Array> {
+    let stock = |x: &Array| -> Result<Array> {
+        Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?)
+    };
+    match route {
+        CudaQmm::Mlx => stock(x),
+        CudaQmm::F32 => Ok(stock(&x.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?),
+        CudaQmm::Deterministic => {
+            let w = dequantized(q, x.dtype())?;
+            Ok(if transpose { x.matmul(w.swap_axes(-1, -2)?)? } else { x.matmul(&w)? })
+        }
     }
-    f(x)
+}
+
+/// How the stock path runs a quantized matmul (`ZMLX_CUDA_QMM`). Only half-precision inputs of 8+
+/// output rows on the CUDA backend are affected: there MLX 0.32.2 runs `qmm_sm80_kernel` (or its
+/// naive kernel), and `qmm_sm80_kernel` has a shared-memory race (a late `cp.async` of the last K
+/// tile lands in the epilogue's output tile; HANDOFF.md Known bugs, issue #15) that made greedy
+/// output differ between processes. Fewer rows run MLX's qmv (deterministic) on every route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaQmm {
+    /// MLX's quantized kernels as mlx-lm calls them (also every call off CUDA / in f32).
+    Mlx,
+    /// Default on CUDA: dense and per-head weights are dequantized and multiplied by MLX's matmul
+    /// (cuBLAS, deterministic); gathered experts of at most 7 tokens are split into calls of < 8
+    /// rows (MLX's gather_qmv), more tokens dequantize the expert stack and run MLX's gather_mm
+    /// (CUTLASS grouped GEMM). Not the stock kernels' rounding order (same bf16 weights, products
+    /// summed in another order); prefill is typically faster (tensor-core GEMMs).
+    Deterministic,
+    /// Diagnostic: the input goes in as float32, so MLX runs its naive kernel; ~3× slower prefill.
+    F32,
+}
+
+/// The route of one quantized matmul whose result has `rows` rows (MLX's `M × batch`).
+pub fn cuda_qmm_route(x: &Array, rows: usize) -> CudaQmm {
+    // The backend first: on the CPU (every decode step) nothing else is looked at.
+    if crate::mlx_env::backend() != crate::mlx_env::Backend::Cuda
+        || !matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16)
+        || rows < 8
+    {
+        return CudaQmm::Mlx;
+    }
+    static ROUTE: std::sync::OnceLock<CudaQmm> = std::sync::OnceLock::new();
+    *ROUTE.get_or_init(|| match crate::settings::var("ZMLX_CUDA_QMM").as_deref().map(str::trim) {
+        Some("mlx") => CudaQmm::Mlx,
+        Some("f32") => CudaQmm::F32,
+        // Checked at start (settings::KNOWN): anything else is `deterministic`.
+        _ => CudaQmm::Deterministic,
+    })
+}
+
+/// Rows of `x @ W` as MLX counts them: every row of `x`, times the weight's batch when `x`
+/// broadcasts over it (per-head weights `[H, out, in]` with `x` `[.., 1, L, in]`).
+fn out_rows(x: &Array, w: &Array) -> usize {
+    let rows = x.size() / (x.dim(-1).max(1) as usize);
+    if w.ndim() >= 3 && x.ndim() >= 3 && x.dim(-3) == 1 {
+        rows * w.dim(-3).max(1) as usize
+    } else {
+        rows
+    }
+}
+
+/// The weight as `dtype` floats (dequantize returns the scales' dtype, which may be stored
+/// narrower; widening is exact).
+fn dequantized(q: &QWeight, dtype: Dtype) -> Result<Array> {
+    Ok(ops::dequantize(&q.weight, &q.scales, &q.biases, q.q.group_size, q.q.bits)?.as_dtype(dtype)?)
 }
 
 /// nn.Embedding / nn.QuantizedEmbedding (a tied output head is a `Linear` over its weight).
@@ -309,23 +364,142 @@ impl SwitchLinear {
 
     /// `x` `[.., 1, in]` gathered per index in `idx` → `[.., k, 1, out]`.
     pub fn forward(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
-        Ok(match &self.weight {
-            Weight::Float(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, sorted)?,
-            Weight::Quant(q) => qmm_race_free(x, |x| {
-                Ok(ops::gather_qmm(
-                    x,
-                    &q.weight,
-                    &q.scales,
-                    &q.biases,
-                    None,
-                    idx,
-                    true,
-                    q.q.group_size,
-                    q.q.bits,
-                    sorted,
-                )?)
-            })?,
-        })
+        self.forward_routed(x, idx, sorted, cuda_qmm_route(x, idx.size()))
+    }
+
+    /// [`forward`](Self::forward) on a given [`CudaQmm`] route (any backend: tests run the
+    /// CUDA routes on the CPU).
+    pub fn forward_routed(&self, x: &Array, idx: &Array, sorted: bool, route: CudaQmm) -> Result<Array> {
+        let q = match &self.weight {
+            Weight::Float(w) => return Ok(ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, sorted)?),
+            Weight::Quant(q) => q,
+        };
+        let stock = |x: &Array, idx: &Array| -> Result<Array> {
+            Ok(ops::gather_qmm(x, &q.weight, &q.scales, &q.biases, None, idx, true, q.q.group_size, q.q.bits, sorted)?)
+        };
+        match route {
+            CudaQmm::Mlx => stock(x, idx),
+            CudaQmm::F32 => Ok(stock(&x.as_dtype(Dtype::Float32)?, idx)?.as_dtype(x.dtype())?),
+            CudaQmm::Deterministic => match qmv_chunks(idx) {
+                Some(width) => gather_in_chunks(x, idx, width, stock),
+                None => {
+                    let w = dequantized(q, x.dtype())?;
+                    Ok(ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, sorted)?)
+                }
+            },
+        }
+    }
+}
+
+/// Most chunks a gathered call is split into before the expert stack is dequantized instead.
+const MAX_QMV_CHUNKS: usize = 4;
+
+/// The width of chunks of `idx`'s last axis that keep each gathered call under MLX's 8-row qmm
+/// threshold (so it runs gather_qmv), if at most [`MAX_QMV_CHUNKS`] are needed; balanced widths
+/// (top-8 of one token: 4 + 4).
+pub fn qmv_chunks(idx: &Array) -> Option<usize> {
+    let k = idx.dim(-1).max(1) as usize;
+    let lead = idx.size() / k;
+    let widest = 7usize.checked_div(lead).filter(|&w| w > 0)?;
+    let chunks = k.div_ceil(widest);
+    (chunks <= MAX_QMV_CHUNKS).then(|| k.div_ceil(chunks))
+}
+
+/// `call(x, idx)` over chunks of `width` along `idx`'s last axis (and `x`'s slot axis −3 when it
+/// has one row per slot), concatenated back along the slot axis of the result `[.., k, 1, out]`.
+/// The chunks are views (split), so no index array is built per call.
+fn gather_in_chunks(
+    x: &Array,
+    idx: &Array,
+    width: usize,
+    call: impl Fn(&Array, &Array) -> Result<Array>,
+) -> Result<Array> {
+    let k = idx.dim(-1);
+    let cuts: Vec<i32> = (width as i32..k).step_by(width).collect();
+    let idx_parts = idx.split_at_indices(&cuts, -1)?;
+    let x_parts = if x.ndim() >= 3 && x.dim(-3) == k && k > 1 {
+        x.split_at_indices(&cuts, -3)?
+    } else {
+        vec![x.clone(); idx_parts.len()]
+    };
+    let parts = x_parts.iter().zip(&idx_parts).map(|(x, i)| call(x, i)).collect::<Result<Vec<_>>>()?;
+    Ok(ops::concatenate(&parts, -3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::ops::indexing::IndexOp;
+
+    fn quantized_experts(e: i32, out: i32, inp: i32) -> SwitchLinear {
+        let w = mlx_rs::random::normal::<f32>(&[e, out, inp], None, None, None).unwrap();
+        let (weight, scales, biases) = ops::quantize(&w, 64, 4).unwrap();
+        SwitchLinear {
+            weight: Weight::Quant(QWeight { weight, scales, biases, q: QuantParams { group_size: 64, bits: 4 } }),
+        }
+    }
+
+    #[test]
+    fn qmv_chunks_keep_each_call_under_eight_rows() {
+        let idx = |shape: &[i32]| Array::zeros::<u32>(shape).unwrap();
+        assert_eq!(qmv_chunks(&idx(&[1, 1, 8])), Some(4)); // decode top-8: 4 + 4
+        assert_eq!(qmv_chunks(&idx(&[1, 1, 4])), Some(4)); // < 8 already: one call
+        assert_eq!(qmv_chunks(&idx(&[2, 1, 8])), Some(3)); // two tokens: 3 + 3 + 2 (6 rows per call)
+        assert_eq!(qmv_chunks(&idx(&[1, 3, 8])), Some(2)); // three tokens: 4 chunks of 2 (6 rows)
+        assert_eq!(qmv_chunks(&idx(&[1, 4, 8])), None); // 4 tokens would need 8 chunks
+        assert_eq!(qmv_chunks(&idx(&[8, 1, 1])), None); // 8 tokens of top-1
+        assert_eq!(qmv_chunks(&idx(&[512])), None); // mlx-lm's sorted prefill form
+    }
+
+    /// The CUDA `deterministic` route on the CPU: chunked calls are the stock call's rows
+    /// (bitwise: each row is the same qmv); the dequantized stack + gather_mm is the same product
+    /// in another summation order (close, not bitwise), for broadcast gate/up inputs, per-slot down
+    /// inputs and the sorted prefill form.
+    #[test]
+    fn deterministic_route_matches_the_stock_gather() {
+        let experts = quantized_experts(6, 32, 128);
+        let x = mlx_rs::random::normal::<f32>(&[3, 1, 1, 1, 128], None, None, None).unwrap();
+        let per_slot = mlx_rs::random::normal::<f32>(&[1, 1, 8, 1, 128], None, None, None).unwrap();
+        let idx8 = Array::from_slice(&[5u32, 0, 3, 3, 1, 2, 4, 0], &[1, 1, 8]);
+        let idx_3x2 = Array::from_slice(&[1u32, 4, 0, 5, 2, 2], &[3, 1, 2]);
+        // mlx-lm's sorted form (from 64 pairs on): flat, sorted indices, one x row per pair
+        let sorted: Vec<u32> = (0..64u32).map(|i| i * 6 / 64).collect();
+        let sorted_idx = Array::from_slice(&sorted, &[64]);
+        let sorted_x = mlx_rs::random::normal::<f32>(&[64, 1, 128], None, None, None).unwrap();
+        let short_idx = Array::from_slice(&sorted[..10], &[10]);
+        for (x, idx, sorted, chunked) in [
+            (x.index((0..1, .., .., .., ..)), &idx8, false, true),
+            (per_slot.clone(), &idx8, false, true),
+            (x.clone(), &idx_3x2, false, true),
+            (sorted_x.clone(), &sorted_idx, true, false),
+            (sorted_x.index((0..10, .., ..)), &short_idx, true, true), // 5 + 5 rows
+        ] {
+            let stock = experts.forward_routed(&x, idx, sorted, CudaQmm::Mlx).unwrap();
+            let det = experts.forward_routed(&x, idx, sorted, CudaQmm::Deterministic).unwrap();
+            assert_eq!(det.shape(), stock.shape());
+            assert_eq!(qmv_chunks(idx).is_some(), chunked);
+            if chunked {
+                assert!(det.eq_values(&stock).unwrap(), "chunked rows differ, idx {:?}", idx.shape());
+            } else {
+                assert!(det.all_close(&stock, 1e-4, 1e-4, None).unwrap(), "dequantized route differs");
+            }
+        }
+    }
+
+    #[test]
+    fn deterministic_route_of_dense_and_per_head_weights() {
+        let w = mlx_rs::random::normal::<f32>(&[3, 64, 128], None, None, None).unwrap();
+        let (weight, scales, biases) = ops::quantize(&w, 64, 4).unwrap();
+        let q = QWeight { weight, scales, biases, q: QuantParams { group_size: 64, bits: 4 } };
+        let x = mlx_rs::random::normal::<f32>(&[1, 3, 9, 128], None, None, None).unwrap();
+        let xt = mlx_rs::random::normal::<f32>(&[1, 3, 9, 64], None, None, None).unwrap();
+        for (x, transpose) in [(&x, true), (&xt, false)] {
+            let stock = quantized_matmul_routed(x, &q, transpose, CudaQmm::Mlx).unwrap();
+            let det = quantized_matmul_routed(x, &q, transpose, CudaQmm::Deterministic).unwrap();
+            assert!(det.all_close(&stock, 1e-4, 1e-4, None).unwrap(), "transpose {transpose}");
+        }
+        assert_eq!(out_rows(&x, &q.weight), 27);
+        assert_eq!(out_rows(&x.index((.., 0..1, 0..1, ..)), &q.weight), 3); // [1, 1, 1, in] over 3 heads
     }
 }
 
@@ -446,6 +620,10 @@ impl MultiLinear {
     }
 
     /// `transpose = true`: `x @ W^T` (x `[.., in]` → `[.., out]`); false: `x @ W` (x `[.., out]` → `[.., in]`).
+    /// On CUDA the quantized form follows [`cuda_qmm_route`]: the MLA core's per-head
+    /// `embed_q`/`unembed_out` run `qmm_sm80_kernel` at prefill and with many heads at decode,
+    /// and its race made the MLA families' greedy output differ between processes even with
+    /// every other quantized matmul on zmlx's bodies (racecheck, H200 2026-12-01).
     pub fn forward(&self, x: &Array, transpose: bool) -> Result<Array> {
         Ok(match &self.weight {
             Weight::Float(w) => {
@@ -455,34 +633,7 @@ impl MultiLinear {
                     x.matmul(w)?
                 }
             }
-            Weight::Quant(q) if dequantize_before_matmul(x) => {
-                let w =
-                    ops::dequantize(&q.weight, &q.scales, &q.biases, q.q.group_size, q.q.bits)?.as_dtype(x.dtype())?;
-                if transpose {
-                    x.matmul(w.swap_axes(-1, -2)?)?
-                } else {
-                    x.matmul(&w)?
-                }
-            }
-            Weight::Quant(q) => qmm_race_free(x, |x| {
-                Ok(ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, transpose, q.q.group_size, q.q.bits)?)
-            })?,
+            Weight::Quant(q) => quantized_matmul_t(x, q, transpose)?,
         })
     }
-}
-
-/// Whether a per-head quantized matmul runs as `dequantize` + matmul instead of MLX's
-/// `quantized_matmul`: on CUDA in half precision with 8 or more rows per head (the MLA prefill's
-/// `embed_q(kv_latent, transpose=false)` and `unembed_out(kv_latent)`), MLX 0.32.2 runs its
-/// `qmm_sm80_kernel`, whose shared-memory race (HANDOFF.md Known bugs) made greedy output of the
-/// MLA families differ between processes even with every other quantized matmul on zmlx's
-/// bodies (compute-sanitizer racecheck, H200 2026-12-01). The per-head weights are small (GLM-4.7-
-/// Flash: ~4 MB per layer dequantized), and MLX's bf16 matmul (cuBLAS) is deterministic; not
-/// the stock op chain's rounding (the products see the same bf16 weights, summed in another
-/// order). Decode (one row per head: MLX's deterministic qmv) and the CPU keep quantized_matmul.
-fn dequantize_before_matmul(x: &Array) -> bool {
-    crate::mlx_env::backend() == crate::mlx_env::Backend::Cuda
-        && matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16)
-        && x.ndim() >= 2
-        && x.dim(-2) >= 8
 }

@@ -34,6 +34,10 @@ fn combine_mode(v: &str) -> bool {
     matches!(v.trim(), "" | "auto" | "act" | "f32" | "f32_no_fma")
 }
 
+fn cuda_qmm(v: &str) -> bool {
+    matches!(v.trim(), "deterministic" | "mlx" | "f32")
+}
+
 fn any_path(v: &str) -> bool {
     !v.trim().is_empty()
 }
@@ -60,7 +64,7 @@ const KNOWN: &[Known] = &[
     Known { name: "ZMLX_COMBINE_MODE", accepts: "auto, act, f32 or f32_no_fma", check: combine_mode },
     Known { name: "ZMLX_DUMP_DIR", accepts: "a directory path", check: any_path },
     Known { name: "ZMLX_DECODE_PIPELINE", accepts: "0 or 1", check: switch },
-    Known { name: "ZMLX_CUDA_QMM_F32", accepts: "0 or 1", check: switch },
+    Known { name: "ZMLX_CUDA_QMM", accepts: "deterministic, mlx or f32", check: cuda_qmm },
     // Read by the test suite and scripts, not by the library; listed so they are not "unknown".
     Known { name: "ZMLX_ORACLE_PYTHON", accepts: "a Python interpreter path", check: any_path },
     Known {

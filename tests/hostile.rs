@@ -126,7 +126,7 @@ fn bad_environment_is_named_never_a_panic() {
         ("ZMLX_GPU_EXPERIMENTAL", "2"),
         ("ZMLX_DEBUG_FALLBACK", "sure"),
         ("ZMLX_DECODE_PIPELINE", "off-ish"),
-        ("ZMLX_CUDA_QMM_F32", "2"),
+        ("ZMLX_CUDA_QMM", "fast"),
         ("ZMLX_SWIGLU_MLP", "maybe"),
         ("ZMLX_COMBINE_MODE", "fastest"),
     ] {

@@ -8,14 +8,16 @@
 #                           issue15.sh prompt; token ids, tok/s, pattern calls -> $OUT/model.jsonl;
 #                           then a summary (run-to-run identity per configuration, first divergence
 #                           of each configuration's run 0 against unpatched zmlx's run 0)
-# Configurations: zmlx none; zmlx "$PAT" with ZMLX_GPU_EXPERIMENTAL=1; both again with
-# ZMLX_CUDA_QMM_F32=1 (prefill off MLX's racy qmm_sm80 kernel); mlx-lm.
+# Configurations: zmlx none (stock, ZMLX_CUDA_QMM's default `deterministic` route); zmlx "$PAT"
+# with ZMLX_GPU_EXPERIMENTAL=1; both again with ZMLX_CUDA_QMM=f32 (MLX's naive kernel); mlx-lm.
+# none_mlx: stock on MLX's own quantized kernels (ZMLX_CUDA_QMM=mlx, as mlx-lm; qmm_sm80 races).
 # Also by name in CONFIGS: sd (swiglu_mlp downproj_combine alone), router (moe_mlp alone), all
 # ($PAT + qmv_linear: every quantized matmul on zmlx's kernels, prefill grouped by expert).
 #   decode_moe.sh sanitize  compute-sanitizer (racecheck, initcheck, memcheck) over `zmlx generate` with
 #                           every zmlx CUDA body (all) on a small 4-bit qwen3_moe, prompt > 8 tokens
 #                           (grouped prefill) + decode -> $OUT/sanitize-TOOL.log (a race or an
-#                           uninitialised read in our kernels would be run-to-run drift)
+#                           uninitialised read in our kernels would be run-to-run drift);
+#                           SAN_PAT=none sanitizes the stock path
 #   decode_moe.sh prefill   the prefill forms alone (prefill_moe_kernels.py) -> $OUT/prefill.jsonl
 # env: PROCS (3), GEN (256), PAT (swiglu_mlp downproj_combine moe_mlp), CONFIGS (the five above)
 set -u
@@ -47,7 +49,7 @@ sanitize)
   for tool in ${SAN_TOOLS:-racecheck initcheck memcheck}; do
     ZMLX_GPU_EXPERIMENTAL=1 timeout ${SAN_TIMEOUT:-150} $CS --tool $tool --print-limit 20 \
       zmlx generate --model $m --prompt "one two three four five six seven eight nine ten eleven twelve" \
-      --max-tokens 4 --ignore-eos --patterns $PAT qmv_linear > "$OUT/sanitize-$tool.log" 2>&1
+      --max-tokens 4 --ignore-eos --patterns ${SAN_PAT:-$PAT qmv_linear} > "$OUT/sanitize-$tool.log" 2>&1
     log "sanitize $tool rc=$? $(grep -cE 'Error|Hazard|Uninitialized' "$OUT/sanitize-$tool.log") error lines"
     grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Uninitialized|Invalid' "$OUT/sanitize-$tool.log" | sort | uniq -c | head -8
   done
@@ -76,21 +78,22 @@ model)
     for c in ${CONFIGS:-none patched none_f32 patched_f32 mlx_lm}; do
       case $c in
       none) zrun none X=1 -- none ;;
+      none_mlx) zrun none_mlx ZMLX_CUDA_QMM=mlx -- none ;;
       patched) zrun patched ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
       sd) zrun sd ZMLX_GPU_EXPERIMENTAL=1 -- swiglu_mlp downproj_combine ;;  # the expert kernels alone
       router) zrun router X=1 -- moe_mlp ;;
       all) zrun all ZMLX_GPU_EXPERIMENTAL=1 -- $PAT qmv_linear ;;
       # every quantized matmul zmlx leaves to MLX (MLA's embed_q/unembed_out) on MLX's naive
       # f32 kernel instead of the racy qmm_sm80
-      all_f32) zrun all_f32 ZMLX_GPU_EXPERIMENTAL=1 ZMLX_CUDA_QMM_F32=1 -- $PAT qmv_linear ;;
+      all_f32) zrun all_f32 ZMLX_GPU_EXPERIMENTAL=1 ZMLX_CUDA_QMM=f32 -- $PAT qmv_linear ;;
       # which MLX setting the remaining run-to-run drift of `all` depends on
       all_nosdpa) zrun all_nosdpa ZMLX_GPU_EXPERIMENTAL=1 MLX_CUDA_USE_CUDNN_SDPA=0 -- $PAT qmv_linear ;;
       all_nographs) zrun all_nographs ZMLX_GPU_EXPERIMENTAL=1 MLX_USE_CUDA_GRAPHS=0 -- $PAT qmv_linear ;;
       all_nopipe) zrun all_nopipe ZMLX_GPU_EXPERIMENTAL=1 ZMLX_DECODE_PIPELINE=0 -- $PAT qmv_linear ;;
       none_nosdpa) zrun none_nosdpa MLX_CUDA_USE_CUDNN_SDPA=0 -- none ;;
-      none_f32_nosdpa) zrun none_f32_nosdpa ZMLX_CUDA_QMM_F32=1 MLX_CUDA_USE_CUDNN_SDPA=0 -- none ;;
-      none_f32) zrun none_f32 ZMLX_CUDA_QMM_F32=1 -- none ;;
-      patched_f32) zrun patched_f32 ZMLX_CUDA_QMM_F32=1 ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
+      none_f32_nosdpa) zrun none_f32_nosdpa ZMLX_CUDA_QMM=f32 MLX_CUDA_USE_CUDNN_SDPA=0 -- none ;;
+      none_f32) zrun none_f32 ZMLX_CUDA_QMM=f32 -- none ;;
+      patched_f32) zrun patched_f32 ZMLX_CUDA_QMM=f32 ZMLX_GPU_EXPERIMENTAL=1 -- $PAT ;;
       mlx_lm | mlx_lm_nosdpa)
         [ $c = mlx_lm ] && sd=1 || sd=0
         MLX_CUDA_USE_CUDNN_SDPA=$sd python3 benchmarks/mlx_lm_bench.py --model "$d" --prompt-ids "$ids" --max-tokens "${GEN:-256}" --warmup 1 \
