@@ -19,6 +19,7 @@ pub mod model;
 pub mod models;
 pub mod moe;
 pub mod nn;
+pub mod offload;
 #[path = "../patterns/mod.rs"]
 pub mod patterns;
 pub mod profile;

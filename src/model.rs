@@ -65,6 +65,9 @@ impl HeadSlot for OutputHead {
 }
 
 pub struct Model {
+    /// With expert offloading: the expert pools and their prefetch thread (first, so it is
+    /// dropped — its thread joined — before the layers).
+    pub offload: Option<crate::offload::ExpertCache>,
     pub config: ModelConfig,
     pub embed_tokens: Slot<dyn EmbeddingSlot>,
     pub layers: Vec<DecoderLayer>,
@@ -115,10 +118,31 @@ pub struct LoadInfo {
 impl Model {
     /// Loads a checkpoint directory (HF or mlx-community layout, float or MLX-quantized).
     pub fn load(dir: &Path, dtype: DtypeChoice, backend: Backend) -> Result<(Model, LoadInfo)> {
+        Model::load_with(dir, dtype, backend, None)
+    }
+
+    /// [`load`](Self::load); with `offload`, the routed experts stay in the checkpoint files
+    /// and each MoE layer holds a bounded pool of them (`crate::offload`).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DtypeChoice,
+        backend: Backend,
+        offload: Option<crate::offload::OffloadConfig>,
+    ) -> Result<(Model, LoadInfo)> {
         let start = Instant::now();
         let dir = crate::config::checkpoint_dir(dir)?;
         let config = ModelConfig::load(&dir)?;
-        let mut store = WeightStore::open(&dir)?;
+        if offload.is_some() && backend != Backend::Cpu {
+            anyhow::bail!(
+                "--expert-cache runs on the CPU backend only for now (the pools are host memory); on {backend:?} load \
+                 without it"
+            );
+        }
+        if offload.is_some() && config.num_experts == 0 {
+            anyhow::bail!("--expert-cache: {} has no routed experts (num_experts is 0)", dir.display());
+        }
+        let lazy = |name: &str| offload.is_some() && crate::weights::is_expert_tensor(name);
+        let mut store = WeightStore::open_with(&dir, &lazy)?;
         let stored = stored_float_dtype(&store);
         let quantized = store.names().any(|n| n.ends_with(".scales"));
         models::sanitize(&config, &mut store)?;
@@ -136,19 +160,26 @@ impl Model {
                 dtype_name(dtype)
             );
         }
-        let model = Model::build(config, &mut store, dtype)
+        let model = Model::build(config, &mut store, dtype, offload)
             .with_context(|| format!("loading the checkpoint in {}", dir.display()))?;
         store.finish()?;
         Ok((model, LoadInfo { seconds: start.elapsed().as_secs_f64(), stored_dtype: stored, quantized }))
     }
 
     /// Assembles the model from (sanitized) tensors, evaluating layer by layer behind a progress bar.
-    pub fn build(config: ModelConfig, store: &mut WeightStore, dtype: Dtype) -> Result<Model> {
+    pub fn build(
+        config: ModelConfig,
+        store: &mut WeightStore,
+        dtype: Dtype,
+        offload: Option<crate::offload::OffloadConfig>,
+    ) -> Result<Model> {
         let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64 + 2).with_style(
             indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        let mut ctx = LoadCtx { store, config: &config, dtype, pending: vec![] };
+        let moe_layers = (0..config.num_hidden_layers).filter(|&i| models::is_moe_layer(&config, i)).count();
+        let mut pools = offload.map(|o| crate::offload::PoolBuilder::new(o, moe_layers));
+        let mut ctx = LoadCtx { store, config: &config, dtype, pending: vec![], offload: pools.as_mut() };
         let on_gpu = crate::mlx_env::backend() != Backend::Cpu;
         let flush = |ctx: &mut LoadCtx| -> Result<()> {
             eval(ctx.pending.iter())?;
@@ -185,7 +216,13 @@ impl Model {
         bar.finish_and_clear();
         let embed_tokens = slot(Rc::new(embed_tokens) as Rc<dyn EmbeddingSlot>);
         let norm = slot(Rc::new(norm) as Rc<dyn NormSlot>);
-        Ok(Model { config, embed_tokens, layers, norm, head, dtype })
+        let offload = pools.and_then(crate::offload::PoolBuilder::finish);
+        let mut model = Model { offload: None, config, embed_tokens, layers, norm, head, dtype };
+        if let Some(cache) = offload {
+            cache.attach(&mut model)?;
+            model.offload = Some(cache);
+        }
+        Ok(model)
     }
 
     pub fn family(&self) -> Family {

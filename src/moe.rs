@@ -349,6 +349,8 @@ pub struct MoeBlock {
     pub experts: Slot<dyn ExpertsSlot>,
     pub combine: Slot<dyn CombineSlot>,
     pub shared: Option<Slot<dyn MlpSlot>>,
+    /// With expert offloading: this layer's expert pool (the experts' weights are its slots).
+    pub offload: Option<Rc<crate::offload::LayerCache>>,
 }
 
 impl MoeBlock {
@@ -357,8 +359,10 @@ impl MoeBlock {
         crate::debug_dump::record("router_indices", &r.indices);
         crate::debug_dump::record("router_weights", &r.weights);
         crate::profile::barrier("router", &r.weights)?;
-        let mut out =
-            crate::profile::span("experts+combine", || self.experts.get().forward_combined(x, &r, self.combine.get()))?;
+        let mut out = crate::profile::span("experts+combine", || match &self.offload {
+            Some(pool) => pool.forward(x, &r, self.experts.get(), self.combine.get()),
+            None => self.experts.get().forward_combined(x, &r, self.combine.get()),
+        })?;
         crate::debug_dump::record("moe_routed", &out);
         if let Some(shared) = &self.shared {
             out = out.add(crate::profile::span("shared_expert", || shared.get().forward(x))?)?;

@@ -20,6 +20,8 @@ pub struct LoadCtx<'a> {
     pub dtype: Dtype,
     /// Arrays produced since the last `drain`, so the loader can evaluate layer by layer.
     pub pending: Vec<Array>,
+    /// With expert offloading: the expert pools being built (expert tensors are left in the files).
+    pub offload: Option<&'a mut crate::offload::PoolBuilder>,
 }
 
 /// Affine-quantized weight: packed uint32 `[.., out, in*bits/32]` + scales/biases `[.., out, in/gs]`.
@@ -58,6 +60,9 @@ impl LoadCtx<'_> {
     /// A weight of logical shape `[lead.., out, in]`, float or quantized.
     fn weight(&mut self, path: &str, lead: &[i32], out: i32, inp: i32) -> Result<Weight> {
         let wname = format!("{path}.weight");
+        if self.store.is_lazy(&wname) {
+            return crate::offload::pooled_weight(self, path, lead, out, inp);
+        }
         let has_scales = self.store.contains(&format!("{path}.scales"));
         let Some(declared) = self.config.quant_for(path, has_scales) else {
             if has_scales

@@ -16,11 +16,72 @@ struct Origin {
     file: PathBuf,
 }
 
-/// All tensors of a checkpoint, arrays over the mapped files, keyed by name.
+/// All tensors of a checkpoint, arrays over the mapped files, keyed by name; with expert
+/// offloading, the expert tensors only as where their bytes are ([`LazyTensor`]).
 pub struct WeightStore {
     tensors: BTreeMap<String, Array>,
+    lazy: BTreeMap<String, LazyTensor>,
     origin: HashMap<String, Origin>,
     dir: PathBuf,
+}
+
+/// Bytes of one tensor (or of one expert's slice of it) in a safetensors file.
+#[derive(Clone)]
+pub struct FileBytes {
+    pub file: Arc<File>,
+    pub path: Arc<PathBuf>,
+    /// Absolute offset in the file.
+    pub offset: u64,
+    pub len: usize,
+}
+
+impl FileBytes {
+    /// Reads these bytes into `dst` (`dst.len() == self.len`), naming the file on failure.
+    pub fn read_into(&self, dst: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(dst, self.offset)
+            .with_context(|| format!("cannot read {} bytes at {} of {}", self.len, self.offset, self.path.display()))
+    }
+}
+
+/// A tensor left in its file: a stacked expert tensor `[E, ...]` (one range) or per-expert
+/// tensors stacked by a sanitize step (one range per expert). Never read as a whole.
+#[derive(Clone)]
+pub struct LazyTensor {
+    pub dtype: Dtype,
+    /// Logical shape, the expert axis first when stacked.
+    pub shape: Vec<i32>,
+    parts: Vec<FileBytes>,
+    stacked_from_parts: bool,
+}
+
+impl LazyTensor {
+    /// Experts along the first axis.
+    pub fn experts(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0).max(0) as usize
+    }
+
+    /// The bytes of expert `e` (`shape[1..]`, row-major).
+    pub fn expert(&self, e: usize) -> FileBytes {
+        if self.stacked_from_parts {
+            return self.parts[e].clone();
+        }
+        let whole = &self.parts[0];
+        let per = whole.len / self.experts().max(1);
+        FileBytes { offset: whole.offset + (e * per) as u64, len: per, ..whole.clone() }
+    }
+}
+
+/// Whether a checkpoint tensor holds routed experts (stacked `switch_mlp` or HF per-expert
+/// `experts.N`): what expert offloading leaves in the files.
+pub fn is_expert_tensor(name: &str) -> bool {
+    if name.contains(".switch_mlp.") {
+        return true;
+    }
+    // `.experts.<digits>.` (not `shared_experts`)
+    name.split(".experts.")
+        .skip(1)
+        .any(|rest| rest.split('.').next().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
 
 /// The safetensors files of a checkpoint: the index's files if there is an index, else every
@@ -167,8 +228,10 @@ unsafe extern "C" fn release_mapping(payload: *mut std::ffi::c_void) {
 /// `mlx_lm.convert` output) writes the header unpadded, so there it is usually every tensor —
 /// one copy, as MLX's loader makes, without the mapping's pages staying resident.
 /// Byte order: safetensors is little-endian, as is every target zmlx builds for (x86-64, aarch64).
-fn map_file(path: &Path) -> Result<Vec<(String, Array)>> {
+fn map_file(path: &Path, lazy: &dyn Fn(&str) -> bool) -> Result<Vec<(String, Loaded)>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let shared_file = Arc::new(file.try_clone().with_context(|| format!("cannot open {}", path.display()))?);
+    let shared_path = Arc::new(path.to_path_buf());
     // SAFETY: a private mapping; the file is not ours to change and we never write through it.
     // (Another process truncating the file under us would fault, as with any mmap-based loader.)
     let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
@@ -180,6 +243,16 @@ fn map_file(path: &Path) -> Result<Vec<(String, Array)>> {
     let map = Arc::new(map);
     let mut out = Vec::with_capacity(tensors.len());
     for TensorEntry { name, dtype, size, shape, range: (b, e) } in tensors {
+        if lazy(&name) {
+            let bytes = FileBytes {
+                file: Arc::clone(&shared_file),
+                path: Arc::clone(&shared_path),
+                offset: (start + b) as u64,
+                len: e - b,
+            };
+            out.push((name, Loaded::Lazy(LazyTensor { dtype, shape, parts: vec![bytes], stacked_from_parts: false })));
+            continue;
+        }
         // SAFETY: read_header checked every byte range against the file's length.
         let ptr = unsafe { base.add(start + b) };
         let dim = shape.len() as i32;
@@ -246,37 +319,120 @@ fn map_file(path: &Path) -> Result<Vec<(String, Array)>> {
             bail!("MLX could not read {}: cannot make an array of tensor `{name}`", path.display());
         }
         // SAFETY: a fresh, owned mlx_array.
-        out.push((name, unsafe { Array::from_ptr(raw) }));
+        out.push((name, Loaded::Array(unsafe { Array::from_ptr(raw) })));
     }
     Ok(out)
+}
+
+/// A tensor as [`map_file`] hands it out.
+enum Loaded {
+    Array(Array),
+    Lazy(LazyTensor),
+}
+
+/// A new, uninitialised, row-contiguous MLX CPU array and a pointer to its bytes (for the caller
+/// to fill before anything reads it).
+pub fn cpu_array_alloc(shape: &[i32], dtype: Dtype) -> Result<(Array, *mut u8)> {
+    let mut raw = unsafe { mlx_sys::mlx_array_new() };
+    let mut data = std::ptr::null_mut();
+    // SAFETY: shape outlives the call; MLX writes the new array into `raw`.
+    let rc = unsafe { zmlx_cpu_array_alloc(&mut raw, shape.as_ptr(), shape.len() as i32, dtype.into(), &mut data) };
+    if rc != 0 || data.is_null() || raw.ctx.is_null() {
+        unsafe { mlx_sys::mlx_array_free(raw) };
+        bail!("MLX could not allocate a {dtype:?} array of shape {shape:?}");
+    }
+    // SAFETY: a fresh, owned mlx_array.
+    Ok((unsafe { Array::from_ptr(raw) }, data as *mut u8))
 }
 
 impl WeightStore {
     /// Opens every safetensors file of `dir`, memory-mapped: tensors are arrays over the files'
     /// pages (see [`map_file`]), read only when used.
     pub fn open(dir: &Path) -> Result<WeightStore> {
+        WeightStore::open_with(dir, &|_| false)
+    }
+
+    /// [`open`](Self::open), leaving the tensors `lazy` selects in the files ([`LazyTensor`]).
+    pub fn open_with(dir: &Path, lazy: &dyn Fn(&str) -> bool) -> Result<WeightStore> {
         let mut tensors = BTreeMap::new();
+        let mut lazies = BTreeMap::new();
         let mut origin = HashMap::new();
         for file in checkpoint_files(dir)? {
-            let loaded = map_file(&file)?;
-            for (name, arr) in loaded {
+            let loaded = map_file(&file, lazy)?;
+            for (name, t) in loaded {
                 if let Some(prev) = origin.get(&name) {
                     let prev: &Origin = prev;
                     bail!("tensor `{name}` appears in both {} and {}", prev.file.display(), file.display());
                 }
                 origin.insert(name.clone(), Origin { file: file.clone() });
-                tensors.insert(name, arr);
+                match t {
+                    Loaded::Array(a) => tensors.insert(name, a).map(|_| ()),
+                    Loaded::Lazy(l) => lazies.insert(name, l).map(|_| ()),
+                };
             }
         }
-        Ok(WeightStore { tensors, origin, dir: dir.to_path_buf() })
+        Ok(WeightStore { tensors, lazy: lazies, origin, dir: dir.to_path_buf() })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.lazy.contains_key(name)
     }
 
+    /// Every tensor name, loaded or left in the files.
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
+        self.tensors.keys().chain(self.lazy.keys())
+    }
+
+    pub fn is_lazy(&self, name: &str) -> bool {
+        self.lazy.contains_key(name)
+    }
+
+    /// Removes and returns a tensor left in its file; a missing one is an error naming the checkpoint.
+    pub fn take_lazy(&mut self, name: &str) -> Result<LazyTensor> {
+        self.lazy.remove(name).ok_or_else(|| {
+            anyhow!(
+                "tensor `{name}` is missing from the checkpoint in {} (or was loaded into memory)",
+                self.dir.display()
+            )
+        })
+    }
+
+    /// Per-expert lazy tensors `{prefix}.{e}.{suffix}` (e = 0..E) as one stacked lazy tensor
+    /// `into` (what [`crate::models`]' sanitize does with arrays for HF layouts). False when
+    /// expert 0's tensor is not lazy (then the caller stacks arrays).
+    pub fn stack_lazy(&mut self, prefix: &str, suffix: &str, experts: i32, into: &str) -> Result<bool> {
+        let first = format!("{prefix}.0.{suffix}");
+        if !self.lazy.contains_key(&first) {
+            return Ok(false);
+        }
+        let mut parts = Vec::with_capacity(experts.max(0) as usize);
+        let mut head: Option<(Dtype, Vec<i32>)> = None;
+        for e in 0..experts {
+            let name = format!("{prefix}.{e}.{suffix}");
+            let t = self.lazy.remove(&name).ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor `{name}` is missing: expert 0 has `{first}`, so all {experts} experts (num_experts in config.json) must",
+                    self.file_of(&first)
+                )
+            })?;
+            match &head {
+                None => head = Some((t.dtype, t.shape.clone())),
+                Some((d, sh)) if *d != t.dtype || *sh != t.shape => bail!(
+                    "{}: `{name}` is {:?} {:?} but `{first}` is {d:?} {sh:?}; every expert must have the same shape and dtype",
+                    self.file_of(&name),
+                    t.dtype,
+                    t.shape
+                ),
+                Some(_) => {}
+            }
+            parts.push(t.parts[0].clone());
+        }
+        let (dtype, shape) = head.unwrap_or((Dtype::Float32, vec![]));
+        let shape = std::iter::once(experts).chain(shape).collect();
+        let origin = self.origin.get(&first).cloned().unwrap_or(Origin { file: self.dir.clone() });
+        self.origin.insert(into.to_owned(), origin);
+        self.lazy.insert(into.to_owned(), LazyTensor { dtype, shape, parts, stacked_from_parts: true });
+        Ok(true)
     }
 
     /// Where `name` is stored, for messages.
@@ -286,6 +442,9 @@ impl WeightStore {
 
     /// Removes and returns a tensor; a missing one is an error naming the checkpoint.
     pub fn take(&mut self, name: &str) -> Result<Array> {
+        if self.lazy.contains_key(name) {
+            bail!("tensor `{name}` holds routed experts, which expert offloading leaves in {}", self.file_of(name));
+        }
         self.tensors.remove(name).ok_or_else(|| {
             anyhow!(
                 "tensor `{name}` is missing from the checkpoint in {} (is the file complete and the \
@@ -296,10 +455,11 @@ impl WeightStore {
     }
 
     pub fn peek_dtype(&self, name: &str) -> Option<Dtype> {
-        self.tensors.get(name).map(Array::dtype)
+        self.tensors.get(name).map(Array::dtype).or_else(|| self.lazy.get(name).map(|l| l.dtype))
     }
 
     pub fn take_opt(&mut self, name: &str) -> Option<Array> {
+        self.lazy.remove(name);
         self.tensors.remove(name)
     }
 
@@ -322,14 +482,14 @@ impl WeightStore {
 
     /// After a model took what it needs, anything left is an error (mlx-lm loads strictly).
     pub fn finish(self) -> Result<()> {
-        if self.tensors.is_empty() {
+        if self.tensors.is_empty() && self.lazy.is_empty() {
             return Ok(());
         }
-        let extra: Vec<String> = self.tensors.keys().take(5).map(|k| format!("`{k}` ({})", self.file_of(k))).collect();
+        let extra: Vec<String> = self.names().take(5).map(|k| format!("`{k}` ({})", self.file_of(k))).collect();
         bail!(
             "{} unexpected tensor(s) in the checkpoint, e.g. {}; the config.json does not describe these weights \
              (wrong model_type or num_hidden_layers?)",
-            self.tensors.len(),
+            self.tensors.len() + self.lazy.len(),
             extra.join(", ")
         )
     }

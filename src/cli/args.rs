@@ -35,6 +35,60 @@ impl PatternArgs {
     }
 }
 
+/// `--expert-cache GB | --expert-cache-experts N [--expert-cache-policy lru|lfu]
+/// [--no-expert-prefetch]`: expert offloading (`crate::offload`); no size = every expert loaded.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct OffloadArgs {
+    /// Leave routed experts in the checkpoint files and keep at most this many GB of them in
+    /// memory (all MoE layers together; at least top-k experts per layer). CPU backend.
+    #[arg(long, value_name = "GB", value_parser = parse_cache_gb, conflicts_with = "expert_cache_experts")]
+    pub expert_cache: Option<f64>,
+    /// As --expert-cache, sized in experts per MoE layer (at least the model's top-k).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub expert_cache_experts: Option<usize>,
+    /// Which cached expert a miss replaces: lru (default) or lfu (least often selected so far).
+    #[arg(long, value_enum)]
+    pub expert_cache_policy: Option<crate::offload::Policy>,
+    /// Do not prefetch the next layer's predicted experts on a background thread.
+    #[arg(long)]
+    pub no_expert_prefetch: bool,
+}
+
+impl OffloadArgs {
+    /// The offload configuration, None when no cache size is given; policy/prefetch flags
+    /// without a size are an error (they would do nothing).
+    pub fn config(&self) -> Result<Option<crate::offload::OffloadConfig>> {
+        use crate::offload::{CacheSize, OffloadConfig, Policy};
+        let size = match (self.expert_cache, self.expert_cache_experts) {
+            (Some(gb), _) => CacheSize::Bytes((gb * 1e9) as u64),
+            (None, Some(n)) => CacheSize::Experts(n),
+            (None, None) => {
+                if self.expert_cache_policy.is_some() || self.no_expert_prefetch {
+                    anyhow::bail!(
+                        "--expert-cache-policy / --no-expert-prefetch need a cache size: add --expert-cache GB or \
+                         --expert-cache-experts N"
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        Ok(Some(OffloadConfig {
+            size,
+            policy: self.expert_cache_policy.unwrap_or(Policy::Lru),
+            prefetch: !self.no_expert_prefetch,
+        }))
+    }
+}
+
+/// `--expert-cache`: a finite number of GB > 0.
+fn parse_cache_gb(s: &str) -> Result<f64, String> {
+    let x = finite(s)?;
+    if x <= 0.0 {
+        return Err(format!("{x} GB is not a cache size: give a number of GB > 0 (e.g. 4 or 0.5)"));
+    }
+    Ok(x)
+}
+
 /// A count that must be at least 1 (tokens, runs, steps).
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {

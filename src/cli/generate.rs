@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
 
-use super::args::{at_least_one, parse_batch_size, parse_temp, parse_top_p, parse_warmup, PatternArgs};
+use super::args::{at_least_one, parse_batch_size, parse_temp, parse_top_p, parse_warmup, OffloadArgs, PatternArgs};
 use crate::batch::{generate_batch, BatchOptions, SequenceRequest};
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::generate::{generate, GenerateOptions, SamplerConfig};
@@ -61,6 +61,8 @@ pub struct GenerateArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub patterns: PatternArgs,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 impl GenerateArgs {
@@ -82,6 +84,7 @@ impl GenerateArgs {
             chat: false,
             system: None,
             patterns: PatternArgs::default(),
+            offload: OffloadArgs::default(),
         }
     }
 }
@@ -114,8 +117,9 @@ fn encode_prompt(a: &GenerateArgs, tok: &TextTokenizer, chat: Option<&ChatTempla
 pub fn run(a: &GenerateArgs) -> Result<i32> {
     // The chat template before the (possibly long) model load, so a checkpoint without one fails fast.
     let chat = if a.chat { Some(load_chat_template(&a.model)?) } else { None };
+    let offload = a.offload.config()?;
     let backend = mlx_env::init()?;
-    let (mut model, info) = Model::load(&a.model, a.dtype, backend)?;
+    let (mut model, info) = Model::load_with(&a.model, a.dtype, backend, offload)?;
     let selection = a.patterns.select(model.family())?;
     let report = patterns::patch(&mut model, &selection)?;
     if !a.json {
@@ -170,6 +174,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
     }
     let mut stream = tok.stream();
     let mut out = std::io::stdout();
+    let cache_before = model.offload.as_ref().map(|c| c.stats());
     let (tokens, stats) = generate(&model, &prompt, &opts, |t| {
         if !a.json {
             if let Some(piece) = stream.step(t)? {
@@ -182,6 +187,8 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
     if !a.json {
         write!(out, "{}", stream.finish()?)?;
     }
+    // The timed generation's expert-cache counters (the warm-up's left out).
+    let cache = model.offload.as_ref().zip(cache_before).map(|(c, before)| c.stats().since(&before));
     if a.json {
         let v = serde_json::json!({
             "model": a.model, "family": model.family().model_type(), "backend": backend.name(),
@@ -189,6 +196,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
             "text": tok.decode(&tokens)?, "stats": stats, "load_seconds": info.seconds,
             "peak_rss_bytes": crate::hardware::peak_rss_bytes(),
             "patterns": selection.names, "patch_report": report, "pattern_calls": crate::fallbacks::snapshot(),
+            "expert_cache": cache,
         });
         println!("{v}");
     } else {
@@ -201,6 +209,25 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         );
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
         println!("Peak RSS: {:.3} GB (load {:.2} s)", crate::hardware::peak_rss_bytes() as f64 / 1e9, info.seconds);
+        if let Some(c) = &cache {
+            println!(
+                "Expert cache: {} of {} experts per layer ({:.3} of {:.3} GB), {}{}: hit rate {:.1} % ({} hits, {} misses, \
+                 {} prefetched, {} prefetch hits), {:.3} GB read, {:.3} s waiting",
+                c.slots_per_layer,
+                c.experts_per_layer,
+                c.pool_bytes as f64 / 1e9,
+                c.expert_bytes as f64 / 1e9,
+                c.policy,
+                if c.prefetch { " + prefetch" } else { "" },
+                100.0 * c.hit_rate(),
+                c.hits,
+                c.misses,
+                c.prefetch_loads,
+                c.prefetch_hits,
+                c.bytes_read as f64 / 1e9,
+                c.stall_seconds
+            );
+        }
         for line in crate::fallbacks::summary() {
             println!("Pattern calls: {line}");
         }

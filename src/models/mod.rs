@@ -178,6 +178,11 @@ pub fn sanitize(config: &ModelConfig, store: &mut WeightStore) -> Result<()> {
     family(config.family).sanitize(config, store)
 }
 
+/// Whether decoder layer `i` of this config has a MoE block.
+pub fn is_moe_layer(c: &ModelConfig, i: i32) -> bool {
+    c.family.module().is_moe_layer(c, i)
+}
+
 pub fn load_layer(ctx: &mut LoadCtx, i: i32) -> Result<DecoderLayer> {
     family(ctx.config.family).load_layer(ctx, i)
 }
@@ -205,6 +210,7 @@ fn softmax_moe(ctx: &mut LoadCtx, path: String, kind: RouterKind, width: i32, ca
         experts: slot(Rc::new(experts)),
         combine: slot(Rc::new(WeightedSumCombine { cast_back })),
         shared: None,
+        offload: None,
     })
 }
 
@@ -282,6 +288,10 @@ fn stack_all_experts(c: &ModelConfig, store: &mut WeightStore, x: &HfExperts) ->
 /// Stacks per-expert tensors `{prefix}.{e}.{name}` (e = 0..E) into one `[E, ...]` tensor, as
 /// mlx-lm's sanitize does for Hugging Face checkpoints.
 fn stack_experts(store: &mut WeightStore, prefix: &str, suffix: &str, experts: i32, into: &str) -> Result<()> {
+    // Offloaded experts stay in their files: only where each expert's bytes are is stacked.
+    if store.stack_lazy(prefix, suffix, experts, into)? {
+        return Ok(());
+    }
     let first = format!("{prefix}.0.{suffix}");
     let parts: Vec<Array> = (0..experts)
         .map(|e| {

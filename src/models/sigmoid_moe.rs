@@ -72,5 +72,6 @@ pub fn load_mlp(ctx: &mut LoadCtx, i: i32) -> Result<LayerMlp> {
         experts: slot(Rc::new(experts)),
         combine: slot(Rc::new(WeightedSumCombine { cast_back: true })),
         shared,
+        offload: None,
     }))
 }
