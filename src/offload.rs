@@ -622,6 +622,11 @@ impl PoolBuilder {
     }
 }
 
+/// Elements of one expert of a stacked tensor.
+fn expert_elems(t: &LazyTensor) -> u64 {
+    t.shape[1..].iter().map(|&v| v.max(0) as u64).product()
+}
+
 fn dtype_bytes(d: Dtype) -> u64 {
     match d {
         Dtype::Float32 | Dtype::Uint32 | Dtype::Int32 => 4,
@@ -640,9 +645,9 @@ fn block_of(path: &str) -> &str {
 /// A stacked expert weight `[E, out, in]` left in the files, as a pool of the configured slots
 /// (`LoadCtx::weight` calls this for lazy tensors).
 pub fn pooled_weight(ctx: &mut LoadCtx, path: &str, lead: &[i32], out: i32, inp: i32) -> Result<Weight> {
-    let Some(builder) = ctx.offload.as_deref_mut() else {
+    if ctx.offload.is_none() {
         bail!("`{path}` was left in the checkpoint files but the model is not loading with an expert cache");
-    };
+    }
     let [experts] = lead else {
         bail!("`{path}`: only stacked expert weights can be offloaded (leading shape {lead:?})");
     };
@@ -695,9 +700,20 @@ pub fn pooled_weight(ctx: &mut LoadCtx, path: &str, lead: &[i32], out: i32, inp:
     };
     let mut tensors = Vec::new();
     let mut arrays = Vec::new();
-    let per_expert: u64 =
-        parts.iter().map(|(_, t, d)| (t.shape[1..].iter().map(|&v| v as u64).product::<u64>()) * dtype_bytes(*d)).sum();
-    let slots = builder.slots_for(per_expert, experts, k)?;
+    let per_expert: u64 = parts.iter().map(|(_, t, d)| expert_elems(t) * dtype_bytes(*d)).sum();
+    // Slots are sized from the whole layer's experts (this projection and the ones still in the
+    // store), as pools hold them: float weights in the compute dtype.
+    let block = block_of(path).to_owned();
+    let rest: u64 = ctx
+        .store
+        .lazy_under(&format!("{block}.switch_mlp."))
+        .map(|(name, t)| {
+            let float_weight = name.ends_with(".weight") && t.dtype != Dtype::Uint32;
+            expert_elems(t) * dtype_bytes(if float_weight { ctx.dtype } else { t.dtype })
+        })
+        .sum();
+    let Some(builder) = ctx.offload.as_deref_mut() else { unreachable!("checked above") };
+    let slots = builder.slots_for(per_expert + rest, experts, k)?;
     builder.expert_bytes += per_expert * experts as u64;
     for (name, source, dtype) in parts {
         let widen = match (source.dtype, dtype) {
@@ -721,7 +737,6 @@ pub fn pooled_weight(ctx: &mut LoadCtx, path: &str, lead: &[i32], out: i32, inp:
         tensors.push(PooledTensor { name: format!("{path}.{name}"), source, pool: ptr as usize, slot_bytes, widen });
         arrays.push(array);
     }
-    let block = block_of(path).to_owned();
     let weight = match q {
         Some(q) => Weight::Quant(QWeight {
             weight: arrays[0].clone(),

@@ -383,6 +383,11 @@ impl WeightStore {
         self.tensors.keys().chain(self.lazy.keys())
     }
 
+    /// The lazy tensors whose names start with `prefix`.
+    pub fn lazy_under<'s>(&'s self, prefix: &'s str) -> impl Iterator<Item = (&'s String, &'s LazyTensor)> + 's {
+        self.lazy.range(prefix.to_owned()..).take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
     pub fn is_lazy(&self, name: &str) -> bool {
         self.lazy.contains_key(name)
     }

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use super::args::{parse_bits, parse_family, parse_group_size};
 use crate::config::Family;
 use crate::mlx_env;
-use crate::synth::{read_config, synthesize, Layout, MarginMode, Preset, StoreDtype, SynthOptions};
+use crate::synth::{read_config, synthesize, Layout, MarginMode, Preset, RouteSkew, StoreDtype, SynthOptions};
 
 #[derive(clap::Args)]
 pub struct SynthArgs {
@@ -52,6 +52,17 @@ pub struct SynthArgs {
     /// Leave the chat template out of tokenizer_config.json (a checkpoint without one).
     #[arg(long)]
     pub no_chat_template: bool,
+    /// Router preference for some experts, as trained routers have: `zipf:S` (S in (0, 10], e.g.
+    /// 1.0) selects the expert of rank r (per-layer random ranking) with a share ∝ 1/r^S;
+    /// `none`: random routers' near-uniform choice.
+    #[arg(long, default_value = "none", value_parser = RouteSkew::parse)]
+    pub route_skew: RouteSkew,
+    /// Measure the routing after writing (one forward pass of 1024 tokens: each MoE layer's share
+    /// of the top 10 %/25 % experts and entropy, stored under zmlx_synth.routing); with
+    /// --route-skew, calibrate the skew on that pass first. auto: with --route-skew, when the
+    /// weights total at most 4 GiB.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub measure_routing: MarginMode,
 }
 
 pub fn run(a: &SynthArgs) -> Result<i32> {
@@ -84,6 +95,8 @@ pub fn run(a: &SynthArgs) -> Result<i32> {
         max_shard_bytes: a.max_shard_mb << 20,
         margins: a.margins,
         chat_template: !a.no_chat_template,
+        route_skew: a.route_skew,
+        measure_routing: a.measure_routing,
     };
     let r = synthesize(&o, &a.out)?;
     eprintln!(

@@ -8,8 +8,11 @@
 //! MLX's affine layout (random packed words, scales and biases chosen for the float init's std),
 //! never through a float intermediate. The output head is scaled for clear greedy margins
 //! (`margins.rs`), which are measured after writing and stored in config.json.
+mod calibrate;
 mod gen;
 pub mod margins;
+pub mod routing;
+pub mod skew;
 pub mod tokenizer;
 mod writer;
 
@@ -20,6 +23,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Family, ModelConfig};
 use gen::{FloatKind, Stream};
+pub use skew::RouteSkew;
 use writer::Planned;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +113,10 @@ pub struct SynthOptions {
     pub margins: MarginMode,
     /// Write a ChatML chat template into tokenizer_config.json (`synth::tokenizer::CHAT_TEMPLATE`).
     pub chat_template: bool,
+    /// Expert preference of the routers (`skew.rs`).
+    pub route_skew: RouteSkew,
+    /// Whether to measure (and, with a skew, calibrate) the routing after writing.
+    pub measure_routing: MarginMode,
 }
 
 impl SynthOptions {
@@ -126,6 +134,8 @@ impl SynthOptions {
             max_shard_bytes: 2 << 30,
             margins: MarginMode::Auto,
             chat_template: true,
+            route_skew: RouteSkew::None,
+            measure_routing: MarginMode::Auto,
         }
     }
 }
@@ -287,10 +297,13 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
     if let Some(n) = o.layers {
         meta["layers"] = json!(n);
     }
+    if o.route_skew != RouteSkew::None {
+        meta["route_skew"] = json!(o.route_skew.to_string());
+    }
     obj.insert("zmlx_synth".into(), meta);
 
     let parsed = ModelConfig::from_value(&config, &src)?;
-    let specs = specs(&parsed, o.layout, o.seed);
+    let specs = specs(&parsed, o.layout, o.seed, None);
     let block = match (o.quantize, source_quant) {
         (Some(bits), _) => {
             let mut q = Map::new();
@@ -322,6 +335,11 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
         );
     }
 
+    let skew = o
+        .route_skew
+        .exponent()
+        .map(|s| calibrate::SkewPlan::initial(&parsed, o.seed, s, shared_cols(&parsed), embed_std(&parsed, o.seed)));
+    let specs = if skew.is_some() { self::specs(&parsed, o.layout, o.seed, skew.as_ref()) } else { specs };
     let planned = plan(&parsed, &specs, o);
     let bytes: u64 = planned.iter().map(|t| t.bytes as u64).sum();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -360,6 +378,8 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
 enum Gen {
     /// Keyed by the tensor's own name.
     Own,
+    /// These values (the skewed `e_score_correction_bias`).
+    Given(Vec<f32>),
     /// Experts `first..first+count` of the stacked logical tensor `key` (`…switch_mlp.*.weight`,
     /// `[E, out, in]`): expert e's matrix is keyed (key, e) in both layouts.
     Experts { key: String, first: i32, count: i32 },
@@ -391,6 +411,27 @@ struct Spec {
     /// Stored dtype other than the checkpoint's (e_score_correction_bias stays f32).
     dtype: Option<FloatKind>,
     gen: Gen,
+    /// Constants added to the first input columns (`--route-skew`'s shared direction).
+    shift: Option<Shift>,
+}
+
+/// `rows[i]` (or `rows[0]` for every row) added to the first `cols` entries of each row of a
+/// `[rows, in]` tensor; on a quantized tensor, to the biases of the groups inside those columns
+/// (`cols` is a multiple of the group size), so the dequantized values move by the same amount.
+#[derive(Debug, Clone)]
+struct Shift {
+    cols: usize,
+    rows: Vec<f32>,
+}
+
+impl Shift {
+    fn of_row(&self, row: usize) -> f32 {
+        if self.rows.len() == 1 {
+            self.rows[0]
+        } else {
+            self.rows[row]
+        }
+    }
 }
 
 impl Spec {
@@ -421,8 +462,19 @@ impl Spec {
         match &self.gen {
             Gen::Own => {
                 let mut r = gen::rng(seed, &self.name, 0, Stream::Float);
-                gen::push_normals(&mut out, &mut r, self.numel(), self.mean, self.std, kind)
+                match &self.shift {
+                    None => gen::push_normals(&mut out, &mut r, self.numel(), self.mean, self.std, kind),
+                    Some(sh) => {
+                        let inp = *self.shape.last().unwrap() as usize;
+                        let v = gen::normals(&mut r, self.numel(), self.mean, self.std);
+                        for (i, x) in v.into_iter().enumerate() {
+                            let add = if i % inp < sh.cols { sh.of_row(i / inp) } else { 0.0 };
+                            kind.push(&mut out, x + add);
+                        }
+                    }
+                }
             }
+            Gen::Given(v) => v.iter().for_each(|&x| kind.push(&mut out, x)),
             Gen::Experts { key, first, count } => {
                 let per = self.numel() / *count as usize;
                 for e in *first..first + count {
@@ -469,8 +521,15 @@ impl Spec {
         let mut out = Vec::with_capacity(self.numel() / group_size as usize * kind.size());
         for (key, idx, rows) in self.blocks() {
             let mut r = gen::rng(seed, key, idx, Stream::Groups);
-            for (s, b) in gen::group_params(&mut r, rows * groups_per_row, bits, self.mean, self.std) {
-                kind.push(&mut out, if biases { b } else { s });
+            for (i, (s, b)) in gen::group_params(&mut r, rows * groups_per_row, bits, self.mean, self.std).enumerate() {
+                let v = match &self.shift {
+                    _ if !biases => s,
+                    Some(sh) if (i % groups_per_row + 1) * group_size as usize <= sh.cols => {
+                        b + sh.of_row(i / groups_per_row)
+                    }
+                    _ => b,
+                };
+                kind.push(&mut out, v);
             }
         }
         out
@@ -527,8 +586,25 @@ fn plan<'a>(c: &ModelConfig, specs: &'a [Spec], o: &SynthOptions) -> Vec<Planned
     v
 }
 
-/// Every tensor the loader expects for `c`, in the chosen layout.
-fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
+/// Width of `--route-skew`'s shared direction: 64 hidden coordinates, or the largest quantization
+/// group if wider (the shift moves whole groups), at most the hidden size.
+fn shared_cols(c: &ModelConfig) -> usize {
+    let q = &c.quantization;
+    let groups = q.global.iter().chain(q.overrides.values().flatten()).map(|p| p.group_size);
+    groups.fold(64, i32::max).min(c.hidden_size) as usize
+}
+
+/// Standard deviation of the embedding: the head's when tied (see `specs`), else 0.3.
+fn embed_std(c: &ModelConfig, seed: u64) -> f32 {
+    if c.tie_word_embeddings {
+        (margins::logit_sigma(seed, c.vocab_size) / (c.hidden_size as f64).sqrt()) as f32
+    } else {
+        0.3
+    }
+}
+
+/// Every tensor the loader expects for `c`, in the chosen layout (with `--route-skew`'s changes).
+fn specs(c: &ModelConfig, layout: Layout, seed: u64, skew: Option<&calibrate::SkewPlan>) -> Vec<Spec> {
     let mut v = Vec::new();
     let sp = |name: String, shape: Vec<i32>, std: f32, mean: f32, quantizable: bool| Spec {
         name,
@@ -539,6 +615,7 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
         bits_override: None,
         dtype: None,
         gen: Gen::Own,
+        shift: None,
     };
     let lin = |v: &mut Vec<Spec>, name: &str, out: i32, inp: i32, std_scale: f32, bias: bool| {
         v.push(sp(format!("{name}.weight"), vec![out, inp], std_scale / (inp as f32).sqrt(), 0.0, true));
@@ -559,8 +636,11 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
     // outputs rather than the current token's embedding, and greedy text does not fall into
     // the short cycles a random token→token map has (with 1.0 some tiny seeds repeated one token).
     let head_std = (margins::logit_sigma(seed, c.vocab_size) / (d as f64).sqrt()) as f32;
-    let embed_std = if c.tie_word_embeddings { head_std } else { 0.3 };
-    v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], embed_std, 0.0, true));
+    v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], embed_std(c, seed), 0.0, true));
+    if let Some(sh) = skew.and_then(|p| p.shared) {
+        v.last_mut().unwrap().shift = Some(Shift { cols: sh.cols, rows: vec![sh.value] });
+    }
+    let skewed = |l: i32| skew.and_then(|p| p.layers.get(&l)).cloned();
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"), d);
@@ -633,10 +713,17 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64) -> Vec<Spec> {
                 dtype: Some(FloatKind::F32),
                 ..sp(format!("{moe}.gate.e_score_correction_bias"), vec![e], 0.1, 0.0, false)
             });
+            if let Some(bias) = skewed(l) {
+                v.last_mut().unwrap().gen = Gen::Given(bias);
+            }
         } else {
             // A wide router init makes routing decisive (clear top-k margins).
             lin(&mut v, &format!("{moe}.gate"), e, d, 4.0, false);
-            v.last_mut().unwrap().bits_override = family.synth_router_bits();
+            let gate = v.last_mut().unwrap();
+            gate.bits_override = family.synth_router_bits();
+            if let (Some(rows), Some(sh)) = (skewed(l), skew.and_then(|p| p.shared)) {
+                gate.shift = Some(Shift { cols: sh.cols, rows });
+            }
         }
         let w = c.moe_intermediate_size;
         for (ours, out, inp) in [("gate_proj", w, d), ("down_proj", d, w), ("up_proj", w, d)] {
