@@ -127,6 +127,10 @@ pub struct MatrixEntry {
     /// Lines without it (the Python original's, older zmlx) were batch 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u64>,
+    /// With expert offloading (`--expert-cache*`): the cache's shape and counters over the
+    /// patched runs (hits, misses, prefetches, bytes read, stall seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_cache: Option<crate::offload::StatsSnapshot>,
 
     /// Keys neither tool knows, kept in file order and written back after ours.
     #[serde(flatten)]
@@ -180,6 +184,7 @@ impl Default for MatrixEntry {
             load_seconds: None,
             peak_rss_bytes: None,
             batch_size: None,
+            expert_cache: None,
             extra: Map::new(),
         }
     }

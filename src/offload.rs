@@ -102,6 +102,40 @@ impl StatsSnapshot {
         }
     }
 
+    /// These counters plus `other`'s (same cache).
+    pub fn plus(&self, other: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            hits: self.hits + other.hits,
+            misses: self.misses + other.misses,
+            prefetch_hits: self.prefetch_hits + other.prefetch_hits,
+            prefetch_loads: self.prefetch_loads + other.prefetch_loads,
+            bytes_read: self.bytes_read + other.bytes_read,
+            stall_seconds: self.stall_seconds + other.stall_seconds,
+            ..self.clone()
+        }
+    }
+
+    /// One line for reports.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} of {} experts per layer ({} of {} GB), {}{}: hit rate {:.1} % ({} hits, {} misses, {} prefetched, {} \
+             prefetch hits), {} GB read, {:.3} s waiting",
+            self.slots_per_layer,
+            self.experts_per_layer,
+            gb(self.pool_bytes),
+            gb(self.expert_bytes),
+            self.policy,
+            if self.prefetch { " + prefetch" } else { "" },
+            100.0 * self.hit_rate(),
+            self.hits,
+            self.misses,
+            self.prefetch_loads,
+            self.prefetch_hits,
+            gb(self.bytes_read),
+            self.stall_seconds
+        )
+    }
+
     /// The counters accumulated since `earlier` (same cache).
     pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
         StatsSnapshot {
@@ -112,6 +146,38 @@ impl StatsSnapshot {
             bytes_read: self.bytes_read - earlier.bytes_read,
             stall_seconds: self.stall_seconds - earlier.stall_seconds,
             ..self.clone()
+        }
+    }
+}
+
+/// Bytes as GB with enough digits for small checkpoints.
+pub fn gb(bytes: u64) -> String {
+    let g = bytes as f64 / 1e9;
+    if g >= 0.1 {
+        format!("{g:.2}")
+    } else {
+        format!("{g:.4}")
+    }
+}
+
+/// [`ExpertCache::live`]: the counters, readable from any thread.
+pub struct LiveStats {
+    stats: Arc<Stats>,
+    /// The pool's shape (its counters are not used).
+    shape: StatsSnapshot,
+}
+
+impl LiveStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        StatsSnapshot {
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            prefetch_hits: s.prefetch_hits.load(Ordering::Relaxed),
+            prefetch_loads: s.prefetch_loads.load(Ordering::Relaxed),
+            bytes_read: s.bytes_read.load(Ordering::Relaxed),
+            stall_seconds: s.stall_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            ..self.shape.clone()
         }
     }
 }
@@ -473,15 +539,8 @@ pub struct ExpertCache {
 
 impl ExpertCache {
     pub fn stats(&self) -> StatsSnapshot {
-        let s = &self.stats;
         let first = self.layers.first().map(|l| (l.shared.slots, l.shared.experts)).unwrap_or((0, 0));
-        StatsSnapshot {
-            hits: s.hits.load(Ordering::Relaxed),
-            misses: s.misses.load(Ordering::Relaxed),
-            prefetch_hits: s.prefetch_hits.load(Ordering::Relaxed),
-            prefetch_loads: s.prefetch_loads.load(Ordering::Relaxed),
-            bytes_read: s.bytes_read.load(Ordering::Relaxed),
-            stall_seconds: s.stall_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        let shape = StatsSnapshot {
             slots_per_layer: first.0,
             experts_per_layer: first.1,
             moe_layers: self.layers.len(),
@@ -489,7 +548,14 @@ impl ExpertCache {
             expert_bytes: self.expert_bytes,
             policy: format!("{:?}", self.config.policy).to_lowercase(),
             prefetch: self.config.prefetch,
-        }
+            ..Default::default()
+        };
+        LiveStats { stats: Arc::clone(&self.stats), shape }.snapshot()
+    }
+
+    /// A thread-safe view of the counters (for the server's /metrics).
+    pub fn live(&self) -> LiveStats {
+        LiveStats { stats: Arc::clone(&self.stats), shape: self.stats() }
     }
 
     /// The pool of the MoE block at `path`.
@@ -555,9 +621,9 @@ impl PoolBuilder {
             let need = k as u64 * per_expert * self.moe_layers as u64;
             bail!(
                 "--expert-cache: {s} expert slot(s) per layer is fewer than the {k} experts a token selects; give at \
-                 least {k} experts per layer (--expert-cache-experts {k}) or {:.3} GB (--expert-cache {:.3})",
-                need as f64 / 1e9,
-                need as f64 / 1e9
+                 least {k} experts per layer (--expert-cache-experts {k}) or {} GB (--expert-cache {})",
+                gb(need),
+                gb(need)
             );
         }
         let s = s.min(experts);

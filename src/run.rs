@@ -109,6 +109,7 @@ pub fn entry_for(
         load_seconds: Some(r4(r.load_seconds)),
         peak_rss_bytes: Some(hardware::peak_rss_bytes()),
         batch_size: Some(r.batch_size as u64),
+        expert_cache: r.expert_cache.clone(),
         ..Default::default()
     }
 }

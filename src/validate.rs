@@ -42,6 +42,8 @@ pub struct ValidateOptions {
     pub warmup: usize,
     /// Copies of the prompt decoded together per run (1 = `generate`, else the batch engine).
     pub batch_size: usize,
+    /// Expert offloading for both configurations (`--expert-cache*`).
+    pub offload: Option<crate::offload::OffloadConfig>,
 }
 
 /// Upper bound for `--cooldown` (an hour between runs is already more than any GPU needs).
@@ -214,6 +216,9 @@ pub struct ValidationReport {
     /// with `--logits`, and always when a `validated` pattern is selected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logit_stats: Option<LogitStats>,
+    /// With `--expert-cache*`: the expert cache's counters over the patched configuration's
+    /// timed runs.
+    pub expert_cache: Option<crate::offload::StatsSnapshot>,
 }
 
 /// How far the patched model's logits are from the unpatched model's, position by position,
@@ -381,7 +386,7 @@ pub fn teacher_forced_logits(model: &Model, seq: &[u32]) -> Result<Array> {
 pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationReport> {
     opts.check()?;
     let backend = mlx_env::init()?;
-    let (mut model, load) = Model::load(model_dir, opts.dtype, backend)?;
+    let (mut model, load) = Model::load_with(model_dir, opts.dtype, backend, opts.offload)?;
     let tok = TextTokenizer::load(model_dir, &model.config)?;
     let prompt = tok.encode(&opts.prompt)?;
     if prompt.is_empty() {
@@ -425,6 +430,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         prefill_change: -1.0,
         pattern_calls: Default::default(),
         logit_stats: None,
+        expert_cache: None,
     };
     // Patched == unpatched when nothing was swapped: there is nothing to validate or time.
     if report.modules_patched() == 0 {
@@ -460,6 +466,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         }
     }
     let (mut base_runs, mut patched_runs) = (vec![], vec![]);
+    let mut expert_cache: Option<crate::offload::StatsSnapshot> = None;
     // Hidden automatically when stderr is not a terminal.
     let bar = indicatif::ProgressBar::new(2 * opts.runs as u64).with_style(
         indicatif::ProgressStyle::with_template("runs {bar:30} {pos}/{len} {msg} {elapsed}")
@@ -472,9 +479,17 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         for patched in order {
             set(&mut model, patched)?;
             bar.set_message(if patched { "patched" } else { "baseline" });
+            let cache_before = model.offload.as_ref().map(|c| c.stats());
             let run = one_run(&model, &prompt, &gen, opts.batch_size)?;
             bar.inc(1);
             if patched {
+                if let (Some(c), Some(before)) = (&model.offload, cache_before) {
+                    let delta = c.stats().since(&before);
+                    expert_cache = Some(match expert_cache.take() {
+                        Some(acc) => delta.plus(&acc),
+                        None => delta,
+                    });
+                }
                 patched_runs.push(run)
             } else {
                 base_runs.push(run)
@@ -574,6 +589,7 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         fidelity,
         pattern_calls,
         logit_stats,
+        expert_cache,
     })
 }
 
@@ -611,6 +627,9 @@ pub fn render(r: &ValidationReport) -> String {
     );
     let f = &r.fidelity;
     s += &format!("FIDELITY: {}  [{}]\n", f.detail(), f.verdict);
+    if let Some(c) = &r.expert_cache {
+        s += &format!("EXPERT CACHE (patched runs): {}\n", c.summary());
+    }
     if let Some(l) = &r.logit_stats {
         s += &format!(
             "LOGITS (teacher-forced, {} positions): max |diff| {:.3e}, KL mean {:.3e} max {:.3e}; baseline top-1/top-2 gap min {:.3} median {:.3}\n",

@@ -902,3 +902,26 @@ fn non_streamed_request_is_cancelled_when_its_client_leaves() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(s.terminate(), Some(0));
 }
+
+/// `zmlx serve --expert-cache-experts k`: every expert read from the files into a pool of k
+/// per layer; 8 concurrent requests get `zmlx generate`'s tokens (resident) and /metrics shows
+/// the cache's counters.
+#[test]
+fn expert_cache_serves_the_resident_tokens_and_reports_metrics() {
+    let s = Server::start(checkpoint(), &["--max-concurrency", "4", "--expert-cache-experts", "4"]);
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| generate_ids(checkpoint(), p, 10)).collect();
+    let replies: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = PROMPTS.iter().map(|p| sc.spawn(|| s.post("/v1/completions", &completion(p, 10)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, ((status, v), w)) in replies.iter().zip(&want).enumerate() {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(&ids(&v["choices"][0]["token_ids"]), w, "prompt {i}: offloaded server differs from generate");
+    }
+    assert!(s.metric("zmlx_expert_cache_misses_total") > 0.0);
+    assert!(s.metric("zmlx_expert_cache_hits_total") > 0.0);
+    assert!(s.metric("zmlx_expert_cache_read_bytes_total") > 0.0);
+    assert_eq!(s.metric("zmlx_expert_cache_slots_per_layer"), 4.0);
+    let r = s.metric("zmlx_expert_cache_hit_ratio");
+    assert!((0.0..=1.0).contains(&r));
+}

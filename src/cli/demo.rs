@@ -63,6 +63,7 @@ pub fn run(a: &DemoArgs) -> Result<i32> {
             json: false,
             logits: false,
             arbiter: None,
+            offload: Default::default(),
         },
         notes: "zmlx demo (default checkpoint, family preset)".into(),
         ledger: Some(ledger.clone()),

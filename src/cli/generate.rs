@@ -210,23 +210,7 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
         println!("Peak RSS: {:.3} GB (load {:.2} s)", crate::hardware::peak_rss_bytes() as f64 / 1e9, info.seconds);
         if let Some(c) = &cache {
-            println!(
-                "Expert cache: {} of {} experts per layer ({:.3} of {:.3} GB), {}{}: hit rate {:.1} % ({} hits, {} misses, \
-                 {} prefetched, {} prefetch hits), {:.3} GB read, {:.3} s waiting",
-                c.slots_per_layer,
-                c.experts_per_layer,
-                c.pool_bytes as f64 / 1e9,
-                c.expert_bytes as f64 / 1e9,
-                c.policy,
-                if c.prefetch { " + prefetch" } else { "" },
-                100.0 * c.hit_rate(),
-                c.hits,
-                c.misses,
-                c.prefetch_loads,
-                c.prefetch_hits,
-                c.bytes_read as f64 / 1e9,
-                c.stall_seconds
-            );
+            println!("Expert cache: {}", c.summary());
         }
         for line in crate::fallbacks::summary() {
             println!("Pattern calls: {line}");

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use super::args::{at_least_one, parse_batch_size, PatternArgs};
+use super::args::{at_least_one, parse_batch_size, OffloadArgs, PatternArgs};
 use crate::model::DtypeChoice;
 use crate::server::{serve, ServeOptions};
 
@@ -43,6 +43,8 @@ pub struct ServeArgs {
     pub dtype: DtypeChoice,
     #[command(flatten)]
     pub patterns: PatternArgs,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 pub fn run(a: &ServeArgs) -> Result<i32> {
@@ -56,6 +58,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         bail!("--model {}: no config.json there; give a checkpoint directory", a.model.display());
     }
     let patterns = a.patterns.clone();
+    let offload = a.offload.config()?;
     serve(ServeOptions {
         model: a.model.clone(),
         host: a.host.clone(),
@@ -68,5 +71,6 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         api_key: a.api_key.clone(),
         model_id: a.model_id.clone(),
         drain_timeout: Duration::from_secs(a.drain_timeout as u64),
+        offload,
     })
 }

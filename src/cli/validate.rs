@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::args::{at_least_one, parse_batch_size, parse_cooldown, parse_warmup, PatternArgs};
+use super::args::{at_least_one, parse_batch_size, parse_cooldown, parse_warmup, OffloadArgs, PatternArgs};
 use crate::model::DtypeChoice;
 use crate::run::RunOptions;
 use crate::validate::{render, validate, ValidateOptions, DEFAULT_PROMPT};
@@ -45,6 +45,8 @@ pub struct ValidateArgs {
     /// At a divergence, ask an all-float32 unpatched model which side it agrees with.
     #[arg(long, value_parser = ["f32"])]
     pub arbiter: Option<String>,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 impl ValidateArgs {
@@ -73,6 +75,7 @@ impl ValidateArgs {
             ignore_eos: self.ignore_eos,
             warmup: self.warmup,
             batch_size: self.batch_size,
+            offload: self.offload.config()?,
         })
     }
 }

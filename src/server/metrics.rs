@@ -64,6 +64,8 @@ pub struct Metrics {
     queue_depth: AtomicUsize,
     active_sequences: AtomicUsize,
     pub peak_memory_bytes: AtomicU64,
+    /// With `--expert-cache*`: the expert cache's counters (set once the model is loaded).
+    pub expert_cache: std::sync::OnceLock<crate::offload::LiveStats>,
     /// Most sequences decoded in one step so far.
     pub max_batch_seen: AtomicUsize,
     hist: Mutex<Histograms>,
@@ -80,6 +82,7 @@ impl Default for Metrics {
             queue_depth: AtomicUsize::new(0),
             active_sequences: AtomicUsize::new(0),
             peak_memory_bytes: AtomicU64::new(0),
+            expert_cache: std::sync::OnceLock::new(),
             max_batch_seen: AtomicUsize::new(0),
             hist: Mutex::new(Histograms {
                 ttft: Histogram::new(SECONDS),
@@ -197,6 +200,47 @@ impl Metrics {
             self.peak_memory_bytes.load(Ordering::Relaxed),
         );
         gauge(&mut out, "zmlx_resident_memory_bytes", "Process resident set size.", current_rss_bytes());
+        if let Some(c) = self.expert_cache.get().map(crate::offload::LiveStats::snapshot) {
+            counter(&mut out, "zmlx_expert_cache_hits_total", "Selected experts found in the expert cache.", c.hits);
+            counter(
+                &mut out,
+                "zmlx_expert_cache_misses_total",
+                "Selected experts read from the checkpoint files.",
+                c.misses,
+            );
+            counter(
+                &mut out,
+                "zmlx_expert_cache_prefetch_loads_total",
+                "Experts the prefetch thread read (predicted from the next layer's router).",
+                c.prefetch_loads,
+            );
+            counter(
+                &mut out,
+                "zmlx_expert_cache_prefetch_hits_total",
+                "Hits on experts the prefetch thread loaded.",
+                c.prefetch_hits,
+            );
+            counter(&mut out, "zmlx_expert_cache_read_bytes_total", "Expert bytes read from the files.", c.bytes_read);
+            let _ = writeln!(
+                out,
+                "# HELP zmlx_expert_cache_stall_seconds_total Time decoding waited for expert bytes.\n# TYPE \
+                 zmlx_expert_cache_stall_seconds_total counter\nzmlx_expert_cache_stall_seconds_total {}",
+                c.stall_seconds
+            );
+            let _ = writeln!(
+                out,
+                "# HELP zmlx_expert_cache_hit_ratio Hits / (hits + misses) since start.\n# TYPE \
+                 zmlx_expert_cache_hit_ratio gauge\nzmlx_expert_cache_hit_ratio {}",
+                c.hit_rate()
+            );
+            gauge(
+                &mut out,
+                "zmlx_expert_cache_slots_per_layer",
+                "Experts each MoE layer keeps in memory.",
+                c.slots_per_layer as u64,
+            );
+            gauge(&mut out, "zmlx_expert_cache_pool_bytes", "Bytes of all expert pools.", c.pool_bytes);
+        }
         gauge(
             &mut out,
             "zmlx_peak_resident_memory_bytes",

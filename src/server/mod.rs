@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub model_id: Option<String>,
     /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
     pub drain_timeout: Duration,
+    /// Expert offloading (`--expert-cache*`).
+    pub offload: Option<crate::offload::OffloadConfig>,
 }
 
 /// What the HTTP side needs of the loaded model.
@@ -128,12 +130,15 @@ async fn serve_async(opts: ServeOptions, backend: crate::mlx_env::Backend) -> Re
     let (engine_done_tx, engine_done_rx) = tokio::sync::oneshot::channel::<()>();
     let engine_state = state.clone();
     let batch = BatchOptions::new(opts.max_concurrency);
-    let (model_dir, dtype, select) = (opts.model.clone(), opts.dtype, opts.select_patterns);
+    let (model_dir, dtype, select, offload) = (opts.model.clone(), opts.dtype, opts.select_patterns, opts.offload);
     std::thread::Builder::new()
         .name("zmlx-engine".into())
         .spawn(move || {
-            match load(&model_dir, dtype, backend, select) {
+            match load(&model_dir, dtype, backend, select, offload) {
                 Ok((model, tok, loaded)) => {
+                    if let Some(c) = &model.offload {
+                        let _ = metrics.expert_cache.set(c.live());
+                    }
                     let _ = engine_state.loaded.set(loaded);
                     let _ = ready_tx.send(Ok(()));
                     engine::run(&model, &tok, batch, command_rx, metrics);
@@ -202,8 +207,9 @@ fn load(
     dtype: DtypeChoice,
     backend: crate::mlx_env::Backend,
     select: Box<dyn FnOnce(Family) -> Result<Selection> + Send>,
+    offload: Option<crate::offload::OffloadConfig>,
 ) -> Result<(Model, Arc<TextTokenizer>, Loaded)> {
-    let (mut model, info) = Model::load(dir, dtype, backend)?;
+    let (mut model, info) = Model::load_with(dir, dtype, backend, offload)?;
     let selection = select(model.family())?;
     let report = crate::patterns::patch(&mut model, &selection)?;
     let names = if selection.names.is_empty() { "none".into() } else { selection.names.join(", ") };
