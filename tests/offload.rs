@@ -249,7 +249,7 @@ fn bad_cache_flags_exit_2() {
         (&["--expert-cache", "1", "--expert-cache-experts", "4"], &["--expert-cache", "cannot be used with"]),
         (&["--expert-cache-policy", "mru", "--expert-cache-experts", "4"], &["--expert-cache-policy", "mru"]),
         (&["--expert-cache-policy", "lfu"], &["need a cache size"]),
-        (&["--no-expert-prefetch"], &["need a cache size"]),
+        (&["--expert-prefetch"], &["need a cache size"]),
         (&["--expert-cache-experts", "1"], &["fewer than the 2 experts"]),
     ];
     for (flags, needles) in cases {

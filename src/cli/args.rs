@@ -36,7 +36,7 @@ impl PatternArgs {
 }
 
 /// `--expert-cache GB | --expert-cache-experts N [--expert-cache-policy lru|lfu]
-/// [--no-expert-prefetch]`: expert offloading (`crate::offload`); no size = every expert loaded.
+/// [--expert-prefetch]`: expert offloading (`crate::offload`); no size = every expert loaded.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct OffloadArgs {
     /// Leave routed experts in the checkpoint files and keep at most this many GB of them in
@@ -49,9 +49,11 @@ pub struct OffloadArgs {
     /// Which cached expert a miss replaces: lru (default) or lfu (least often selected so far).
     #[arg(long, value_enum)]
     pub expert_cache_policy: Option<crate::offload::Policy>,
-    /// Do not prefetch the next layer's predicted experts on a background thread.
+    /// Also load the experts the next layer's router picks on the current hidden state, on a
+    /// background thread (off by default: on the CPU with the checkpoint in the page cache it read
+    /// more and gained nothing, HANDOFF.md).
     #[arg(long)]
-    pub no_expert_prefetch: bool,
+    pub expert_prefetch: bool,
 }
 
 impl OffloadArgs {
@@ -63,9 +65,9 @@ impl OffloadArgs {
             (Some(gb), _) => CacheSize::Bytes((gb * 1e9) as u64),
             (None, Some(n)) => CacheSize::Experts(n),
             (None, None) => {
-                if self.expert_cache_policy.is_some() || self.no_expert_prefetch {
+                if self.expert_cache_policy.is_some() || self.expert_prefetch {
                     anyhow::bail!(
-                        "--expert-cache-policy / --no-expert-prefetch need a cache size: add --expert-cache GB or \
+                        "--expert-cache-policy / --expert-prefetch need a cache size: add --expert-cache GB or \
                          --expert-cache-experts N"
                     );
                 }
@@ -75,7 +77,7 @@ impl OffloadArgs {
         Ok(Some(OffloadConfig {
             size,
             policy: self.expert_cache_policy.unwrap_or(Policy::Lru),
-            prefetch: !self.no_expert_prefetch,
+            prefetch: self.expert_prefetch,
         }))
     }
 }
