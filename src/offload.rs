@@ -52,6 +52,8 @@ pub struct OffloadConfig {
     pub size: CacheSize,
     pub policy: Policy,
     pub prefetch: bool,
+    /// Experts per layer to pin after the warm-up: the most often selected ones.
+    pub pin: usize,
 }
 
 /// Counters of one model's expert cache (all layers).
@@ -90,6 +92,9 @@ pub struct StatsSnapshot {
     pub expert_bytes: u64,
     pub policy: String,
     pub prefetch: bool,
+    /// Experts pinned per layer (`--expert-cache-pin`, after the warm-up).
+    #[serde(default)]
+    pub pinned_per_layer: usize,
 }
 
 impl StatsSnapshot {
@@ -247,6 +252,8 @@ struct SlotState {
     /// Prefetch jobs of this layer not finished.
     inflight: usize,
     clock: u64,
+    /// Slots never chosen as victims (`pin_most_frequent`).
+    pinned: Vec<bool>,
 }
 
 /// What the prefetch thread and the model thread share of one layer.
@@ -267,7 +274,7 @@ impl LayerShared {
         if let Some(s) = st.expert_in.iter().position(Option::is_none) {
             return Some(s);
         }
-        let free = (0..self.slots).filter(|&s| st.expert_in[s].is_some_and(|e| !keep.contains(&e)));
+        let free = (0..self.slots).filter(|&s| !st.pinned[s] && st.expert_in[s].is_some_and(|e| !keep.contains(&e)));
         match self.policy {
             Policy::Lru => free.min_by_key(|&s| st.last_use[s]),
             Policy::Lfu => free.min_by_key(|&s| (st.freq[st.expert_in[s].unwrap_or(0)], st.last_use[s])),
@@ -289,6 +296,35 @@ impl LayerShared {
         }
         self.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
         Ok(n)
+    }
+
+    /// Distinct experts one call may need: the slots not pinned (pinned experts a call needs
+    /// count too, so this is conservative).
+    fn capacity(&self) -> usize {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.slots - st.pinned.iter().filter(|&&p| p).count()
+    }
+
+    /// Loads the `n` experts selected most often so far (ties: lower index) and pins their
+    /// slots; earlier pins are released first.
+    fn pin_most_frequent(&self, n: usize) -> Result<()> {
+        let top: Vec<usize> = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            while st.inflight > 0 {
+                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.pinned.iter_mut().for_each(|p| *p = false);
+            let mut order: Vec<usize> = (0..self.experts).collect();
+            order.sort_by_key(|&e| (std::cmp::Reverse(st.freq[e]), e));
+            order.truncate(n);
+            order
+        };
+        let slots = self.ensure(&top)?;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for e in &top {
+            st.pinned[slots[e]] = true;
+        }
+        Ok(())
     }
 
     /// The prefetch thread's job: load whichever of `experts` are not resident.
@@ -448,7 +484,7 @@ impl LayerCache {
         self.prefetch_next(x)?;
         let k = routing.indices.dim(-1).max(1) as usize;
         let tokens = ids.len() / k;
-        let chunks = token_chunks(&ids, k, self.shared.slots);
+        let chunks = token_chunks(&ids, k, self.shared.capacity());
         let out = if chunks.len() == 1 {
             self.run_chunk(x, routing, &ids, experts, combine)?
         } else {
@@ -533,6 +569,8 @@ pub struct ExpertCache {
     stats: Arc<Stats>,
     config: OffloadConfig,
     expert_bytes: u64,
+    /// Experts a token selects.
+    k: usize,
     sender: Rc<RefCell<Option<mpsc::Sender<Job>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -548,9 +586,40 @@ impl ExpertCache {
             expert_bytes: self.expert_bytes,
             policy: format!("{:?}", self.config.policy).to_lowercase(),
             prefetch: self.config.prefetch,
+            pinned_per_layer: self.layers.first().map_or(0, |l| {
+                l.shared.state.lock().unwrap_or_else(|p| p.into_inner()).pinned.iter().filter(|&&p| p).count()
+            }),
             ..Default::default()
         };
         LiveStats { stats: Arc::clone(&self.stats), shape }.snapshot()
+    }
+
+    /// After a warm-up: pins the configured number of most selected experts (`--expert-cache-pin`).
+    pub fn pin_after_warmup(&self) -> Result<()> {
+        if self.config.pin > 0 {
+            self.pin_most_frequent(self.config.pin)?;
+        }
+        Ok(())
+    }
+
+    /// Pins the `n` most often selected experts of every layer (counted so far, e.g. over a
+    /// warm-up) in their slots, so no miss evicts them; `n` must leave at least top-k slots free.
+    pub fn pin_most_frequent(&self, n: usize) -> Result<()> {
+        for l in &self.layers {
+            let free = l.shared.slots.saturating_sub(n);
+            if free < self.k {
+                bail!(
+                    "--expert-cache-pin {n}: with {} slots per layer that leaves {free} for the {} experts a token \
+                     selects; pin at most {} or give a larger cache",
+                    l.shared.slots,
+                    self.k,
+                    l.shared.slots.saturating_sub(self.k)
+                );
+            }
+            l.fence()?;
+            l.shared.pin_most_frequent(n)?;
+        }
+        Ok(())
     }
 
     /// A thread-safe view of the counters (for the server's /metrics).
@@ -600,11 +669,12 @@ pub struct PoolBuilder {
     layers: Vec<(String, Vec<PooledTensor>, Vec<Array>, usize)>,
     expert_bytes: u64,
     stats: Arc<Stats>,
+    k: usize,
 }
 
 impl PoolBuilder {
     pub fn new(config: OffloadConfig, moe_layers: usize) -> PoolBuilder {
-        PoolBuilder { config, slots: None, moe_layers, layers: vec![], expert_bytes: 0, stats: Arc::default() }
+        PoolBuilder { config, slots: None, moe_layers, layers: vec![], expert_bytes: 0, stats: Arc::default(), k: 0 }
     }
 
     /// Slots per layer for experts of `per_expert` bytes (all tensors of one expert of one
@@ -673,6 +743,7 @@ impl PoolBuilder {
                             prefetched: vec![false; slots],
                             inflight: 0,
                             clock: 0,
+                            pinned: vec![false; slots],
                         }),
                         done: Condvar::new(),
                         stats: Arc::clone(&stats),
@@ -684,7 +755,15 @@ impl PoolBuilder {
                 })
             })
             .collect();
-        Some(ExpertCache { layers, stats, config: self.config, expert_bytes: self.expert_bytes, sender, thread })
+        Some(ExpertCache {
+            layers,
+            stats,
+            config: self.config,
+            expert_bytes: self.expert_bytes,
+            k: self.k,
+            sender,
+            thread,
+        })
     }
 }
 
@@ -779,6 +858,7 @@ pub fn pooled_weight(ctx: &mut LoadCtx, path: &str, lead: &[i32], out: i32, inp:
         })
         .sum();
     let Some(builder) = ctx.offload.as_deref_mut() else { unreachable!("checked above") };
+    builder.k = k;
     let slots = builder.slots_for(per_expert + rest, experts, k)?;
     builder.expert_bytes += per_expert * experts as u64;
     for (name, source, dtype) in parts {

@@ -59,6 +59,9 @@ impl ValidateOptions {
             bail!("--max-tokens must be at least 1: validation compares generated tokens");
         }
         BatchOptions::new(self.batch_size).check()?;
+        if self.offload.is_some_and(|o| o.pin > 0) && self.warmup == 0 {
+            bail!("--expert-cache-pin pins the experts the warm-up selected most: add --warmup 1 (or more)");
+        }
         if !(self.cooldown_s.is_finite() && (0.0..=MAX_COOLDOWN_S).contains(&self.cooldown_s)) {
             bail!("--cooldown {} is not allowed: use seconds from 0 to {MAX_COOLDOWN_S}", self.cooldown_s);
         }
@@ -464,6 +467,9 @@ pub fn validate(model_dir: &Path, opts: &ValidateOptions) -> Result<ValidationRe
         for _ in 0..opts.warmup {
             generate(&model, &hello, &warm, |_| Ok(()))?;
         }
+    }
+    if let Some(c) = &model.offload {
+        c.pin_after_warmup()?;
     }
     let (mut base_runs, mut patched_runs) = (vec![], vec![]);
     let mut expert_cache: Option<crate::offload::StatsSnapshot> = None;

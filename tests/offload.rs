@@ -60,9 +60,9 @@ fn check(dir: &std::path::Path, label: &str, presets: &[&str]) {
     let k = resident.config.num_experts_per_tok as usize;
     let e = resident.config.num_experts as usize;
     let caches = [
-        OffloadConfig { size: CacheSize::Experts(k), policy: Policy::Lru, prefetch: true },
-        OffloadConfig { size: CacheSize::Experts(k), policy: Policy::Lfu, prefetch: false },
-        OffloadConfig { size: CacheSize::Experts((k + 1).min(e)), policy: Policy::Lru, prefetch: false },
+        OffloadConfig { size: CacheSize::Experts(k), policy: Policy::Lru, prefetch: true, pin: 0 },
+        OffloadConfig { size: CacheSize::Experts(k), policy: Policy::Lfu, prefetch: false, pin: 0 },
+        OffloadConfig { size: CacheSize::Experts((k + 1).min(e)), policy: Policy::Lru, prefetch: false, pin: 0 },
     ];
     for preset in presets {
         patch(&mut resident, preset);
@@ -162,7 +162,10 @@ fn batched_decode_on_the_pool_equals_resident() {
         .collect();
     let (want, _) = generate_batch(&resident, &reqs, BatchOptions::new(3), |_, _| Ok(())).unwrap();
     let k = resident.config.num_experts_per_tok as usize;
-    let m = load(dir.path(), Some(OffloadConfig { size: CacheSize::Experts(k), policy: Policy::Lru, prefetch: true }));
+    let m = load(
+        dir.path(),
+        Some(OffloadConfig { size: CacheSize::Experts(k), policy: Policy::Lru, prefetch: true, pin: 0 }),
+    );
     let (got, _) = generate_batch(&m, &reqs, BatchOptions::new(3), |_, _| Ok(())).unwrap();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(
@@ -193,8 +196,10 @@ fn memory_holds_the_pool_not_the_experts() {
         .sum();
     let budget: u64 = 60_000_000;
     let before = mlx_rs::memory::active_memory().unwrap() as u64;
-    let m =
-        load(dir.path(), Some(OffloadConfig { size: CacheSize::Bytes(budget), policy: Policy::Lru, prefetch: true }));
+    let m = load(
+        dir.path(),
+        Some(OffloadConfig { size: CacheSize::Bytes(budget), policy: Policy::Lru, prefetch: true, pin: 0 }),
+    );
     let held = mlx_rs::memory::active_memory().unwrap() as u64 - before;
     let s = m.offload.as_ref().unwrap().stats();
     assert!(s.pool_bytes <= budget, "pools {} over the budget {budget}", s.pool_bytes);
@@ -219,13 +224,13 @@ fn too_small_caches_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     synth_into(dir.path(), &synth_opts(Family::Mixtral, Some(4), 1));
     let k = 2; // mixtral tiny: top-2
-    let cfg = OffloadConfig { size: CacheSize::Experts(k - 1), policy: Policy::Lru, prefetch: true };
+    let cfg = OffloadConfig { size: CacheSize::Experts(k - 1), policy: Policy::Lru, prefetch: true, pin: 0 };
     let err = Model::load_with(dir.path(), DtypeChoice::F32, mlx_env::Backend::detect(), Some(cfg))
         .err()
         .expect("a cache below top-k is refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("--expert-cache") && msg.contains(&format!("{k} experts")), "{msg}");
-    let cfg = OffloadConfig { size: CacheSize::Bytes(1000), policy: Policy::Lru, prefetch: true };
+    let cfg = OffloadConfig { size: CacheSize::Bytes(1000), policy: Policy::Lru, prefetch: true, pin: 0 };
     let msg = format!(
         "{:#}",
         Model::load_with(dir.path(), DtypeChoice::F32, mlx_env::Backend::detect(), Some(cfg)).err().unwrap()
@@ -251,6 +256,13 @@ fn bad_cache_flags_exit_2() {
         (&["--expert-cache-policy", "lfu"], &["need a cache size"]),
         (&["--expert-prefetch"], &["need a cache size"]),
         (&["--expert-cache-experts", "1"], &["fewer than the 2 experts"]),
+        (&["--expert-cache-pin", "1"], &["need a cache size"]),
+        (&["--expert-cache-experts", "4", "--expert-cache-pin", "1"], &["--expert-cache-pin", "--warmup"]),
+        (
+            &["--expert-cache-experts", "4", "--expert-cache-pin", "3", "--warmup", "1"],
+            &["--expert-cache-pin 3", "pin at most 2"],
+        ),
+        (&["--expert-cache-experts", "4", "--expert-cache-pin", "0"], &["--expert-cache-pin", "at least 1"]),
     ];
     for (flags, needles) in cases {
         let out = zmlx_cmd()
@@ -266,4 +278,30 @@ fn bad_cache_flags_exit_2() {
             assert!(err.contains(n), "{flags:?}: stderr should mention {n:?}:\n{err}");
         }
     }
+}
+
+/// `--expert-cache-pin`: the warm-up's most selected experts stay in their slots (reported per
+/// layer); tokens still equal the resident run's (CLI, with the preset).
+#[test]
+fn pinned_experts_keep_the_resident_tokens() {
+    let _g = mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 9));
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = zmlx_cmd()
+            .args(["generate", "--model", dir.path().to_str().unwrap(), "--max-tokens", "16", "--ignore-eos"])
+            .args(["--json", "--warmup", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let resident = run(&[]);
+    let pinned = run(&["--expert-cache-experts", "6", "--expert-cache-pin", "2"]);
+    assert_eq!(pinned["token_ids"], resident["token_ids"]);
+    let c = &pinned["expert_cache"];
+    assert_eq!(c["slots_per_layer"], 6);
+    assert_eq!(c["pinned_per_layer"], 2);
+    assert!(c["hits"].as_u64().unwrap() > 0, "{c}");
 }

@@ -49,6 +49,10 @@ pub struct OffloadArgs {
     /// Which cached expert a miss replaces: lru (default) or lfu (least often selected so far).
     #[arg(long, value_enum)]
     pub expert_cache_policy: Option<crate::offload::Policy>,
+    /// After the warm-up (--warmup, at least 1), keep the N experts each layer selected most
+    /// often in memory for good (pinned; the rest of the cache is LRU/LFU).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub expert_cache_pin: Option<usize>,
     /// Also load the experts the next layer's router picks on the current hidden state, on a
     /// background thread (off by default: on the CPU with the checkpoint in the page cache it read
     /// more and gained nothing, HANDOFF.md).
@@ -65,10 +69,10 @@ impl OffloadArgs {
             (Some(gb), _) => CacheSize::Bytes((gb * 1e9) as u64),
             (None, Some(n)) => CacheSize::Experts(n),
             (None, None) => {
-                if self.expert_cache_policy.is_some() || self.expert_prefetch {
+                if self.expert_cache_policy.is_some() || self.expert_prefetch || self.expert_cache_pin.is_some() {
                     anyhow::bail!(
-                        "--expert-cache-policy / --expert-prefetch need a cache size: add --expert-cache GB or \
-                         --expert-cache-experts N"
+                        "--expert-cache-policy / --expert-prefetch / --expert-cache-pin need a cache size: add \
+                         --expert-cache GB or --expert-cache-experts N"
                     );
                 }
                 return Ok(None);
@@ -78,6 +82,7 @@ impl OffloadArgs {
             size,
             policy: self.expert_cache_policy.unwrap_or(Policy::Lru),
             prefetch: self.expert_prefetch,
+            pin: self.expert_cache_pin.unwrap_or(0),
         }))
     }
 }

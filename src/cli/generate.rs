@@ -118,6 +118,9 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
     // The chat template before the (possibly long) model load, so a checkpoint without one fails fast.
     let chat = if a.chat { Some(load_chat_template(&a.model)?) } else { None };
     let offload = a.offload.config()?;
+    if offload.is_some_and(|o| o.pin > 0) && a.warmup == 0 {
+        anyhow::bail!("--expert-cache-pin pins the experts the warm-up selected most: add --warmup 1 (or more)");
+    }
     let backend = mlx_env::init()?;
     let (mut model, info) = Model::load_with(&a.model, a.dtype, backend, offload)?;
     let selection = a.patterns.select(model.family())?;
@@ -157,6 +160,9 @@ pub fn run(a: &GenerateArgs) -> Result<i32> {
         let warm = GenerateOptions::greedy(5, tok.eos_token_ids.clone());
         for _ in 0..a.warmup {
             generate(&model, &hello, &warm, |_| Ok(()))?;
+        }
+        if let Some(c) = &model.offload {
+            c.pin_after_warmup()?;
         }
         crate::fallbacks::reset();
     }

@@ -210,6 +210,15 @@ fn load(
     offload: Option<crate::offload::OffloadConfig>,
 ) -> Result<(Model, Arc<TextTokenizer>, Loaded)> {
     let (mut model, info) = Model::load_with(dir, dtype, backend, offload)?;
+    if let Some(c) = &model.offload {
+        if offload.is_some_and(|o| o.pin > 0) {
+            // What to pin is measured on generate's warm-up prompt (the server has no other).
+            let tok = TextTokenizer::load(dir, &model.config)?;
+            let warm = crate::generate::GenerateOptions::greedy(5, tok.eos_token_ids.clone());
+            crate::generate::generate(&model, &tok.encode(crate::generate::WARMUP_TEXT)?, &warm, |_| Ok(()))?;
+            c.pin_after_warmup()?;
+        }
+    }
     let selection = select(model.family())?;
     let report = crate::patterns::patch(&mut model, &selection)?;
     let names = if selection.names.is_empty() { "none".into() } else { selection.names.join(", ") };
