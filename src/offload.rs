@@ -408,6 +408,9 @@ impl LayerShared {
     }
 }
 
+/// The next MoE layer's (stock) router and pool, for prefetch.
+type NextLayer = (Rc<dyn RouterSlot>, Rc<LayerCache>);
+
 /// One MoE layer's pool, as the model thread holds it.
 pub struct LayerCache {
     /// The MoE block's module path.
@@ -418,7 +421,7 @@ pub struct LayerCache {
     /// This layer's last routed output: evaluated before its slots change.
     pending: RefCell<Option<Array>>,
     /// The next MoE layer's router and pool, for prefetch.
-    next: RefCell<Option<(Rc<dyn RouterSlot>, Rc<LayerCache>)>>,
+    next: RefCell<Option<NextLayer>>,
     /// The prefetch thread's queue (None without prefetch, and once the cache is dropped).
     prefetcher: Rc<RefCell<Option<mpsc::Sender<Job>>>>,
 }
