@@ -210,11 +210,23 @@ fn memory_holds_the_pool_not_the_experts() {
         "MLX holds {held} B after load: more than the pools ({}) + every non-expert weight ({others})",
         s.pool_bytes
     );
+    // Generating (prefill in chunks, then decode with misses) keeps MLX's peak within the pools,
+    // the other weights and the activations: expert bytes are read into the pools, never into
+    // arrays of their own.
     let tok = TextTokenizer::load(dir.path(), &m.config).unwrap();
-    greedy_ids(&m, &tok.encode("The capital of France is").unwrap(), 4, true).unwrap();
+    mlx_rs::memory::reset_peak_memory().unwrap();
+    greedy_ids(&m, &tok.encode(&"The capital of France is Paris. ".repeat(8)).unwrap(), 8, true).unwrap();
+    let peak = mlx_rs::memory::peak_memory().unwrap() as u64 - before;
     let s2 = m.offload.as_ref().unwrap().stats();
-    assert!(s2.bytes_read > 0);
+    assert!(s2.bytes_read > 0 && s2.misses > 0);
     assert_eq!(s2.pool_bytes, s.pool_bytes);
+    let activations: u64 = 32_000_000;
+    assert!(
+        peak <= s.pool_bytes + others + activations,
+        "MLX peak {peak} B while generating: over the pools ({}) + non-expert weights ({others}) + {activations} B \
+         of activations",
+        s.pool_bytes
+    );
 }
 
 /// Sizes that cannot work are refused with the numbers needed.
