@@ -476,3 +476,26 @@ fn chat_flags_on_bad_checkpoints() {
     assert!(tc.get("chat_template").is_none() && tc["eos_token"] == "<|endoftext|>", "{tc}");
     generate_rejects(&out, &["--chat"], &["has no chat template"]);
 }
+
+/// `synth --route-skew`: a malformed or out-of-range value, or a skew that cannot fit the
+/// hidden size — exit 2 naming the flag, the value and the accepted form; nothing written.
+#[test]
+fn synth_route_skew_values_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    for bad in ["zipf:0", "zipf:-1", "zipf:nan", "zipf:inf", "zipf:11", "zipf:", "zipf:one", "pareto:1", "1.2", ""] {
+        rejected(
+            &format!("--route-skew {bad:?}"),
+            &mut zmlx(&["synth", "--family", "qwen3_moe", "--out", o, "--route-skew", bad]),
+            &["--route-skew", bad, "`none` or `zipf:S`"],
+        );
+    }
+    rejected(
+        "--route-skew with groups as wide as the hidden size",
+        zmlx(&["synth", "--family", "mixtral", "--out", o, "--route-skew", "zipf:1", "--quantize", "4"])
+            .args(["--group-size", "128"]),
+        &["--route-skew zipf:1", "hidden_size 128", "--group-size"],
+    );
+    assert!(!out.join("model.safetensors").exists(), "nothing is written for refused input");
+}

@@ -258,3 +258,110 @@ fn full_presets_load_in_mlx_lm() {
     assert!(out.status.success(), "mlx-lm refused a full preset:\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), dirs.len());
 }
+
+fn routing_of(dir: &std::path::Path) -> serde_json::Value {
+    config_of(dir)["zmlx_synth"]["routing"].clone()
+}
+
+fn share(routing: &serde_json::Value, key: &str) -> f64 {
+    routing[key].as_f64().unwrap_or_else(|| panic!("no {key} in {routing}"))
+}
+
+/// `--route-skew zipf:1.2` concentrates the routing of a softmax-router family (qwen3_moe, float
+/// and 4-bit) and a sigmoid-router family (glm4_moe_lite): the top 25 % experts' share, measured
+/// on tokens the calibration did not see, rises well above the unskewed checkpoint's and lands
+/// near Zipf's; config.json records the skew; the skewed checkpoint still has clear margins.
+#[test]
+fn route_skew_concentrates_routing() {
+    use zmlx::synth::{MarginMode, RouteSkew};
+    let _g = mlx_lock();
+    for (family, quantize) in [(Family::Qwen3Moe, None), (Family::Qwen3Moe, Some(4)), (Family::Glm4MoeLite, None)] {
+        let (plain, skewed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut o = synth_opts(family, quantize, 7);
+        o.measure_routing = MarginMode::On;
+        synth_into(plain.path(), &o);
+        o.route_skew = RouteSkew::Zipf(1.2);
+        synth_into(skewed.path(), &o);
+        let (base, got) = (routing_of(plain.path()), routing_of(skewed.path()));
+        let what = format!("{family} q={quantize:?}");
+        assert!(base.get("target").is_none(), "{what}: {base}");
+        assert!(share(&got, "top25") > share(&base, "top25") + 0.15, "{what}: skewed {got}\nplain {base}");
+        assert!(share(&got, "entropy") < share(&base, "entropy") - 0.05, "{what}: skewed {got}\nplain {base}");
+        let target = &got["target"];
+        assert!((share(&got, "top25") - share(target, "top25")).abs() < 0.12, "{what}: {got}");
+        let meta = &config_of(skewed.path())["zmlx_synth"];
+        assert_eq!(meta["route_skew"], "zipf:1.2", "{what}: {meta}");
+        assert_eq!(meta["route_skew_calibration"], "a forward pass of the checkpoint", "{what}: {meta}");
+        assert!(meta["margins"]["median"].as_f64().unwrap() >= 2.0, "{what}: {meta}");
+        // zmlx's own measurement of the written checkpoint, on other tokens, agrees.
+        let again = zmlx::synth::routing::measure(skewed.path(), 99).unwrap();
+        assert!(again.top25 > share(&base, "top25") + 0.15, "{what}: {again:?}");
+    }
+}
+
+/// A softmax-router checkpoint too large to run (here: any size) is calibrated on its first
+/// three MoE layers, the rest extrapolated; the extrapolated layers are skewed as much.
+#[test]
+fn route_skew_extrapolates_past_the_calibrated_layers() {
+    use zmlx::synth::{MarginMode, RouteSkew};
+    let _g = mlx_lock();
+    let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut c = serde_json::Value::Object(config_of({
+        synth_into(src.path(), &quiet(synth_opts(Family::Qwen3Moe, None, 2)));
+        src.path()
+    }));
+    c["num_hidden_layers"] = 8.into();
+    c["mlp_only_layers"] = serde_json::json!([]);
+    let cfg = src.path().join("deep.json");
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let mut o = quiet(synth_opts(Family::Qwen3Moe, None, 2));
+    o.config = Some(cfg);
+    o.route_skew = RouteSkew::Zipf(1.2);
+    o.auto_measure_bytes = 0;
+    synth_into(out.path(), &o);
+    let meta = &config_of(out.path())["zmlx_synth"];
+    assert_eq!(meta["route_skew_calibration"], "a forward pass of the first 3 layers, the rest extrapolated");
+    assert!(!out.path().join(".zmlx-route-skew-prefix").exists(), "the prefix checkpoint is removed");
+    let r = zmlx::synth::routing::measure(out.path(), 5).unwrap();
+    let late: Vec<_> = r.layers.iter().filter(|l| l.layer >= 3).collect();
+    assert_eq!(late.len(), 5);
+    for l in late {
+        assert!(l.top25 > 0.45, "extrapolated layer {} not skewed: {l:?}", l.layer);
+    }
+    o.route_skew = RouteSkew::None;
+    o.measure_routing = MarginMode::Off;
+    synth_into(out.path(), &o);
+    let plain = zmlx::synth::routing::measure(out.path(), 5).unwrap();
+    assert!(r.top25 > plain.top25 + 0.15, "skewed {r:?}\nplain {plain:?}");
+}
+
+/// The skew is the same in both layouts: calibrated on the same model, the HF checkpoint's
+/// tensors equal the mlx one's (its per-expert tensors stacked), so the edits that keep the
+/// shared direction private reach the per-expert tensors too.
+#[test]
+fn route_skew_is_the_same_in_both_layouts() {
+    use zmlx::synth::{Layout, MarginMode, RouteSkew, StoreDtype};
+    let _g = mlx_lock();
+    let (m, h) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut o = quiet(synth_opts(Family::Mixtral, None, 4));
+    o.dtype = StoreDtype::F32;
+    o.route_skew = RouteSkew::Zipf(0.8);
+    o.measure_routing = MarginMode::On;
+    synth_into(m.path(), &o);
+    o.layout = Layout::Hf;
+    synth_into(h.path(), &o);
+    let (mw, hw) = (tensors(m.path()), tensors(h.path()));
+    let x = zmlx::models::family(Family::Mixtral).hf_experts();
+    for (name, t) in &mw {
+        match hw.get(name) {
+            Some(o) => assert!(same_bits(t, o), "{name} differs between layouts"),
+            None => {
+                let (p, ours) = name.rsplit_once(".switch_mlp.").unwrap();
+                let hf = x.names.iter().find(|(_, o)| *o == ours.trim_end_matches(".weight")).unwrap().0;
+                let per: Vec<_> = (0..8).map(|e| hw[&format!("{p}.experts.{e}.{hf}.weight")].clone()).collect();
+                assert!(same_bits(&mlx_rs::ops::stack(&per, 0).unwrap(), t), "{name}: stacked HF experts differ");
+            }
+        }
+    }
+    assert_eq!(routing_of(m.path()), routing_of(h.path()));
+}

@@ -97,6 +97,7 @@ pub fn run(a: &SynthArgs) -> Result<i32> {
         chat_template: !a.no_chat_template,
         route_skew: a.route_skew,
         measure_routing: a.measure_routing,
+        auto_measure_bytes: crate::synth::AUTO_MEASURE_BYTES,
     };
     let r = synthesize(&o, &a.out)?;
     eprintln!(
@@ -112,6 +113,21 @@ pub fn run(a: &SynthArgs) -> Result<i32> {
             m.positions, m.median, m.p10, m.p90, m.min
         ),
         None => eprintln!("[zmlx] logit margins not measured (--margins on to measure: loads the whole model)"),
+    }
+    if let Some(routing) = &r.routing {
+        eprintln!("[zmlx] routing: {}", routing.line());
+        for l in &routing.layers {
+            eprintln!(
+                "[zmlx]   layer {:>3}: top 10 % {:5.1} %, top 25 % {:5.1} %, entropy {:.3}, busiest expert {:4.1} %",
+                l.layer,
+                100.0 * l.top10,
+                100.0 * l.top25,
+                l.entropy,
+                100.0 * l.max
+            );
+        }
+    } else if o.route_skew != RouteSkew::None {
+        eprintln!("[zmlx] routing not measured (--measure-routing on to measure: loads the whole model)");
     }
     Ok(0)
 }

@@ -76,6 +76,15 @@ impl FloatKind {
     }
 }
 
+/// Stored float bytes back to f32 (little-endian f32, f16 or bf16).
+pub fn to_f32(bytes: Vec<u8>, dtype: safetensors::Dtype) -> Vec<f32> {
+    match dtype {
+        safetensors::Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        safetensors::Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+    }
+}
+
 /// `n` normal values `mean + std·z` from `r`.
 pub fn normals(r: &mut Xoshiro256PlusPlus, n: usize, mean: f32, std: f32) -> Vec<f32> {
     (0..n)

@@ -4,15 +4,13 @@
 //! with a unit-scale head give gaps of a fraction of a nat, so token-identity tests would measure
 //! near-ties instead of kernels. synth scales the output head so the median gap is
 //! [`TARGET_MEDIAN_GAP`] and reports what it got.
-use std::path::Path;
-
 use anyhow::Result;
 use mlx_rs::{Array, Dtype};
 use rand::Rng;
 use serde::Serialize;
 
 use super::gen::{rng, Stream};
-use crate::model::{DtypeChoice, Model};
+use crate::model::Model;
 
 /// The median top-1/top-2 gap the output head is scaled for (nats).
 pub const TARGET_MEDIAN_GAP: f64 = 4.0;
@@ -58,11 +56,9 @@ pub struct Margins {
 /// Positions a default measurement runs.
 pub const POSITIONS: usize = 64;
 
-/// Loads the checkpoint in `dir` and measures the gap at `positions` positions of one forward
-/// pass over random tokens.
-pub fn measure(dir: &Path, seed: u64, positions: usize) -> Result<Margins> {
-    let backend = crate::mlx_env::backend();
-    let (model, _) = Model::load(dir, DtypeChoice::Auto, backend)?;
+/// Measures the gap at `positions` positions of one forward pass of the loaded checkpoint over
+/// random tokens.
+pub fn measure(model: &Model, seed: u64, positions: usize) -> Result<Margins> {
     let v = model.config.vocab_size;
     let mut r = rng(seed, "zmlx_synth.margins", 0, Stream::Tokens);
     let ids: Vec<u32> = (0..positions).map(|_| r.random_range(0..v as u32)).collect();

@@ -16,12 +16,14 @@ pub mod skew;
 pub mod tokenizer;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Family, ModelConfig};
+use crate::model::{DtypeChoice, Model};
 use gen::{FloatKind, Stream};
 pub use skew::RouteSkew;
 use writer::Planned;
@@ -91,8 +93,8 @@ pub enum MarginMode {
     Off,
 }
 
-/// Checkpoints at most this large get their margins measured under `MarginMode::Auto`.
-const AUTO_MARGIN_BYTES: u64 = 4 << 30;
+/// Checkpoints at most this large get measured under `MarginMode::Auto`.
+pub const AUTO_MEASURE_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
@@ -117,6 +119,8 @@ pub struct SynthOptions {
     pub route_skew: RouteSkew,
     /// Whether to measure (and, with a skew, calibrate) the routing after writing.
     pub measure_routing: MarginMode,
+    /// `MarginMode::Auto` measures checkpoints of at most this many bytes of weights.
+    pub auto_measure_bytes: u64,
 }
 
 impl SynthOptions {
@@ -136,6 +140,7 @@ impl SynthOptions {
             chat_template: true,
             route_skew: RouteSkew::None,
             measure_routing: MarginMode::Auto,
+            auto_measure_bytes: AUTO_MEASURE_BYTES,
         }
     }
 }
@@ -147,6 +152,7 @@ pub struct SynthReport {
     pub bytes: u64,
     pub seconds: f64,
     pub margins: Option<margins::Margins>,
+    pub routing: Option<routing::RoutingSummary>,
 }
 
 /// Reads a user's config.json: the JSON object and the family its model_type names. Errors name
@@ -237,9 +243,14 @@ fn take_quantization(c: &mut Map<String, Value>) -> Option<Value> {
     mlx.or(hf.filter(|q| q.get("bits").is_some() && q.get("quant_method").is_none_or(|m| m == "affine")))
 }
 
-/// Writes the checkpoint into `out`.
-pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
-    let start = std::time::Instant::now();
+/// The config.json a synth writes, parsed, with the tensors it describes (before any skew).
+struct Prepared {
+    config: Value,
+    parsed: ModelConfig,
+}
+
+/// Validates the options and builds the config.json to write.
+fn prepare(o: &SynthOptions, out: &Path) -> Result<Prepared> {
     if let Some(bits) = o.quantize {
         if ![2, 3, 4, 5, 6, 8].contains(&bits) {
             bail!("--quantize {bits}: MLX affine quantization supports 2, 3, 4, 5, 6 or 8 bits");
@@ -334,43 +345,218 @@ pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
             o.family
         );
     }
+    Ok(Prepared { config, parsed })
+}
 
-    let skew = o
-        .route_skew
-        .exponent()
-        .map(|s| calibrate::SkewPlan::initial(&parsed, o.seed, s, shared_cols(&parsed), embed_std(&parsed, o.seed)));
-    let specs = if skew.is_some() { self::specs(&parsed, o.layout, o.seed, skew.as_ref()) } else { specs };
-    let planned = plan(&parsed, &specs, o);
-    let bytes: u64 = planned.iter().map(|t| t.bytes as u64).sum();
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let files = writer::write_shards(out, &planned, o.max_shard_bytes)?;
-    let write_config = |c: &Value| -> Result<()> {
-        std::fs::write(&cfg_file, serde_json::to_string_pretty(c)? + "\n")
-            .with_context(|| format!("cannot write {}", cfg_file.display()))
+/// Writes the checkpoint into `out`.
+pub fn synthesize(o: &SynthOptions, out: &Path) -> Result<SynthReport> {
+    let start = std::time::Instant::now();
+    let Prepared { mut config, parsed } = prepare(o, out)?;
+    let bytes = plan(&parsed, &specs(&parsed, o.layout, o.seed, None), o).iter().map(|t| t.bytes as u64).sum::<u64>();
+    let auto = |mode: MarginMode, when: bool| match mode {
+        MarginMode::On => true,
+        MarginMode::Off => false,
+        MarginMode::Auto => when && bytes <= o.auto_measure_bytes,
     };
-    write_config(&config)?;
+    let measure_routing = auto(o.measure_routing, o.route_skew != RouteSkew::None);
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut skew = None;
+    if let Some(s) = o.route_skew.exponent() {
+        let (plan, how) = plan_skew(o, &parsed, s, measure_routing, out)?;
+        config["zmlx_synth"]["route_skew_calibration"] = json!(how);
+        skew = Some(plan);
+    }
+    let files = write(o, &config, &parsed, skew.as_ref(), out)?;
+    if let Some(plan) = &mut skew {
+        if measure_routing {
+            calibrate_in_place(o, &parsed, plan, out)
+                .with_context(|| format!("calibrating --route-skew on {}", out.display()))?;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let measure_margins = auto(o.margins, true);
+    let (mut m, mut r) = (None, None);
+    if measure_margins || measure_routing {
+        let (mut model, _) = Model::load(out, DtypeChoice::Auto, crate::mlx_env::backend())?;
+        if measure_margins {
+            let got = margins::measure(&model, o.seed, margins::POSITIONS)
+                .with_context(|| format!("measuring the logit margins of {}", out.display()))?;
+            config["zmlx_synth"]["margins"] = serde_json::to_value(&got)?;
+            config["zmlx_synth"]["margins"]["target_median"] = json!(margins::TARGET_MEDIAN_GAP);
+            m = Some(got);
+        }
+        if measure_routing {
+            let mut got = routing::summarize(&mut model, o.seed)
+                .with_context(|| format!("measuring the routing of {}", out.display()))?;
+            if let Some(s) = o.route_skew.exponent() {
+                got.set_target(&parsed, s);
+            }
+            config["zmlx_synth"]["routing"] = serde_json::to_value(&got)?;
+            r = Some(got);
+        }
+        write_config(out, &config)?;
+    }
+    Ok(SynthReport { files, bytes, seconds, margins: m, routing: r })
+}
+
+fn write_config(out: &Path, c: &Value) -> Result<()> {
+    let f = out.join("config.json");
+    std::fs::write(&f, serde_json::to_string_pretty(c)? + "\n").with_context(|| format!("cannot write {}", f.display()))
+}
+
+/// Writes the weights, config.json and the tokenizer.
+fn write(
+    o: &SynthOptions,
+    config: &Value,
+    parsed: &ModelConfig,
+    skew: Option<&calibrate::SkewPlan>,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let specs = specs(parsed, o.layout, o.seed, skew);
+    let planned = plan(parsed, &specs, o);
+    let files = writer::write_shards(out, &planned, o.max_shard_bytes)?;
+    write_config(out, config)?;
     let tok = tokenizer::write_tokenizer(out, parsed.vocab_size as usize, o.chat_template)
         .map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
     if tok.eos_token_id != 0 {
         bail!("internal: synthesized tokenizer has eos id {}, config says 0", tok.eos_token_id);
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let measure = match o.margins {
-        MarginMode::On => true,
-        MarginMode::Off => false,
-        MarginMode::Auto => bytes <= AUTO_MARGIN_BYTES,
-    };
-    let m = if measure {
-        let m = margins::measure(out, o.seed, margins::POSITIONS)
-            .with_context(|| format!("measuring the logit margins of {}", out.display()))?;
-        config["zmlx_synth"]["margins"] = serde_json::to_value(&m)?;
-        config["zmlx_synth"]["margins"]["target_median"] = json!(margins::TARGET_MEDIAN_GAP);
-        write_config(&config)?;
-        Some(m)
+    Ok(files)
+}
+
+/// The skew's offsets before writing, and how they are calibrated (for config.json): on the
+/// checkpoint itself after writing (`measure`), on its first layers (a softmax-router
+/// checkpoint too large to run under `--measure-routing auto`), or only on simulated scores.
+fn plan_skew(
+    o: &SynthOptions,
+    parsed: &ModelConfig,
+    s: f64,
+    measure: bool,
+    out: &Path,
+) -> Result<(calibrate::SkewPlan, String)> {
+    let cols = shared_cols(parsed);
+    let sigmoid = o.family.module().sigmoid_router();
+    if !sigmoid && 2 * cols > parsed.hidden_size as usize {
+        bail!(
+            "--route-skew {}: the routers' shared direction takes {cols} hidden coordinates (whole quantization \
+             groups), more than half of hidden_size {}; use a smaller --group-size",
+            o.route_skew,
+            parsed.hidden_size
+        );
+    }
+    let means = if sigmoid { BTreeMap::new() } else { gate_shared_means(parsed, o, cols)? };
+    let mut plan = calibrate::SkewPlan::initial(parsed, o.seed, s, cols, embed_std(parsed, o.seed), &means);
+    let how = if measure {
+        "a forward pass of the checkpoint".to_string()
+    } else if !sigmoid && o.measure_routing == MarginMode::Auto {
+        match calibrate_on_prefix(o, parsed, &mut plan, &means, out)? {
+            Some(n) => format!("a forward pass of the first {n} layers, the rest extrapolated"),
+            None => "simulated router scores".to_string(),
+        }
     } else {
-        None
+        "simulated router scores".to_string()
     };
-    Ok(SynthReport { files, bytes, seconds, margins: m })
+    Ok((plan, how))
+}
+
+/// Calibrates `plan` on the checkpoint in `dir` (written with it: one forward pass over
+/// `routing::calibration_tokens`) and rewrites its router tensors. Returns what each MoE layer
+/// showed.
+fn calibrate_in_place(
+    o: &SynthOptions,
+    parsed: &ModelConfig,
+    plan: &mut calibrate::SkewPlan,
+    dir: &Path,
+) -> Result<Vec<calibrate::LayerStats>> {
+    let s = o.route_skew.exponent().unwrap_or(1.0);
+    let (mut model, _) = Model::load(dir, DtypeChoice::Auto, crate::mlx_env::backend())?;
+    let tokens = routing::calibration_tokens(o.seed, parsed.vocab_size);
+    let stats = calibrate::calibrate(&mut model, plan, o.seed, s, &tokens)?;
+    drop(model);
+    let specs = specs(parsed, o.layout, o.seed, Some(plan));
+    writer::rewrite(dir, &plan_routers(parsed, &specs, o))?;
+    Ok(stats)
+}
+
+/// Per MoE layer of a softmax-router checkpoint, each gate row's mean over the first `cols`
+/// columns as written without a skew. The shared direction reads those columns, so without a
+/// correction each expert would get a random constant preference of its own on top of the
+/// skew; the gate shift subtracts it.
+fn gate_shared_means(parsed: &ModelConfig, o: &SynthOptions, cols: usize) -> Result<BTreeMap<i32, Vec<f32>>> {
+    let specs = specs(parsed, o.layout, o.seed, None);
+    let planned = plan(parsed, &specs, o);
+    let (e, d) = (parsed.num_experts, parsed.hidden_size);
+    let find = |name: &str| planned.iter().find(|t| t.name == name);
+    let mut out = BTreeMap::new();
+    for l in (0..parsed.num_hidden_layers).filter(|&l| parsed.is_moe_layer(l)) {
+        let module = format!("model.layers.{l}.{}.gate", parsed.family.module().hf_experts().block);
+        let w = find(&format!("{module}.weight")).ok_or_else(|| anyhow!("internal: no {module}.weight"))?;
+        let dense = if w.dtype == safetensors::Dtype::U32 {
+            let q = parsed.quant_for(&module, true).ok_or_else(|| anyhow!("internal: {module} packed unquantized"))?;
+            let part = |suffix: &str| -> Result<mlx_rs::Array> {
+                let t = find(&format!("{module}.{suffix}")).ok_or_else(|| anyhow!("internal: no {module}.{suffix}"))?;
+                Ok(mlx_rs::Array::from_slice(&gen::to_f32((t.make)(), t.dtype), &[e, d / q.group_size]))
+            };
+            let bytes = (w.make)();
+            let words: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let packed = mlx_rs::Array::from_slice(&words, &[e, words.len() as i32 / e]);
+            let (scales, biases) = (part("scales")?, part("biases")?);
+            routing::host::<f32>(&mlx_rs::ops::dequantize(&packed, &scales, &biases, q.group_size, q.bits)?)?
+        } else {
+            gen::to_f32((w.make)(), w.dtype)
+        };
+        let d = d as usize;
+        let means = dense.chunks(d).map(|row| row[..cols].iter().sum::<f32>() / cols as f32).collect();
+        out.insert(l, means);
+    }
+    Ok(out)
+}
+
+/// The written tensors `--route-skew` sets: gate weights (float) or their group biases
+/// (quantized), and `e_score_correction_bias`.
+fn plan_routers<'a>(parsed: &ModelConfig, specs: &'a [Spec], o: &SynthOptions) -> Vec<Planned<'a>> {
+    plan(parsed, specs, o)
+        .into_iter()
+        .filter(|t| {
+            [".gate.weight", ".gate.biases", ".gate.e_score_correction_bias"].iter().any(|x| t.name.ends_with(x))
+        })
+        .collect()
+}
+
+/// Calibrates a softmax router skew on a checkpoint of the first few layers (written into a
+/// scratch folder of `out`, removed after; its tensors are the full checkpoint's), then
+/// extrapolates the shared direction's signal to the remaining layers.
+fn calibrate_on_prefix(
+    o: &SynthOptions,
+    parsed: &ModelConfig,
+    plan: &mut calibrate::SkewPlan,
+    means: &BTreeMap<i32, Vec<f32>>,
+    out: &Path,
+) -> Result<Option<i32>> {
+    let moe: Vec<i32> = (0..parsed.num_hidden_layers).filter(|&l| parsed.is_moe_layer(l)).collect();
+    let Some(&last) = moe.get(calibrate::PREFIX_MOE_LAYERS - 1) else { return Ok(None) };
+    let n = last + 1;
+    if n >= parsed.num_hidden_layers {
+        return Ok(None);
+    }
+    let dir = out.join(".zmlx-route-skew-prefix");
+    let prefix =
+        SynthOptions { layers: Some(n), margins: MarginMode::Off, measure_routing: MarginMode::Off, ..o.clone() };
+    let mut run = || -> Result<Vec<calibrate::LayerStats>> {
+        let p = prepare(&prefix, &dir)?;
+        std::fs::create_dir_all(&dir)?;
+        let mut sub = plan.clone();
+        sub.layers.retain(|&l, _| l < n);
+        write(&prefix, &p.config, &p.parsed, Some(&sub), &dir)?;
+        let stats = calibrate_in_place(&prefix, &p.parsed, &mut sub, &dir)?;
+        plan.layers.extend(sub.layers);
+        Ok(stats)
+    };
+    let stats = run();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stats = stats.with_context(|| format!("calibrating --route-skew on the first {n} layers"))?;
+    plan.extrapolate(parsed, o.seed, o.route_skew.exponent().unwrap_or(1.0), &stats, n, means);
+    Ok(Some(n))
 }
 
 /// How a tensor's values are drawn.
@@ -411,25 +597,45 @@ struct Spec {
     /// Stored dtype other than the checkpoint's (e_score_correction_bias stays f32).
     dtype: Option<FloatKind>,
     gen: Gen,
-    /// Constants added to the first input columns (`--route-skew`'s shared direction).
-    shift: Option<Shift>,
+    /// `--route-skew`'s change to the drawn values (softmax routers' shared direction).
+    edit: Option<Edit>,
 }
 
-/// `rows[i]` (or `rows[0]` for every row) added to the first `cols` entries of each row of a
-/// `[rows, in]` tensor; on a quantized tensor, to the biases of the groups inside those columns
-/// (`cols` is a multiple of the group size), so the dequantized values move by the same amount.
+/// A change to a `[rows, in]` tensor (per expert for stacked experts; a norm weight is one row)
+/// that keeps `--route-skew`'s shared direction, the first `cols` hidden coordinates, private to
+/// the routers: only the embedding writes it, only the gates read it (the attention and MLP
+/// inputs and the head ignore it, and no layer output writes to it). On a quantized tensor the
+/// columns are whole groups (`cols` is a multiple of the group size): a shift moves the groups'
+/// biases, a zeroed group or row has scale and bias 0.
 #[derive(Debug, Clone)]
-struct Shift {
-    cols: usize,
-    rows: Vec<f32>,
+enum Edit {
+    /// `add[row]` (`add[0]` for every row) added to the first `cols` inputs.
+    AddCols { cols: usize, add: Vec<f32> },
+    /// The first `cols` inputs of every row set to `value` (0 for weights, 1 for a norm's
+    /// weights that the gates read through).
+    SetCols { cols: usize, value: f32 },
+    /// The first `rows` rows (outputs) are 0.
+    ZeroRows { rows: usize },
 }
 
-impl Shift {
-    fn of_row(&self, row: usize) -> f32 {
-        if self.rows.len() == 1 {
-            self.rows[0]
-        } else {
-            self.rows[row]
+impl Edit {
+    fn value(&self, row: usize, col: usize, x: f32) -> f32 {
+        match self {
+            Edit::AddCols { cols, add } if col < *cols => x + add[if add.len() == 1 { 0 } else { row }],
+            Edit::SetCols { cols, value } if col < *cols => *value,
+            Edit::ZeroRows { rows } if row < *rows => 0.0,
+            _ => x,
+        }
+    }
+
+    /// (scale, bias) of group `g` of `row` (columns `g·gs..(g+1)·gs`).
+    fn group(&self, row: usize, g: usize, gs: usize, scale: f32, bias: f32) -> (f32, f32) {
+        let inside = |cols: usize| (g + 1) * gs <= cols;
+        match self {
+            Edit::AddCols { cols, add } if inside(*cols) => (scale, bias + add[if add.len() == 1 { 0 } else { row }]),
+            Edit::SetCols { cols, value } if inside(*cols) => (0.0, *value),
+            Edit::ZeroRows { rows } if row < *rows => (0.0, 0.0),
+            _ => (scale, bias),
         }
     }
 }
@@ -462,16 +668,9 @@ impl Spec {
         match &self.gen {
             Gen::Own => {
                 let mut r = gen::rng(seed, &self.name, 0, Stream::Float);
-                match &self.shift {
+                match &self.edit {
                     None => gen::push_normals(&mut out, &mut r, self.numel(), self.mean, self.std, kind),
-                    Some(sh) => {
-                        let inp = *self.shape.last().unwrap() as usize;
-                        let v = gen::normals(&mut r, self.numel(), self.mean, self.std);
-                        for (i, x) in v.into_iter().enumerate() {
-                            let add = if i % inp < sh.cols { sh.of_row(i / inp) } else { 0.0 };
-                            kind.push(&mut out, x + add);
-                        }
-                    }
+                    Some(edit) => self.push_edited(&mut out, &mut r, self.numel(), edit, kind),
                 }
             }
             Gen::Given(v) => v.iter().for_each(|&x| kind.push(&mut out, x)),
@@ -479,7 +678,10 @@ impl Spec {
                 let per = self.numel() / *count as usize;
                 for e in *first..first + count {
                     let mut r = gen::rng(seed, key, e as u64, Stream::Float);
-                    gen::push_normals(&mut out, &mut r, per, self.mean, self.std, kind);
+                    match &self.edit {
+                        None => gen::push_normals(&mut out, &mut r, per, self.mean, self.std, kind),
+                        Some(edit) => self.push_edited(&mut out, &mut r, per, edit, kind),
+                    }
                 }
             }
             Gen::KvB { key, part, heads, nope, v, r } => {
@@ -504,6 +706,21 @@ impl Spec {
         out
     }
 
+    /// `n` values (one `[rows, in]` block) drawn as `push_normals` draws them, then edited.
+    fn push_edited(
+        &self,
+        out: &mut Vec<u8>,
+        r: &mut rand_xoshiro::Xoshiro256PlusPlus,
+        n: usize,
+        edit: &Edit,
+        kind: FloatKind,
+    ) {
+        let inp = *self.shape.last().unwrap() as usize;
+        for (i, x) in gen::normals(r, n, self.mean, self.std).into_iter().enumerate() {
+            kind.push(out, edit.value(i / inp, i % inp, x));
+        }
+    }
+
     /// Packed words of the quantized tensor.
     fn packed_bytes(&self, seed: u64, bits: i32) -> Vec<u8> {
         let inp = *self.shape.last().unwrap() as usize;
@@ -522,14 +739,11 @@ impl Spec {
         for (key, idx, rows) in self.blocks() {
             let mut r = gen::rng(seed, key, idx, Stream::Groups);
             for (i, (s, b)) in gen::group_params(&mut r, rows * groups_per_row, bits, self.mean, self.std).enumerate() {
-                let v = match &self.shift {
-                    _ if !biases => s,
-                    Some(sh) if (i % groups_per_row + 1) * group_size as usize <= sh.cols => {
-                        b + sh.of_row(i / groups_per_row)
-                    }
-                    _ => b,
+                let (s, b) = match &self.edit {
+                    Some(e) => e.group(i / groups_per_row, i % groups_per_row, group_size as usize, s, b),
+                    None => (s, b),
                 };
-                kind.push(&mut out, v);
+                kind.push(&mut out, if biases { b } else { s });
             }
         }
         out
@@ -586,12 +800,12 @@ fn plan<'a>(c: &ModelConfig, specs: &'a [Spec], o: &SynthOptions) -> Vec<Planned
     v
 }
 
-/// Width of `--route-skew`'s shared direction: 64 hidden coordinates, or the largest quantization
-/// group if wider (the shift moves whole groups), at most the hidden size.
+/// Width of `--route-skew`'s shared direction: 32 hidden coordinates, or the largest quantization
+/// group if wider (a gate shift moves whole groups), at most the hidden size.
 fn shared_cols(c: &ModelConfig) -> usize {
     let q = &c.quantization;
     let groups = q.global.iter().chain(q.overrides.values().flatten()).map(|p| p.group_size);
-    groups.fold(64, i32::max).min(c.hidden_size) as usize
+    groups.fold(32, i32::max).min(c.hidden_size) as usize
 }
 
 /// Standard deviation of the embedding: the head's when tied (see `specs`), else 0.3.
@@ -615,7 +829,7 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64, skew: Option<&calibrate::Sk
         bits_override: None,
         dtype: None,
         gen: Gen::Own,
-        shift: None,
+        edit: None,
     };
     let lin = |v: &mut Vec<Spec>, name: &str, out: i32, inp: i32, std_scale: f32, bias: bool| {
         v.push(sp(format!("{name}.weight"), vec![out, inp], std_scale / (inp as f32).sqrt(), 0.0, true));
@@ -637,9 +851,6 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64, skew: Option<&calibrate::Sk
     // the short cycles a random token→token map has (with 1.0 some tiny seeds repeated one token).
     let head_std = (margins::logit_sigma(seed, c.vocab_size) / (d as f64).sqrt()) as f32;
     v.push(sp("model.embed_tokens.weight".into(), vec![c.vocab_size, d], embed_std(c, seed), 0.0, true));
-    if let Some(sh) = skew.and_then(|p| p.shared) {
-        v.last_mut().unwrap().shift = Some(Shift { cols: sh.cols, rows: vec![sh.value] });
-    }
     let skewed = |l: i32| skew.and_then(|p| p.layers.get(&l)).cloned();
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
@@ -721,8 +932,8 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64, skew: Option<&calibrate::Sk
             lin(&mut v, &format!("{moe}.gate"), e, d, 4.0, false);
             let gate = v.last_mut().unwrap();
             gate.bits_override = family.synth_router_bits();
-            if let (Some(rows), Some(sh)) = (skewed(l), skew.and_then(|p| p.shared)) {
-                gate.shift = Some(Shift { cols: sh.cols, rows });
+            if let (Some(add), Some(sh)) = (skewed(l), skew.and_then(|p| p.shared)) {
+                gate.edit = Some(Edit::AddCols { cols: sh.cols, add });
             }
         }
         let w = c.moe_intermediate_size;
@@ -755,5 +966,34 @@ fn specs(c: &ModelConfig, layout: Layout, seed: u64, skew: Option<&calibrate::Sk
     }
     norm(&mut v, "model.norm".into(), d);
     v.push(sp("lm_head.weight".into(), vec![c.vocab_size, d], head_std, 0.0, true));
+    if let Some(sh) = skew.and_then(|p| p.shared) {
+        for s in &mut v {
+            s.edit = s.edit.take().or_else(|| private_direction(s, sh));
+        }
+    }
     v
+}
+
+/// What keeps the shared direction private to the routers (see [`Edit`]), by the logical tensor
+/// name (a routed expert's is the stacked one in both layouts).
+fn private_direction(s: &Spec, sh: calibrate::SharedDirection) -> Option<Edit> {
+    let name = match &s.gen {
+        Gen::Experts { key, .. } => key.as_str(),
+        _ => s.name.as_str(),
+    };
+    let cols = sh.cols;
+    let reads = ["gate_proj.weight", "up_proj.weight", "shared_expert_gate.weight"];
+    if name == "model.embed_tokens.weight" {
+        Some(Edit::AddCols { cols, add: vec![sh.value] })
+    } else if name == "model.norm.weight" || name.ends_with(".input_layernorm.weight") {
+        Some(Edit::SetCols { cols, value: 0.0 })
+    } else if name.ends_with(".post_attention_layernorm.weight") {
+        Some(Edit::SetCols { cols, value: 1.0 })
+    } else if reads.iter().any(|r| name.ends_with(r)) {
+        Some(Edit::SetCols { cols, value: 0.0 })
+    } else if name.ends_with("down_proj.weight") || name.ends_with(".o_proj.weight") {
+        Some(Edit::ZeroRows { rows: cols })
+    } else {
+        None
+    }
 }

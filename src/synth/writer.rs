@@ -107,3 +107,47 @@ pub fn write_shards(out: &Path, tensors: &[Planned], max_bytes: u64) -> Result<V
     }
     Ok(files)
 }
+
+/// Overwrites the bytes of `tensors` (same dtype, shape and size as written) in the checkpoint
+/// in `dir`, in place: the safetensors headers give each tensor's file and byte range.
+pub fn rewrite(dir: &Path, tensors: &[Planned]) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model")))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let mut left: HashMap<&str, &Planned> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for path in files {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n)?;
+        let n = u64::from_le_bytes(n);
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header)?;
+        let header: serde_json::Value = serde_json::from_slice(&header)?;
+        for (name, entry) in header.as_object().into_iter().flatten() {
+            let Some(t) = left.remove(name.as_str()) else { continue };
+            let range = &entry["data_offsets"];
+            let (b, e) = (range[0].as_u64().unwrap_or(0), range[1].as_u64().unwrap_or(0));
+            let bytes = (t.make)();
+            if e - b != bytes.len() as u64 || bytes.len() != t.bytes {
+                return Err(anyhow!(
+                    "internal: {} in {} holds {} bytes, rewrite has {}",
+                    name,
+                    path.display(),
+                    e - b,
+                    bytes.len()
+                ));
+            }
+            f.seek(SeekFrom::Start(8 + n + b))?;
+            f.write_all(&bytes)?;
+        }
+    }
+    if let Some(name) = left.keys().next() {
+        return Err(anyhow!("internal: tensor {name} to rewrite is not in {}", dir.display()));
+    }
+    Ok(())
+}
