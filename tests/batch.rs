@@ -13,7 +13,6 @@ use zmlx::batch::{generate_batch, BatchEngine, BatchOptions, FinishReason, Seque
 use zmlx::config::Family;
 use zmlx::generate::{generate, greedy_ids, GenerateOptions, SamplerConfig};
 use zmlx::model::{DtypeChoice, Model};
-use zmlx::patterns::{self, Selection};
 use zmlx::synth::Preset;
 use zmlx::tokenizer::TextTokenizer;
 
@@ -51,24 +50,13 @@ fn requests(model: &Model, prompts: &[Vec<u32>]) -> Vec<SequenceRequest> {
         .collect()
 }
 
-fn patch(model: &mut Model, preset: &str) {
-    let names = match preset {
-        "none" => vec![],
-        "safe" => patterns::family_preset(model.family()),
-        "fast" => patterns::family_fast_preset(model.family()),
-        other => panic!("unknown preset {other}"),
-    };
-    let sel = Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
-    patterns::patch(model, &sel).unwrap();
-}
-
 /// Each sequence of batches of `sizes` equals its batch-1 run, with the given preset.
 fn check_invariant(dir: &std::path::Path, label: &str, presets: &[&str], sizes: &[usize]) {
     let (mut model, tok) = load(dir, DtypeChoice::F32);
     let prompts = prompts(&tok);
     for preset in presets {
         model.restore_all_slots();
-        patch(&mut model, preset);
+        patch_preset(&mut model, preset);
         let reqs = requests(&model, &prompts);
         let base: Vec<Vec<u32>> =
             reqs.iter().map(|r| greedy_ids(&model, &r.prompt, r.max_tokens, true).unwrap()).collect();
@@ -200,7 +188,7 @@ fn eos_and_cancel_leave_the_others_untouched() {
     let dir = tempfile::tempdir().unwrap();
     synth_into(dir.path(), &synth_opts(Family::Qwen3Moe, Some(4), 3));
     let (mut model, tok) = load(dir.path(), DtypeChoice::F32);
-    patch(&mut model, "safe");
+    patch_preset(&mut model, "safe");
     let prompts = prompts(&tok);
     let reqs: Vec<SequenceRequest> = prompts[..4]
         .iter()
@@ -256,7 +244,7 @@ fn sampled_sequences_match_their_single_runs() {
     let dir = tempfile::tempdir().unwrap();
     synth_into(dir.path(), &synth_opts(Family::Mixtral, Some(4), 5));
     let (mut model, tok) = load(dir.path(), DtypeChoice::F32);
-    patch(&mut model, "safe");
+    patch_preset(&mut model, "safe");
     let prompts = prompts(&tok);
     let reqs: Vec<SequenceRequest> = prompts[..5]
         .iter()
@@ -326,7 +314,7 @@ fn chunked_prefill_interleaves_with_decode() {
     let dir = tempfile::tempdir().unwrap();
     synth_into(dir.path(), &synth_opts(Family::Glm4MoeLite, Some(4), 9));
     let (mut model, tok) = load(dir.path(), DtypeChoice::F32);
-    patch(&mut model, "safe");
+    patch_preset(&mut model, "safe");
     let reqs = requests(&model, &prompts(&tok));
     let base: Vec<Vec<u32>> = reqs
         .iter()

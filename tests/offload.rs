@@ -14,7 +14,6 @@ use zmlx::generate::{greedy_ids, GenerateOptions};
 use zmlx::mlx_env;
 use zmlx::model::{DtypeChoice, Model};
 use zmlx::offload::{CacheSize, OffloadConfig, Policy};
-use zmlx::patterns::{self, Selection};
 use zmlx::synth::Layout;
 use zmlx::tokenizer::TextTokenizer;
 
@@ -36,18 +35,6 @@ fn load(dir: &std::path::Path, offload: Option<OffloadConfig>) -> Model {
     m
 }
 
-fn patch(model: &mut Model, preset: &str) {
-    model.restore_all_slots();
-    let names = match preset {
-        "none" => vec![],
-        "safe" => patterns::family_preset(model.family()),
-        "fast" => patterns::family_fast_preset(model.family()),
-        other => panic!("unknown preset {other}"),
-    };
-    let sel = Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
-    patterns::patch(model, &sel).unwrap();
-}
-
 fn greedy(model: &Model, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
     prompts.iter().map(|p| greedy_ids(model, p, TOKENS, true).unwrap()).collect()
 }
@@ -65,11 +52,11 @@ fn check(dir: &std::path::Path, label: &str, presets: &[&str]) {
         OffloadConfig { size: CacheSize::Experts((k + 1).min(e)), policy: Policy::Lru, prefetch: false, pin: 0 },
     ];
     for preset in presets {
-        patch(&mut resident, preset);
+        patch_preset(&mut resident, preset);
         let want = greedy(&resident, &prompts);
         for cfg in caches {
             let mut m = load(dir, Some(cfg));
-            patch(&mut m, preset);
+            patch_preset(&mut m, preset);
             let got = greedy(&m, &prompts);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(

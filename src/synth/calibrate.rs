@@ -176,23 +176,13 @@ fn std_dev(v: &[f32]) -> f64 {
 pub fn calibrate(model: &mut Model, plan: &mut SkewPlan, seed: u64, s: f64, tokens: &Array) -> Result<Vec<LayerStats>> {
     let c = model.config.clone();
     let state = Rc::new(RefCell::new(State { plan: plan.clone(), stats: Vec::new() }));
-    for (layer, b) in model.moe_blocks_mut() {
-        if state.borrow().plan.layers.contains_key(&(layer as i32)) {
-            let inner = b.router.get_rc().clone();
-            let r = Calibrating { inner, layer: layer as i32, config: c.clone(), seed, s, state: state.clone() };
-            b.router.swap(Rc::new(r), "zmlx_synth.route_skew");
-        }
-    }
-    let run = || -> Result<()> {
-        let mut caches = model.new_cache();
-        model.hidden(tokens, &mut caches)?.eval()?;
-        Ok(())
-    };
-    let result = run();
-    for (_, b) in model.moe_blocks_mut() {
-        b.router.restore();
-    }
-    result?;
+    super::routing::forward_with_routers(model, tokens, "zmlx_synth.route_skew", |layer, inner| {
+        let layer = layer as i32;
+        state.borrow().plan.layers.contains_key(&layer).then(|| {
+            Rc::new(Calibrating { inner, layer, config: c.clone(), seed, s, state: state.clone() })
+                as Rc<dyn RouterSlot>
+        })
+    })?;
     let st = std::mem::replace(&mut *state.borrow_mut(), State { plan: plan.clone(), stats: Vec::new() });
     *plan = st.plan;
     Ok(st.stats)

@@ -66,9 +66,25 @@ fn batch(seed: u64, vocab: i32, stream: u64, sequences: i32) -> Array {
 /// after): per MoE layer, the chosen experts `[B, L, k]`.
 fn record(model: &mut Model, tokens: &Array) -> Result<Vec<(usize, Array)>> {
     let log = Rc::new(RefCell::new(Vec::new()));
+    forward_with_routers(model, tokens, "zmlx_synth.routing", |layer, inner| {
+        Some(Rc::new(Recorder { inner, layer, log: log.clone() }))
+    })?;
+    let recorded = std::mem::take(&mut *log.borrow_mut());
+    Ok(recorded)
+}
+
+/// One forward pass of `tokens` with each MoE layer's router replaced by what `wrap(layer,
+/// active router)` returns (None: left as is); every router is restored afterwards, also on error.
+pub fn forward_with_routers(
+    model: &mut Model,
+    tokens: &Array,
+    label: &'static str,
+    mut wrap: impl FnMut(usize, Rc<dyn RouterSlot>) -> Option<Rc<dyn RouterSlot>>,
+) -> Result<()> {
     for (layer, b) in model.moe_blocks_mut() {
-        let inner = b.router.get_rc().clone();
-        b.router.swap(Rc::new(Recorder { inner, layer, log: log.clone() }), "zmlx_synth.routing");
+        if let Some(r) = wrap(layer, b.router.get_rc().clone()) {
+            b.router.swap(r, label);
+        }
     }
     let run = || -> Result<()> {
         let mut caches = model.new_cache();
@@ -79,9 +95,7 @@ fn record(model: &mut Model, tokens: &Array) -> Result<Vec<(usize, Array)>> {
     for (_, b) in model.moe_blocks_mut() {
         b.router.restore();
     }
-    result?;
-    let recorded = std::mem::take(&mut *log.borrow_mut());
-    Ok(recorded)
+    result
 }
 
 /// The values of `a` (converted to `T`'s dtype) on the host, row-major.

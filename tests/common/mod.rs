@@ -142,3 +142,16 @@ pub fn synth_opts(family: Family, quantize: Option<i32>, seed: u64) -> SynthOpti
 pub fn first_divergence(a: &[u32], b: &[u32]) -> Option<usize> {
     (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))
 }
+
+/// Restores every slot, then applies `preset`: `none`, `safe` (the family preset) or `fast`.
+pub fn patch_preset(model: &mut Model, preset: &str) {
+    model.restore_all_slots();
+    let names = match preset {
+        "none" => vec![],
+        "safe" => zmlx::patterns::family_preset(model.family()),
+        "fast" => zmlx::patterns::family_fast_preset(model.family()),
+        other => panic!("unknown preset {other}"),
+    };
+    let sel = zmlx::patterns::Selection { names: names.iter().map(|s| s.to_string()).collect(), source: "test".into() };
+    zmlx::patterns::patch(model, &sel).unwrap();
+}
